@@ -1,0 +1,90 @@
+"""The one config schema: every field a cm3jax run reads, with its default.
+
+Files in `configs/` start from `base_config()` and override what differs, so a field
+exists in every config and `--config.x.y=...` overrides always find their target.
+"""
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config, flag or checkpoint that cannot work; the message says why in one line."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = "synthetic"  # Name of the training data source (see cm3jax/data).
+
+  c.seq_len = 4096  # Tokens per training row; at most model.max_seq_len.
+  c.global_batch_size = 8  # Rows per optimiser step, summed over all devices.
+  c.grad_accum_steps = 1  # Microbatches per step; global_batch_size must divide by it.
+  c.num_train_steps = 1000
+
+  c.log_every = 10
+  c.eval_every = 0  # 0: evaluate only at the end.
+  c.eval_steps = 2
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.async_checkpointing = True
+
+  # Devices per mesh axis; -1 takes the devices the other axes leave.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=65536,
+      num_layers=24,
+      d_model=1024,
+      num_heads=16,
+      mlp_dim=4096,
+      max_seq_len=4096,
+      activation="relu",  # relu | gelu (exact) | gelu_tanh
+      dtype="bfloat16",  # Compute dtype; parameters are always float32.
+      scan_layers=True,
+      remat_policy="nothing_saveable",  # A jax.checkpoint_policies name, or "none".
+      zero_init_residual=True,  # Zero-init the attention and MLP output projections.
+      init_std=0.006,
+      pos_init_std=0.0002,
+      attention="auto",  # auto (cuDNN flash on GPU in bf16/fp16, else XLA) | cudnn | xla
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      peak_lr=6e-4,
+      end_lr_ratio=0.1,  # Final learning rate as a fraction of peak_lr.
+      warmup_steps=1500,
+      decay="linear",  # linear | cosine
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=False,  # Apply weight decay to the token and position tables.
+      clip_norm=1.0,  # Global-norm clipping; 0 disables it.
+  ))
+  c.z_loss = 0.0  # Coefficient of the log(Z)^2 auxiliary loss; 0 disables it.
+
+  # Peak dense bf16 TFLOP/s of one device, for MFU; None looks the device kind up.
+  c.peak_tflops_per_device = ml_collections.config_dict.placeholder(float)
+  return c
+
+
+def paper_config(num_layers: int, d_model: int, num_heads: int, peak_lr: float,
+                 train_tokens: float) -> ml_collections.ConfigDict:
+  """The CM3Leon paper's pre-training recipe at one model size.
+
+  Sequences of 4,096 tokens, 2,048 per step (8.4M tokens: the paper's 8M), a 65,536-entry
+  vocabulary (text pieces, specials, sentinels and 8,192 image codes, padded), MLP width 4·d,
+  AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0, 1,500 warm-up steps, then linear
+  decay to 10% of the peak learning rate (metaseq's recipe, which trained CM3Leon).
+  """
+  c = base_config()
+  c.seq_len = 4096
+  c.global_batch_size = 2048
+  c.num_train_steps = round(train_tokens / (c.global_batch_size * c.seq_len))
+  c.log_every = 50
+  c.eval_every = 2000
+  c.eval_steps = 8
+  c.checkpoint_every = 2000
+  c.model.update(vocab_size=65536, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
+                 mlp_dim=4 * d_model, max_seq_len=4096)
+  c.optimizer.update(peak_lr=peak_lr, warmup_steps=1500)
+  return c

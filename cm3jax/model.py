@@ -1,0 +1,237 @@
+"""The CM3Leon token model: an OPT-style decoder with no biases, no dropout and no LayerNorm affines.
+
+Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_dim, V vocab.
+Every parameter and the main activations carry logical axis names; `cm3jax.sharding` maps them
+onto the device mesh.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cm3jax.config import ConfigError
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable",
+                  "dots_saveable", "everything_saveable")
+ATTENTION_IMPLS = ("auto", "cudnn", "xla")
+LAYER_NORM_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of the decoder; `configs/*.py` set them under `config.model`."""
+  vocab_size: int
+  num_layers: int
+  d_model: int
+  num_heads: int
+  mlp_dim: int
+  max_seq_len: int
+  activation: str = "relu"
+  dtype: str = "bfloat16"
+  scan_layers: bool = True
+  remat_policy: str = "nothing_saveable"
+  zero_init_residual: bool = True
+  init_std: float = 0.006
+  pos_init_std: float = 0.0002
+  attention: str = "auto"
+
+  # Fields that fix the parameters or the function they compute; a checkpoint restores only
+  # into a config that agrees on all of them.
+  ARCHITECTURE = ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len",
+                  "activation", "scan_layers")
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
+    if self.d_model % self.num_heads:
+      raise ConfigError(f"model.num_heads={self.num_heads} does not divide "
+                        f"model.d_model={self.d_model}")
+    _check_choice("activation", self.activation, ACTIVATIONS)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("attention", self.attention, ATTENTION_IMPLS)
+
+  @classmethod
+  def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ConfigError(f"unknown model field(s) {unknown}; known: {sorted(known)}")
+    return cls(**fields)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def attention_impl(self) -> str:
+    if self.attention != "auto":
+      return self.attention
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and self.dtype in ("bfloat16", "float16") else "xla"
+
+
+def _check_choice(name, value, choices):
+  if value not in choices:
+    raise ConfigError(f"model.{name}={value!r} is not one of {list(choices)}")
+
+
+def truncated_normal(std: float):
+  """Normal(0, std) cut at 3 std, as in the CM3Leon paper (std of the untruncated normal)."""
+  return nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+  """Non-affine LayerNorm, computed in float32 and returned in the input dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)).astype(x.dtype)
+
+
+def _weight(module: nn.Module, name: str, shape, axes, init):
+  """A float32 parameter with logical axis names, cast to the compute dtype for use."""
+  w = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+  return w.astype(module.cfg.compute_dtype)
+
+
+def _residual_out_init(cfg: ModelConfig):
+  return nn.initializers.zeros if cfg.zero_init_residual else truncated_normal(cfg.init_std)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
+    init = truncated_normal(cfg.init_std)
+    act_names = ("act_batch", "act_len", "act_heads", "act_kv")
+
+    def project(name):
+      w_DxHxK = _weight(self, name, (D, H, K), ("embed", "heads", "kv"), init)
+      return nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK), act_names)
+
+    q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
+    o_BxLxHxK = jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=cfg.attention_impl())
+    o_BxLxHxK = nn.with_logical_constraint(o_BxLxHxK, act_names)
+    w_HxKxD = _weight(self, "out", (H, K, D), ("heads", "kv", "embed"), _residual_out_init(cfg))
+    return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    D, F = cfg.d_model, cfg.mlp_dim
+    wi_DxF = _weight(self, "wi", (D, F), ("embed", "mlp"), truncated_normal(cfg.init_std))
+    h_BxLxF = ACTIVATIONS[cfg.activation](jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF))
+    h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("act_batch", "act_len", "act_mlp"))
+    wo_FxD = _weight(self, "wo", (F, D), ("mlp", "embed"), _residual_out_init(cfg))
+    return jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD)
+
+
+RESIDUAL_AXES = ("act_batch", "act_len", "act_embed")
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer layer; the (carry, None) signature lets nn.scan stack it."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, _):
+    x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(layer_norm(x_BxLxD))
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
+    x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(layer_norm(x_BxLxD))
+    return nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES), None
+
+
+class Decoder(nn.Module):
+  """Tokens [B, L] -> float32 logits [B, L, V]."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None):
+    cfg = self.cfg
+    D, V = cfg.d_model, cfg.vocab_size
+    embed_VxD = self.param("embed", nn.with_logical_partitioning(
+        truncated_normal(cfg.init_std), ("vocab", "embed")), (V, D), jnp.float32)
+    pos_PxD = self.param("pos_embed", nn.with_logical_partitioning(
+        truncated_normal(cfg.pos_init_std), ("pos", "embed")), (cfg.max_seq_len, D), jnp.float32)
+    if positions_BxL is None:
+      positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
+    x_BxLxD = (jnp.take(embed_VxD, tokens_BxL, axis=0)
+               + jnp.take(pos_PxD, positions_BxL, axis=0)).astype(cfg.compute_dtype)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                       prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, None)
+    else:
+      for i in range(cfg.num_layers):
+        x_BxLxD, _ = block(cfg, name=f"layers_{i}")(x_BxLxD, None)
+
+    x_BxLxD = layer_norm(x_BxLxD)
+    head_DxV = _weight(self, "lm_head", (D, V), ("embed", "vocab"), nn.initializers.zeros)
+    # bf16 operands, float32 result: the softmax over V needs more than bf16's 8 mantissa bits.
+    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scanned parameters (one `layers` tree with a leading L axis) -> `layers_0..layers_{L-1}`."""
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(num_layers):
+    out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+  return out
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """The inverse of `unstack_layers`."""
+  layers = [params[f"layers_{i}"] for i in range(num_layers)]
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  return out
+
+
+def num_params(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs of one training token (forward + backward, no remat recompute).
+
+  6 per matmul weight (the LM head included, the embedding lookups not), plus causal attention:
+  QK^T and AV cost 4·L·D per token forward over the full square, half of it under the causal
+  mask, times 3 for forward + backward.
+  """
+  D, F = cfg.d_model, cfg.mlp_dim
+  matmul_weights = cfg.num_layers * (4 * D * D + 2 * D * F) + D * cfg.vocab_size
+  return 6.0 * matmul_weights + 6.0 * cfg.num_layers * seq_len * D

@@ -1,0 +1,78 @@
+"""The device mesh and the one table that places logical axes on it (DESIGN §7)."""
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from cm3jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Parameters are sharded over `fsdp` along d_model and over `tensor`
+# along heads / MLP / vocabulary; activations are sharded over `data` and `fsdp` along the batch.
+LOGICAL_AXIS_RULES = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("pos", None),
+    ("layers", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+BATCH_AXES = ("act_batch", "act_len")
+
+
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Sizes of ("data", "fsdp", "tensor"); one size may be -1 for the devices left over."""
+  sizes = [mesh_config[axis] for axis in MESH_AXES]
+  described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
+  if any(not isinstance(s, int) or s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ConfigError(f"mesh {described}: each size must be a positive integer, and at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"mesh {described}: {num_devices} devices do not divide by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh {described} needs {math.prod(sizes)} devices but {num_devices} "
+                      "are available; set one axis to -1 to use all of them")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config, len(devices))
+  if devices[0].platform == "cpu":  # Host devices have no physical topology to respect.
+    device_array = np.array(devices).reshape(shape)
+  else:
+    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_sharding(logical_specs, mesh: Mesh):
+  """A tree of logical PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return logical_sharding(PartitionSpec(*BATCH_AXES), mesh)
+
+
+def axis_rules():
+  """Context for tracing model code: makes `nn.with_logical_constraint` use the table."""
+  return nn.logical_axis_rules(LOGICAL_AXIS_RULES)

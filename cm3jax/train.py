@@ -1,0 +1,352 @@
+"""Train the CM3 token model on a device mesh, or compile its train step for a TPU pod.
+
+  python -m cm3jax.train --config=configs/tiny.py --workdir=/tmp/cm3jax_tiny
+  python -m cm3jax.train --config=configs/7b.py --compile_only --topology=v5p:4x4x4
+
+A run resumes from the latest checkpoint in --workdir. Config fields are overridden on the command
+line: --config.num_train_steps=100 --config.model.num_layers=2.
+"""
+
+import contextlib
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from cm3jax import checkpoint, data, hardware, loss, optimizer, sharding
+from cm3jax import model as model_lib
+from cm3jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Checkpoints and TensorBoard events go here; a run resumes from it.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the train step for --topology, report memory and FLOPs, exit.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology for --compile_only: v5p:4x4x4.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # The run's root key. It seeds the data stream, so a resume continues that stream.
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a run derives from its config: the model, the mesh and the jitted functions."""
+  model_cfg: model_lib.ModelConfig
+  mesh: jax.sharding.Mesh
+  abstract_state: TrainState  # ShapeDtypeStructs carrying the state's shardings.
+  batch_sharding: jax.sharding.NamedSharding
+  init_state: Callable  # rng -> TrainState, created already sharded.
+  train_step: Callable  # (state, batch) -> (state, metrics); the state is donated.
+  eval_step: Callable  # (params, batch) -> loss sums.
+
+
+def setup(config, devices=None) -> Setup:
+  model_cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
+  mesh = sharding.make_mesh(config.mesh, devices)
+  _check_batch(config, model_cfg, mesh)
+  model = model_lib.Decoder(model_cfg)
+  tx, schedule = optimizer.make_optimizer(config.optimizer, config.num_train_steps)
+
+  def init_state(rng):
+    params = model.init(rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=rng)
+
+  boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  state_sharding = sharding.logical_sharding(nn.get_partition_spec(boxed), mesh)
+  abstract_state = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      nn.unbox(boxed), state_sharding)
+
+  def loss_and_grads(params, batch):
+    def objective(p):
+      logits = model.apply({"params": p}, batch["inputs"])
+      sums = loss.cross_entropy_sums(logits, batch["targets"], batch["weights"], config.z_loss)
+      return sums["loss"] + sums["z_loss"], sums
+    (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return grads, sums
+
+  def train_step(state, batch):
+    accum = config.grad_accum_steps
+    if accum == 1:
+      grads, sums = loss_and_grads(state.params, batch)
+    else:
+      # Microbatch i takes rows i, i+accum, ...: every device keeps its share of each microbatch.
+      micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def add_microbatch(total, mb):
+        mb = nn.with_logical_constraint(mb, sharding.BATCH_AXES)
+        return jax.tree.map(jnp.add, total, loss_and_grads(state.params, mb)), None
+
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+          loss_and_grads, state.params, jax.tree.map(lambda x: x[0], micro)))
+      (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, micro)
+    weight = jnp.maximum(sums["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight,
+               "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
+    if config.z_loss:
+      metrics["z_loss"] = sums["z_loss"] / weight
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  def eval_step(params, batch):
+    _, sums = loss_and_grads(params, batch)
+    return sums
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = sharding.batch_sharding(mesh)
+  return Setup(
+      model_cfg=model_cfg, mesh=mesh, abstract_state=abstract_state, batch_sharding=batch_sharding,
+      init_state=jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding),
+      train_step=jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+                         out_shardings=(state_sharding, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(state_sharding.params, batch_sharding),
+                        out_shardings=replicated),
+  )
+
+
+def _check_batch(config, model_cfg, mesh):
+  if config.seq_len > model_cfg.max_seq_len:
+    raise ConfigError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+  if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
+    raise ConfigError(f"global_batch_size={config.global_batch_size} does not divide into "
+                      f"grad_accum_steps={config.grad_accum_steps} microbatches")
+  rows = config.global_batch_size // config.grad_accum_steps
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % batch_devices:
+    raise ConfigError(f"a microbatch of {rows} rows (global_batch_size / grad_accum_steps) does "
+                      f"not divide over the data x fsdp = {batch_devices} devices of the mesh")
+  if config.global_batch_size % jax.process_count():
+    raise ConfigError(f"global_batch_size={config.global_batch_size} does not divide over "
+                      f"{jax.process_count()} hosts")
+
+
+def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  shape = (config.global_batch_size, config.seq_len)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
+          for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+
+
+def _global_batch(host_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in host_batch.items()}
+
+
+@contextlib.contextmanager
+def _mesh_context(mesh):
+  with jax.set_mesh(mesh), sharding.axis_rules():
+    yield
+
+
+def prepare_workdir(workdir: Optional[str]) -> str:
+  if not workdir:
+    raise ConfigError("--workdir is required")
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+  return workdir
+
+
+def train(config, workdir: str) -> list[dict[str, float]]:
+  """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics."""
+  workdir = prepare_workdir(workdir)
+  s = setup(config)
+  chief = jax.process_index() == 0
+  say = print if chief else (lambda *a, **k: None)
+  ckpts = checkpoint.Checkpoints(workdir, config)
+  history = []
+  with _mesh_context(s.mesh):
+    state = ckpts.restore(s.abstract_state)
+    resumed = state is not None
+    if not resumed:
+      state = s.init_state(jax.random.PRNGKey(config.seed))
+    start = int(state.step)
+    devices = jax.devices()
+    mesh_desc = " ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
+    say(f"cm3jax.train: {len(devices)} x {devices[0].device_kind}, mesh {mesh_desc}; "
+        f"{model_lib.num_params(state.params) / 1e6:.2f}M parameters; "
+        + (f"resumed from step {start} in {ckpts.directory}" if resumed else "new run")
+        + f"; workdir {workdir}", flush=True)
+    if start >= config.num_train_steps:
+      say(f"already at step {start} of num_train_steps={config.num_train_steps}; nothing to do")
+      ckpts.close()
+      return history
+
+    seed = tuple(int(x) for x in np.asarray(jax.device_get(state.rng)).ravel())
+    rows = config.global_batch_size // jax.process_count()
+    host_rows = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
+    train_batches = data.batches(config, "train", start, seed, host_rows)
+
+    t = time.perf_counter()
+    batch = _global_batch(next(train_batches), s.batch_sharding)
+    train_step = s.train_step.lower(state, batch).compile()
+    say(f"compiled the train step in {time.perf_counter() - t:.1f}s", flush=True)
+
+    tokens_per_step = config.global_batch_size * config.seq_len
+    flops_per_step = model_lib.train_flops_per_token(s.model_cfg, config.seq_len) * tokens_per_step
+    peak = config.peak_tflops_per_device or hardware.peak_tflops(devices[0].device_kind)
+    writer = None
+    if chief:
+      import tensorboardX
+      writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # Without a terminal (logs, CI) the bar would print a line per refresh; log lines suffice.
+    bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit="step", dynamic_ncols=True,
+                    file=sys.stdout, disable=not (chief and sys.stdout.isatty()))
+
+    pending, t = [], time.perf_counter()
+    for step in range(start, config.num_train_steps):
+      if step > start:
+        batch = _global_batch(next(train_batches), s.batch_sharding)
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      done = step + 1
+      last = done == config.num_train_steps
+      bar.update()
+      if done % config.log_every == 0 or last:
+        pending = jax.device_get(pending)
+        elapsed = time.perf_counter() - t
+        means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+        tflops = len(pending) * flops_per_step / elapsed / 1e12 / len(devices)
+        summary = {"loss": means["loss"], "perplexity": float(np.exp(means["loss"])), **means,
+                   "tokens_per_s": len(pending) * tokens_per_step / elapsed,
+                   "tflops_per_device": tflops}
+        if peak:
+          summary["mfu"] = tflops / peak
+        _log(bar, writer, done, "train", summary)
+        history.append({"step": done, **summary})
+        bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_s']:.0f}")
+        pending, t = [], time.perf_counter()
+      if last or (config.eval_every and done % config.eval_every == 0):
+        eval_summary = evaluate(s, state.params, config, seed, host_rows)
+        _log(bar, writer, done, "eval", eval_summary)
+        history.append({"step": done, **{f"eval_{k}": v for k, v in eval_summary.items()}})
+        t = time.perf_counter()
+      if last or done % config.checkpoint_every == 0:
+        ckpts.save(done, state)
+    bar.close()
+    ckpts.wait()
+    ckpts.close()
+    if writer:
+      writer.close()
+    say(f"done: step {config.num_train_steps}, checkpoint in {ckpts.directory}")
+  return history
+
+
+def evaluate(s: Setup, params, config, seed, host_rows) -> dict[str, float]:
+  """Loss, perplexity and accuracy over the same `eval_steps` validation batches every time."""
+  batches = data.batches(config, "validation", 0, seed, host_rows)
+  totals = None
+  for _ in range(config.eval_steps):
+    sums = s.eval_step(params, _global_batch(next(batches), s.batch_sharding))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  weight = max(float(totals["weight"]), 1.0)
+  mean_loss = float(totals["loss"]) / weight
+  return {"loss": mean_loss, "perplexity": float(np.exp(mean_loss)),
+          "accuracy": float(totals["correct"]) / weight}
+
+
+def _log(bar, writer, step, prefix, summary):
+  shown = " | ".join(f"{k} {_fmt(v)}" for k, v in summary.items())
+  bar.write(f"{prefix} step {step}: {shown}")
+  if writer:
+    for k, v in summary.items():
+      writer.add_scalar(f"{prefix}/{k}", v, step)
+    writer.flush()
+
+
+def _fmt(v: float) -> str:
+  return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+
+
+def compile_only(config, topology: Optional[str]) -> bool:
+  """Compiles the sharded train step for a TPU topology and prints per-device memory and FLOPs.
+
+  Returns whether the step fits the devices' HBM.
+  """
+  if not topology:
+    raise ConfigError("--compile_only needs --topology, e.g. --topology=v5p:4x4x4")
+  devices, hbm_bytes = hardware.tpu_topology(topology)
+  s = setup(config, devices)
+  t = time.perf_counter()
+  mesh_desc = " ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
+  target = f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh {mesh_desc}"
+  with _mesh_context(s.mesh):
+    lowered = s.train_step.lower(s.abstract_state, abstract_batch(config, s.batch_sharding))
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      print(f"the train step DOES NOT FIT {target}: {str(e).splitlines()[0]}")
+      return False
+  seconds = time.perf_counter() - t
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gib = 2.0**30
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+  fits = total <= hbm_bytes
+  model_flops = (model_lib.train_flops_per_token(s.model_cfg, config.seq_len)
+                 * config.global_batch_size * config.seq_len)
+  print(f"compiled the train step for {target}, remat {s.model_cfg.remat_policy}, "
+        f"in {seconds:.0f}s")
+  print(f"per-device memory: arguments {mem.argument_size_in_bytes / gib:.2f} GiB, "
+        f"outputs {mem.output_size_in_bytes / gib:.2f} GiB "
+        f"(aliased with arguments {mem.alias_size_in_bytes / gib:.2f} GiB), "
+        f"temporaries {mem.temp_size_in_bytes / gib:.2f} GiB, "
+        f"code {mem.generated_code_size_in_bytes / gib:.2f} GiB")
+  print(f"per-device total {total / gib:.2f} GiB of {hbm_bytes / gib:.1f} GiB HBM: "
+        + ("fits" if fits else "DOES NOT FIT"))
+  print(f"model FLOPs per step (6N + causal attention): {model_flops:.4g}, "
+        f"{model_flops / len(devices):.4g} per device")
+  print(f"compiled FLOPs per step, XLA cost analysis: {cost.get('flops', float('nan')):.4g} per "
+        "device (XLA counts a loop body once: scanned layers and microbatches are not "
+        "multiplied by their trip counts)")
+  return fits
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
+  try:
+    if _COMPILE_ONLY.value:
+      sys.exit(0 if compile_only(_CONFIG.value, _TOPOLOGY.value) else 1)
+    train(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    sys.exit(f"cm3jax.train: error: {e}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)

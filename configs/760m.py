@@ -1,0 +1,20 @@
+r"""CM3Leon 760M: L24, d1536, 24 heads of 64; peak LR 5e-4; 1.9T tokens (226k steps of 8.4M).
+
+  python -m cm3jax.train --config=configs/760m.py --workdir=gs://BUCKET/cm3leon_760m --multihost
+
+Hardware: a TPU v5e-64 slice, or a GPU node (lower global_batch_size or raise grad_accum_steps
+to fit). FSDP over all devices, 16 microbatches of 128 rows per step.
+Check the fit ahead of time on any CPU machine with libtpu installed:
+
+  python -m cm3jax.train --config=configs/760m.py --compile_only --topology=v5e:8x8
+
+Expected: 0.83B parameters.
+"""
+
+from cm3jax.config import paper_config
+
+
+def get_config():
+  c = paper_config(num_layers=24, d_model=1536, num_heads=24, peak_lr=5e-4, train_tokens=1.9e12)
+  c.grad_accum_steps = 16
+  return c

@@ -1,0 +1,200 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cm3jax import data, loss, optimizer, sharding, train
+from cm3jax.config import ConfigError
+from tests.conftest import REPO, tiny_config
+
+
+def test_cross_entropy_sums_match_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, size=(2, 5))
+  weights = (rng.random((2, 5)) > 0.3).astype(np.float32)
+  sums = loss.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights),
+                                 z_loss_coef=1e-3)
+  log_z = np.log(np.exp(logits).sum(-1))
+  nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(sums["loss"], (nll * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums["z_loss"], 1e-3 * (log_z**2 * weights).sum(), rtol=1e-5)
+  np.testing.assert_allclose(sums["correct"], ((logits.argmax(-1) == targets) * weights).sum())
+  assert sums["weight"] == weights.sum()
+
+
+def test_zero_weight_targets_do_not_count():
+  logits = jnp.zeros((1, 3, 4)).at[0, 2, 0].set(50.0)
+  sums = loss.cross_entropy_sums(logits, jnp.array([[1, 1, 1]]), jnp.array([[1.0, 1.0, 0.0]]))
+  np.testing.assert_allclose(sums["loss"] / sums["weight"], np.log(4), rtol=1e-6)
+
+
+def test_learning_rate_schedule():
+  config = tiny_config()
+  opt = config.optimizer
+  opt.update(peak_lr=1.0, warmup_steps=4, end_lr_ratio=0.1)
+  linear = optimizer.learning_rate_schedule(opt, 14)
+  np.testing.assert_allclose([linear(s) for s in (0, 3, 4, 9, 14, 20)],
+                             [0.25, 1.0, 1.0, 0.55, 0.1, 0.1], rtol=1e-6)
+  opt.decay = "cosine"
+  cosine = optimizer.learning_rate_schedule(opt, 14)
+  np.testing.assert_allclose([cosine(s) for s in (4, 9, 14)], [1.0, 0.55, 0.1], rtol=1e-6)
+  opt.decay = "step"
+  with pytest.raises(ConfigError, match="optimizer.decay='step' is not one of"):
+    optimizer.learning_rate_schedule(opt, 14)
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_skips_embeddings_unless_asked(decay_embeddings):
+  config = tiny_config(**{"optimizer.decay_embeddings": decay_embeddings,
+                          "optimizer.weight_decay": 0.5, "optimizer.clip_norm": 0.0})
+  tx, _ = optimizer.make_optimizer(config.optimizer, 10)
+  params = {"embed": jnp.ones((4, 2)), "pos_embed": jnp.ones((3, 2)), "w": jnp.ones((2, 2))}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  assert bool(jnp.any(updates["w"] != 0))
+  assert bool(jnp.any(updates["embed"] != 0)) == decay_embeddings
+  assert bool(jnp.any(updates["pos_embed"] != 0)) == decay_embeddings
+
+
+def _run_steps(config, batches, steps, devices=None):
+  s = train.setup(config, devices)
+  with jax.set_mesh(s.mesh), sharding.axis_rules():
+    state = s.init_state(jax.random.PRNGKey(0))
+    history = []
+    for _ in range(steps):
+      batch = {k: jax.device_put(v, s.batch_sharding) for k, v in next(batches).items()}
+      state, metrics = s.train_step(state, batch)
+      history.append(jax.device_get(metrics))
+  return state, history
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  results = []
+  for accum in (1, 4):
+    config = tiny_config(grad_accum_steps=accum)
+    batches = data.batches(config, "train", 0, (0, 0), slice(None))
+    state, history = _run_steps(config, batches, 2, jax.devices()[:2])
+    results.append((jax.device_get(state.params), history))
+  (p1, h1), (p4, h4) = results
+  for a, b in zip(h1, h4):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), p1, p4)
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+  config = tiny_config(num_train_steps=150, **{"optimizer.peak_lr": 1e-2,
+                                               "optimizer.warmup_steps": 10,
+                                               "optimizer.end_lr_ratio": 1.0})
+  fixed = next(data.batches(config, "train", 0, (0, 0), slice(None)))
+  state, history = _run_steps(config, iter(lambda: fixed, None), 150, jax.devices()[:1])
+  assert history[0]["loss"] > 4.5  # ln(128) = 4.85 at the start
+  assert history[-1]["loss"] < 0.05
+  assert history[-1]["accuracy"] == 1.0
+
+
+def test_train_logs_checkpoints_and_falls(tmp_path):
+  config = tiny_config(num_train_steps=40, eval_every=20, checkpoint_every=20,
+                       keep_checkpoints=1, **{"optimizer.peak_lr": 1e-2,
+                                              "optimizer.warmup_steps": 5, "log_every": 10})
+  history = train.train(config, str(tmp_path))
+  losses = [h["loss"] for h in history if "loss" in h]
+  evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+  assert len(losses) == 4 and len(evals) == 2
+  assert losses[-1] < losses[0] - 1.0
+  assert evals[-1] < evals[0]
+  for h in history:
+    if "loss" in h:
+      assert {"perplexity", "accuracy", "grad_norm", "learning_rate", "tokens_per_s",
+              "tflops_per_device"} <= set(h)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["40"]
+  saved = json.load(open(tmp_path / "checkpoints" / "40" / "config" / "metadata"))
+  assert saved["model"]["num_layers"] == config.model.num_layers
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = tiny_config(keep_checkpoints=5)
+  uninterrupted = train.train(config, str(tmp_path / "a"))
+  train.train(config, str(tmp_path / "b"))
+  # A run that stopped after its step-3 checkpoint, resumed with another seed: the restored
+  # RNG, not the new seed, decides the data.
+  shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
+  config.seed = 123
+  resumed = train.train(config, str(tmp_path / "b"))
+  train_losses = lambda h: [(x["step"], x["loss"]) for x in h if "loss" in x]
+  assert train_losses(resumed) == train_losses(uninterrupted)[3:]
+  assert [step for step, _ in train_losses(resumed)] == [4, 5, 6]
+
+
+def _cli(tmp_path, *args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "cm3jax.train", "--config=configs/tiny.py",
+                         "--config.num_train_steps=2", "--config.log_every=1",
+                         "--config.seq_len=32", "--config.global_batch_size=8", *args],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_trains_with_overrides(tmp_path):
+  result = _cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_layers=1",
+                "--config.model.d_model=64")
+  assert result.returncode == 0, result.stderr
+  # 1 layer of d64 (MLP 512) over 1,024 tokens and 128 positions: 221,184 parameters.
+  assert "0.22M parameters" in result.stdout
+  assert "train step 2: loss" in result.stdout
+  saved = json.load(open(tmp_path / "checkpoints" / "2" / "config" / "metadata"))
+  assert saved["model"]["num_layers"] == 1 and saved["model"]["d_model"] == 64
+
+
+def _assert_one_line_error(result, message):
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("cm3jax.train: error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr
+
+
+def test_cli_bad_heads(tmp_path):
+  _assert_one_line_error(_cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_heads=3"),
+                         "model.num_heads=3 does not divide model.d_model=128")
+
+
+def test_cli_bad_mesh(tmp_path):
+  _assert_one_line_error(_cli(tmp_path, f"--workdir={tmp_path}", "--config.mesh.data=3"),
+                         "mesh data=3, fsdp=-1, tensor=1: 8 devices do not divide by 3")
+
+
+def test_cli_unwritable_workdir(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  _assert_one_line_error(_cli(tmp_path, f"--workdir={blocker}/run"),
+                         f"workdir {blocker}/run is not writable")
+
+
+def test_cli_incompatible_checkpoint(tmp_path):
+  assert _cli(tmp_path, f"--workdir={tmp_path}").returncode == 0
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  _assert_one_line_error(
+      _cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_layers=3",
+           "--config.num_train_steps=4"),
+      "was written by another model: model.num_layers=2 (this config: 3)")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_batch_that_does_not_divide_over_the_mesh():
+  with pytest.raises(ConfigError, match="a microbatch of 3 rows .* does not divide over the "
+                     "data x fsdp = 2 devices"):
+    train.setup(tiny_config(global_batch_size=6, grad_accum_steps=2), jax.devices()[:2])
+  with pytest.raises(ConfigError, match="seq_len=64 exceeds model.max_seq_len=32"):
+    train.setup(tiny_config(seq_len=64))
+
+
+def test_unknown_data_source():
+  with pytest.raises(ConfigError, match="data='laion' is not one of"):
+    data.batches(tiny_config(data="laion"), "train", 0, (0, 0), slice(None))
