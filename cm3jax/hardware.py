@@ -2,6 +2,7 @@
 compilation on a machine without TPUs (DESIGN §7)."""
 
 import math
+import os
 from typing import Optional
 
 from cm3jax.config import ConfigError
@@ -50,6 +51,9 @@ def tpu_topology(name: str):
     import libtpu  # noqa: F401  (only to give a clear error when it is missing)
   except ImportError:
     raise ConfigError("--compile_only needs libtpu: pip install -r requirements-tpu.txt") from None
+  # No TPU is driven here, so other processes that loaded libtpu (a training job, parallel
+  # compiles) are no reason to stop.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   hbm_gib, chips_per_host = TPU_CHIPS[generation]
   try:
