@@ -163,6 +163,9 @@ def _mesh_context(mesh):
 def prepare_workdir(workdir: Optional[str]) -> str:
   if not workdir:
     raise ConfigError("--workdir is required")
+  if "://" in workdir:
+    raise ConfigError(f"workdir {workdir} is a URL; cm3jax writes to file systems: mount the "
+                      "bucket (e.g. gcsfuse) and pass the mounted path")
   workdir = os.path.abspath(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -1,14 +1,14 @@
 r"""CM3Leon 760M: L24, d1536, 24 heads of 64; peak LR 5e-4; 1.9T tokens (226k steps of 8.4M).
 
-  python -m cm3jax.train --config=configs/760m.py --workdir=gs://BUCKET/cm3leon_760m --multihost
+  python -m cm3jax.train --config=configs/760m.py --workdir=/mnt/shared/cm3leon_760m --multihost
 
-Hardware: a TPU v5e-64 slice, or a GPU node (lower global_batch_size or raise grad_accum_steps
-to fit). FSDP over all devices, 16 microbatches of 128 rows per step.
-Check the fit ahead of time on any CPU machine with libtpu installed:
+Hardware: a TPU v5e-64 slice (64 chips of 16 GiB; launch/tpu_pod.sh starts the command on every
+host). FSDP over all devices, 16 microbatches of 128 rows per step: 2 rows per chip at a time.
+
+Expected: 0.89B parameters. Measured: 12.4 GiB per chip on v5e:8x8 (with 4 microbatches it
+needs 27.9 GiB and does not fit), from a CPU machine with libtpu installed:
 
   python -m cm3jax.train --config=configs/760m.py --compile_only --topology=v5e:8x8
-
-Expected: 0.83B parameters.
 """
 
 from cm3jax.config import paper_config

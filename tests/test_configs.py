@@ -1,0 +1,48 @@
+"""Every config builds a valid model whose size matches what its docstring promises."""
+
+import glob
+import importlib.util
+import os
+import re
+
+import flax
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cm3jax import model as model_lib
+from tests.conftest import REPO
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_docstring_gives_command_and_true_size(path):
+  module = load(path)
+  name = os.path.relpath(path, REPO)
+  assert f"python -m cm3jax.train --config={name} --workdir=" in module.__doc__
+  config = module.get_config()
+  cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
+  shapes = jax.eval_shape(lambda: model_lib.Decoder(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  count = model_lib.num_params(flax.linen.unbox(shapes))
+  value, unit = re.search(r"Expected: ([\d.]+)([MB]) parameters", module.__doc__).groups()
+  assert f"{count / {'M': 1e6, 'B': 1e9}[unit]:.2f}" == value
+  assert config.seq_len <= cfg.max_seq_len
+  assert config.global_batch_size % config.grad_accum_steps == 0
+
+
+def test_paper_sizes():
+  for name, layers, d, heads, lr in [("350m", 24, 1024, 16, 6e-4), ("760m", 24, 1536, 24, 5e-4),
+                                     ("7b", 32, 4096, 32, 1.2e-4)]:
+    c = load(os.path.join(REPO, "configs", f"{name}.py")).get_config()
+    assert (c.model.num_layers, c.model.d_model, c.model.num_heads) == (layers, d, heads)
+    assert c.optimizer.peak_lr == lr and c.optimizer.warmup_steps == 1500
+    assert c.seq_len == 4096 and c.global_batch_size * c.seq_len == 8 * 2**20
