@@ -38,7 +38,7 @@ def matmul_tflops(n=8192, reps=10):
 
 def run(config, steps):
   s = train.setup(config)
-  with jax.set_mesh(s.mesh), sharding.axis_rules():
+  with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     host = next(data.batches(config, "train", 0, (0, 0), slice(None)))
     batch = {k: jax.device_put(v, s.batch_sharding) for k, v in host.items()}

@@ -1,5 +1,6 @@
 """The device mesh and the one table that places logical axes on it (DESIGN §7)."""
 
+import contextlib
 import math
 from typing import Any, Optional, Sequence
 
@@ -73,6 +74,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return logical_sharding(PartitionSpec(*BATCH_AXES), mesh)
 
 
-def axis_rules():
-  """Context for tracing model code: makes `nn.with_logical_constraint` use the table."""
-  return nn.logical_axis_rules(LOGICAL_AXIS_RULES)
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh):
+  """Context for tracing and running sharded code: `nn.with_logical_constraint` inside it places
+  activations on `mesh` by the table."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
+
+
+def describe(mesh: Mesh) -> str:
+  return " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())

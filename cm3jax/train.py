@@ -62,7 +62,7 @@ class Setup:
 def setup(config, devices=None) -> Setup:
   model_cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh, devices)
-  _check_batch(config, model_cfg, mesh)
+  _check_run(config, model_cfg, mesh)
   model = model_lib.Decoder(model_cfg)
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.num_train_steps)
 
@@ -127,7 +127,10 @@ def setup(config, devices=None) -> Setup:
   )
 
 
-def _check_batch(config, model_cfg, mesh):
+def _check_run(config, model_cfg, mesh):
+  for name in ("num_train_steps", "log_every", "eval_steps", "checkpoint_every"):
+    if config[name] < 1:
+      raise ConfigError(f"{name} must be at least 1, got {config[name]}")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
   if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
@@ -154,12 +157,6 @@ def _global_batch(host_batch: dict[str, np.ndarray], batch_sharding) -> dict[str
           for k, v in host_batch.items()}
 
 
-@contextlib.contextmanager
-def _mesh_context(mesh):
-  with jax.set_mesh(mesh), sharding.axis_rules():
-    yield
-
-
 def prepare_workdir(workdir: Optional[str]) -> str:
   if not workdir:
     raise ConfigError("--workdir is required")
@@ -184,21 +181,20 @@ def train(config, workdir: str) -> list[dict[str, float]]:
   say = print if chief else (lambda *a, **k: None)
   ckpts = checkpoint.Checkpoints(workdir, config)
   history = []
-  with _mesh_context(s.mesh):
+  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     state = ckpts.restore(s.abstract_state)
     resumed = state is not None
     if not resumed:
       state = s.init_state(jax.random.PRNGKey(config.seed))
     start = int(state.step)
     devices = jax.devices()
-    mesh_desc = " ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
-    say(f"cm3jax.train: {len(devices)} x {devices[0].device_kind}, mesh {mesh_desc}; "
+    say(f"cm3jax.train: {len(devices)} x {devices[0].device_kind}, mesh "
+        f"{sharding.describe(s.mesh)}; "
         f"{model_lib.num_params(state.params) / 1e6:.2f}M parameters; "
         + (f"resumed from step {start} in {ckpts.directory}" if resumed else "new run")
         + f"; workdir {workdir}", flush=True)
     if start >= config.num_train_steps:
       say(f"already at step {start} of num_train_steps={config.num_train_steps}; nothing to do")
-      ckpts.close()
       return history
 
     seed = tuple(int(x) for x in np.asarray(jax.device_get(state.rng)).ravel())
@@ -254,7 +250,6 @@ def train(config, workdir: str) -> list[dict[str, float]]:
         ckpts.save(done, state)
     bar.close()
     ckpts.wait()
-    ckpts.close()
     if writer:
       writer.close()
     say(f"done: step {config.num_train_steps}, checkpoint in {ckpts.directory}")
@@ -298,9 +293,9 @@ def compile_only(config, topology: Optional[str]) -> bool:
   devices, hbm_bytes = hardware.tpu_topology(topology)
   s = setup(config, devices)
   t = time.perf_counter()
-  mesh_desc = " ".join(f"{k}={v}" for k, v in s.mesh.shape.items())
-  target = f"{topology}: {len(devices)} x {devices[0].device_kind}, mesh {mesh_desc}"
-  with _mesh_context(s.mesh):
+  target = (f"{topology}: {len(devices)} x {devices[0].device_kind}, "
+            f"mesh {sharding.describe(s.mesh)}")
+  with sharding.use_mesh(s.mesh):
     lowered = s.train_step.lower(s.abstract_state, abstract_batch(config, s.batch_sharding))
     try:
       compiled = lowered.compile()

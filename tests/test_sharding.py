@@ -45,7 +45,7 @@ def test_parameters_and_batches_are_sharded_by_the_table():
 
 def _one_step(config, devices):
   s = train.setup(config, devices)
-  with jax.set_mesh(s.mesh), sharding.axis_rules():
+  with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     host = next(data.batches(config, "train", 0, (0, 0), slice(None)))
     batch = {k: jax.device_put(v, s.batch_sharding) for k, v in host.items()}

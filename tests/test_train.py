@@ -65,7 +65,7 @@ def test_weight_decay_skips_embeddings_unless_asked(decay_embeddings):
 
 def _run_steps(config, batches, steps, devices=None):
   s = train.setup(config, devices)
-  with jax.set_mesh(s.mesh), sharding.axis_rules():
+  with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     history = []
     for _ in range(steps):
