@@ -345,6 +345,21 @@ def main(argv):
     sys.exit(f"cm3jax.train: error: {e}")
 
 
+def _parse_flags(argv):
+  """absl's parser, with config-file and override errors as one line instead of a traceback."""
+  try:
+    argv = flags.FLAGS(argv)
+    _CONFIG.value.to_dict()  # config_flags defers a config file's load error to its first use.
+    return argv
+  except flags.Error as e:
+    sys.exit(f"cm3jax.train: error: {e}")
+  except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+    field = str(e).strip("\"'")
+    sys.exit(f"cm3jax.train: error: the config has no field {field!r} (see cm3jax/config.py)")
+  except (OSError, TypeError, ValueError) as e:
+    sys.exit(f"cm3jax.train: error: bad --config: {str(e).strip().splitlines()[-1].strip()}")
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("config")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -198,3 +198,12 @@ def test_batch_that_does_not_divide_over_the_mesh():
 def test_unknown_data_source():
   with pytest.raises(ConfigError, match="data='laion' is not one of"):
     data.batches(tiny_config(data="laion"), "train", 0, (0, 0), slice(None))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.model.depth=3"], "the config has no field 'depth'"),
+    (["--config.model.num_layers=two"], "flag --config.model.num_layers=two: invalid literal"),
+    (["--config=configs/missing.py"], "bad --config: [Errno 2] No such file or directory"),
+])
+def test_cli_bad_flags(tmp_path, args, message):
+  _assert_one_line_error(_cli(tmp_path, f"--workdir={tmp_path}", *args), message)
