@@ -14,9 +14,12 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from ml_collections import config_flags
 
 sys.path.insert(0, ".")
-from cm3jax import data, model as model_lib, sharding, train  # noqa: E402  (defines --config)
+from cm3jax import data, model as model_lib, sharding, train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/350m.py", "Base config.")
 
 _BATCH = flags.DEFINE_list("batch", ["4"], "Rows per step (each of seq_len tokens).")
 _REMAT = flags.DEFINE_list("remat", ["none"], "model.remat_policy values.")
@@ -57,7 +60,7 @@ def run(config, steps):
 
 
 def main(_):
-  base = flags.FLAGS.config
+  base = _CONFIG.value
   ceiling = matmul_tflops()
   device = jax.devices()[0]
   print(f"device: {len(jax.devices())} x {device.device_kind}; jax {jax.__version__}; "

@@ -2,21 +2,27 @@
 
 import json
 import os
-from typing import Any, Optional
+import tempfile
+from typing import Any, Optional, Sequence
 
 import orbax.checkpoint as ocp
 
 from cm3jax.config import ConfigError
-from cm3jax.model import ModelConfig
 
 
 class Checkpoints:
   """Saves the train state when asked (asynchronously if configured), keeps the newest
-  `config.keep_checkpoints`, and restores the latest one into a matching train state."""
+  `config.keep_checkpoints`, and restores the latest one into a matching train state.
 
-  def __init__(self, workdir: str, config):
+  `architecture` names the config fields that fix the parameters, by config section
+  ({"model": ("num_layers", ...)}); a checkpoint whose saved config differs in any of them is
+  refused with a message that lists the differences.
+  """
+
+  def __init__(self, workdir: str, config, architecture: dict[str, Sequence[str]]):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.config_json = json.loads(config.to_json())
+    self.architecture = architecture
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, enable_async_checkpointing=config.async_checkpointing, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
@@ -35,7 +41,7 @@ class Checkpoints:
     if step is None:
       return None
     saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    self._check_compatible(saved["config"]["model"], step)
+    self._check_compatible(saved["config"], step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
@@ -44,10 +50,11 @@ class Checkpoints:
                         f"train state (optimizer settings?): {str(e).splitlines()[0]}") from None
     return restored["state"]
 
-  def _check_compatible(self, saved_model: dict, step: int):
-    current = self.config_json["model"]
-    diffs = [f"model.{k}={saved_model.get(k)!r} (this config: {current[k]!r})"
-             for k in ModelConfig.ARCHITECTURE if saved_model.get(k) != current[k]]
+  def _check_compatible(self, saved: dict, step: int):
+    diffs = [f"{section}.{k}={saved.get(section, {}).get(k)!r} "
+             f"(this config: {self.config_json[section][k]!r})"
+             for section, fields in self.architecture.items() for k in fields
+             if saved.get(section, {}).get(k) != self.config_json[section][k]]
     if diffs:
       raise ConfigError(f"checkpoint {self.directory} (step {step}) was written by another model: "
                         + ", ".join(diffs) + "; use a new --workdir or the matching config")
@@ -57,3 +64,19 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+def prepare_workdir(workdir: Optional[str]) -> str:
+  if not workdir:
+    raise ConfigError("--workdir is required")
+  if "://" in workdir:
+    raise ConfigError(f"workdir {workdir} is a URL; cm3jax writes to file systems: mount the "
+                      "bucket (e.g. gcsfuse) and pass the mounted path")
+  workdir = os.path.abspath(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
+  return workdir

@@ -9,9 +9,7 @@ line: --config.num_train_steps=100 --config.model.num_layers=2.
 
 import contextlib
 import dataclasses
-import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Optional
 
@@ -21,23 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import tqdm
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from cm3jax import checkpoint, data, hardware, loss, optimizer, sharding
+from cm3jax.progress import Progress
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Checkpoints and TensorBoard events go here; a run resumes from it.")
-_COMPILE_ONLY = flags.DEFINE_bool(
-    "compile_only", False, "Compile the train step for --topology, report memory and FLOPs, exit.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology for --compile_only: v5p:4x4x4.")
-_MULTIHOST = flags.DEFINE_bool(
-    "multihost", False, "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -157,30 +145,18 @@ def _global_batch(host_batch: dict[str, np.ndarray], batch_sharding) -> dict[str
           for k, v in host_batch.items()}
 
 
-def prepare_workdir(workdir: Optional[str]) -> str:
-  if not workdir:
-    raise ConfigError("--workdir is required")
-  if "://" in workdir:
-    raise ConfigError(f"workdir {workdir} is a URL; cm3jax writes to file systems: mount the "
-                      "bucket (e.g. gcsfuse) and pass the mounted path")
-  workdir = os.path.abspath(workdir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
-  except OSError as e:
-    raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
-  return workdir
+def checkpoints(workdir: str, config) -> checkpoint.Checkpoints:
+  """The token model's checkpoints in `workdir`."""
+  return checkpoint.Checkpoints(workdir, config, {"model": model_lib.ModelConfig.ARCHITECTURE})
 
 
 def train(config, workdir: str) -> list[dict[str, float]]:
   """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics."""
-  workdir = prepare_workdir(workdir)
+  workdir = checkpoint.prepare_workdir(workdir)
   s = setup(config)
   chief = jax.process_index() == 0
   say = print if chief else (lambda *a, **k: None)
-  ckpts = checkpoint.Checkpoints(workdir, config)
-  history = []
+  ckpts = checkpoints(workdir, config)
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     state = ckpts.restore(s.abstract_state)
     resumed = state is not None
@@ -195,7 +171,7 @@ def train(config, workdir: str) -> list[dict[str, float]]:
         + f"; workdir {workdir}", flush=True)
     if start >= config.num_train_steps:
       say(f"already at step {start} of num_train_steps={config.num_train_steps}; nothing to do")
-      return history
+      return []
 
     seed = tuple(int(x) for x in np.asarray(jax.device_get(state.rng)).ravel())
     rows = config.global_batch_size // jax.process_count()
@@ -210,13 +186,7 @@ def train(config, workdir: str) -> list[dict[str, float]]:
     tokens_per_step = config.global_batch_size * config.seq_len
     flops_per_step = model_lib.train_flops_per_token(s.model_cfg, config.seq_len) * tokens_per_step
     peak = config.peak_tflops_per_device or hardware.peak_tflops(devices[0].device_kind)
-    writer = None
-    if chief:
-      import tensorboardX
-      writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    # Without a terminal (logs, CI) the bar would print a line per refresh; log lines suffice.
-    bar = tqdm.tqdm(total=config.num_train_steps, initial=start, unit="step", dynamic_ncols=True,
-                    file=sys.stdout, disable=not (chief and sys.stdout.isatty()))
+    progress = Progress(workdir, config.num_train_steps, start, chief)
 
     pending, t = [], time.perf_counter()
     for step in range(start, config.num_train_steps):
@@ -226,7 +196,7 @@ def train(config, workdir: str) -> list[dict[str, float]]:
       pending.append(metrics)
       done = step + 1
       last = done == config.num_train_steps
-      bar.update()
+      progress.step()
       if done % config.log_every == 0 or last:
         pending = jax.device_get(pending)
         elapsed = time.perf_counter() - t
@@ -237,23 +207,17 @@ def train(config, workdir: str) -> list[dict[str, float]]:
                    "tflops_per_device": tflops}
         if peak:
           summary["mfu"] = tflops / peak
-        _log(bar, writer, done, "train", summary)
-        history.append({"step": done, **summary})
-        bar.set_postfix(loss=f"{summary['loss']:.3f}", tok_s=f"{summary['tokens_per_s']:.0f}")
+        progress.log(done, "train", summary)
         pending, t = [], time.perf_counter()
       if last or (config.eval_every and done % config.eval_every == 0):
-        eval_summary = evaluate(s, state.params, config, seed, host_rows)
-        _log(bar, writer, done, "eval", eval_summary)
-        history.append({"step": done, **{f"eval_{k}": v for k, v in eval_summary.items()}})
+        progress.log(done, "eval", evaluate(s, state.params, config, seed, host_rows))
         t = time.perf_counter()
       if last or done % config.checkpoint_every == 0:
         ckpts.save(done, state)
-    bar.close()
+    progress.close()
     ckpts.wait()
-    if writer:
-      writer.close()
     say(f"done: step {config.num_train_steps}, checkpoint in {ckpts.directory}")
-  return history
+  return progress.history
 
 
 def evaluate(s: Setup, params, config, seed, host_rows) -> dict[str, float]:
@@ -268,19 +232,6 @@ def evaluate(s: Setup, params, config, seed, host_rows) -> dict[str, float]:
   mean_loss = float(totals["loss"]) / weight
   return {"loss": mean_loss, "perplexity": float(np.exp(mean_loss)),
           "accuracy": float(totals["correct"]) / weight}
-
-
-def _log(bar, writer, step, prefix, summary):
-  shown = " | ".join(f"{k} {_fmt(v)}" for k, v in summary.items())
-  bar.write(f"{prefix} step {step}: {shown}")
-  if writer:
-    for k, v in summary.items():
-      writer.add_scalar(f"{prefix}/{k}", v, step)
-    writer.flush()
-
-
-def _fmt(v: float) -> str:
-  return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
 
 def compile_only(config, topology: Optional[str]) -> bool:
@@ -331,16 +282,30 @@ def compile_only(config, topology: Optional[str]) -> bool:
   return fits
 
 
+def _define_flags():
+  """Flags of the command line only, so that tests and tools can import this module."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard events go here; a run resumes "
+                      "from it.")
+  flags.DEFINE_bool("compile_only", False,
+                    "Compile the train step for --topology, report memory and FLOPs, exit.")
+  flags.DEFINE_string("topology", None, "TPU topology for --compile_only: v5p:4x4x4.")
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
+  flags.mark_flag_as_required("config")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  if _MULTIHOST.value:
+  FLAGS = flags.FLAGS
+  if FLAGS.multihost:
     jax.distributed.initialize()
   try:
-    if _COMPILE_ONLY.value:
-      sys.exit(0 if compile_only(_CONFIG.value, _TOPOLOGY.value) else 1)
-    train(_CONFIG.value, _WORKDIR.value)
+    if FLAGS.compile_only:
+      sys.exit(0 if compile_only(FLAGS.config, FLAGS.topology) else 1)
+    train(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     sys.exit(f"cm3jax.train: error: {e}")
 
@@ -349,7 +314,7 @@ def _parse_flags(argv):
   """absl's parser, with config-file and override errors as one line instead of a traceback."""
   try:
     argv = flags.FLAGS(argv)
-    _CONFIG.value.to_dict()  # config_flags defers a config file's load error to its first use.
+    flags.FLAGS.config.to_dict()  # config_flags defers a config file's load error to first use.
     return argv
   except flags.Error as e:
     sys.exit(f"cm3jax.train: error: {e}")
@@ -361,5 +326,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  _define_flags()
   app.run(main, flags_parser=_parse_flags)

@@ -1,6 +1,5 @@
 import os
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,7 +117,7 @@ def test_straight_through_gradients_reach_the_encoder():
   params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
 
   def loss(p):
-    recon, _, vq_loss = model.apply({"params": p}, images)
+    recon, _, vq_loss, _ = model.apply({"params": p}, images)
     return jnp.mean(jnp.square(recon - images)) + vq_loss
 
   grads = jax.jit(jax.grad(loss))(params)

@@ -241,9 +241,12 @@ class VQGAN(nn.Module):
     self.decoder = Decoder(cfg)
 
   def __call__(self, images_BxHxWxC):
-    """Reconstruction, codes and the vector-quantisation loss (for training)."""
-    zq, codes_Bxhxw, vq_loss = self.quantize(self.quant_conv(self.encoder(images_BxHxWxC)))
-    return self.decoder(self.post_quant_conv(zq)), codes_Bxhxw.reshape(len(codes_Bxhxw), -1), vq_loss
+    """For training: reconstructions, codes [B, T], the vector-quantisation loss, and the
+    encoder outputs z [B, h, w, embed_dim] that the codes quantise."""
+    z_BxhxwxD = self.quant_conv(self.encoder(images_BxHxWxC))
+    zq, codes_Bxhxw, vq_loss = self.quantize(z_BxhxwxD)
+    recon = self.decoder(self.post_quant_conv(zq))
+    return recon, codes_Bxhxw.reshape(len(codes_Bxhxw), -1), vq_loss, z_BxhxwxD
 
   def encode(self, images_BxHxWxC):
     _, codes_Bxhxw, _ = self.quantize(self.quant_conv(self.encoder(images_BxHxWxC)))

@@ -1,0 +1,58 @@
+r"""VQGAN encode and decode throughput (images/s) with random weights; prints a markdown table.
+
+  python benchmarks/vqgan_encode.py --batch=64 --configs=shapes,chameleon
+
+`shapes` is configs/vqgan_shapes.py's tokenizer (32x32 -> 256 codes); `chameleon` the
+Chameleon-shaped one (512x512 -> 1024 codes of 8192).
+"""
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+sys.path.insert(0, ".")
+from cm3jax.vqgan.model import VQGAN, VQGANConfig  # noqa: E402
+
+_BATCH = flags.DEFINE_integer("batch", 64, "Images per call.")
+_CONFIGS = flags.DEFINE_list("configs", ["shapes", "chameleon"], "Tokenizers to time.")
+_REPS = flags.DEFINE_integer("reps", 5, "Timed calls per measurement, after one warm-up call.")
+
+CONFIGS = {
+    "shapes": VQGANConfig(resolution=32, ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
+                          embed_dim=16, n_embed=512, norm_groups=8, l2_normalized_codes=True),
+    "chameleon": VQGANConfig(resolution=512, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                             z_channels=256, embed_dim=256, n_embed=8192),
+}
+
+
+def images_per_s(fn, *args):
+  jax.block_until_ready(fn(*args))
+  t = time.perf_counter()
+  for _ in range(_REPS.value):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return _REPS.value * len(args[1]) / (time.perf_counter() - t)
+
+
+def main(_):
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; batch {_BATCH.value}")
+  print("| tokenizer | image | codes | encode images/s | decode images/s |")
+  print("|---|---|---|---|---|")
+  for name in _CONFIGS.value:
+    cfg = CONFIGS[name]
+    model = VQGAN(cfg)
+    images = jnp.zeros((_BATCH.value, cfg.resolution, cfg.resolution, 3))
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])["params"]
+    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode))
+    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQGAN.decode))
+    codes = encode(params, images)
+    print(f"| {name} | {cfg.resolution}² | {cfg.tokens_per_image} of {cfg.n_embed} | "
+          f"{images_per_s(encode, params, images):,.1f} | {images_per_s(decode, params, codes):,.1f} |",
+          flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

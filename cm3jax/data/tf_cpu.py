@@ -1,0 +1,11 @@
+"""TensorFlow for input pipelines only: imported on first use and kept off the accelerators, so
+that it never competes with JAX for device memory (DESIGN §7)."""
+
+import functools
+
+
+@functools.cache
+def tensorflow():
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")
+  return tf

@@ -1,0 +1,53 @@
+"""Progress output of a training run: a progress bar on terminals, one line per logged step,
+TensorBoard scalars and images in the workdir, and the logged values for the caller."""
+
+import os
+import sys
+
+import numpy as np
+import tqdm
+
+
+class Progress:
+
+  def __init__(self, workdir: str, total: int, initial: int, chief: bool):
+    self.writer = None
+    if chief:
+      import tensorboardX
+      self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    # Without a terminal (logs, CI) the bar would print a line per refresh; log lines suffice.
+    self.bar = tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                         file=sys.stdout, disable=not (chief and sys.stdout.isatty()))
+    self.chief = chief
+    self.history: list[dict[str, float]] = []
+
+  def step(self):
+    self.bar.update()
+
+  def log(self, step: int, prefix: str, summary: dict[str, float]):
+    """Prints `prefix step N: k v | ...`, writes `prefix/k` to TensorBoard and keeps the values
+    (as `k` for train, `prefix_k` otherwise) in `history`."""
+    self.history.append({"step": step, **{k if prefix == "train" else f"{prefix}_{k}": v
+                                          for k, v in summary.items()}})
+    if not self.chief:
+      return
+    self.bar.write(f"{prefix} step {step}: " + " | ".join(f"{k} {_fmt(v)}" for k, v in summary.items()))
+    if "loss" in summary:
+      self.bar.set_postfix({f"{prefix}_loss": f"{summary['loss']:.3f}"})
+    for k, v in summary.items():
+      self.writer.add_scalar(f"{prefix}/{k}", v, step)
+    self.writer.flush()
+
+  def image(self, step: int, name: str, image_HxWx3: np.ndarray):
+    if self.writer:
+      self.writer.add_image(name, image_HxWx3, step, dataformats="HWC")
+      self.writer.flush()
+
+  def close(self):
+    self.bar.close()
+    if self.writer:
+      self.writer.close()
+
+
+def _fmt(v: float) -> str:
+  return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"

@@ -1,0 +1,68 @@
+"""The image tokenizer of a train_vqgan workdir, for host-side use: uint8 images <-> codes."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm3jax import sharding
+from cm3jax.config import ConfigError
+from cm3jax.vqgan.model import VQGAN, VQGANConfig, images_to_model_input, model_output_to_images
+
+
+class ImageTokenizer:
+  """A trained VQGAN, jitted over all devices, with checked inputs."""
+
+  def __init__(self, cfg: VQGANConfig, params, step: int = 0):
+    self.cfg, self.params, self.step = cfg, params, step
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    self.devices = mesh.size
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    model = VQGAN(cfg)
+    self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode),
+                           in_shardings=(None, batch))
+    self._decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=VQGAN.decode),
+                           in_shardings=(None, batch))
+
+  @classmethod
+  def load(cls, vqgan_workdir: str) -> "ImageTokenizer":
+    """The latest checkpoint of `python -m cm3jax.train_vqgan --workdir=vqgan_workdir`."""
+    import orbax.checkpoint as ocp
+    directory = os.path.join(os.path.abspath(vqgan_workdir), "checkpoints")
+    step = None
+    if os.path.isdir(directory):
+      manager = ocp.CheckpointManager(directory, item_names=("state", "config"))
+      step = manager.latest_step()
+    if step is None:
+      raise ConfigError(f"no VQGAN checkpoints in {vqgan_workdir}: train one with "
+                        "python -m cm3jax.train_vqgan")
+    with manager:
+      config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    return cls(VQGANConfig.from_dict(config["config"]["vqgan"]), state["state"]["params"], step)
+
+  def _padded(self, x: np.ndarray) -> np.ndarray:
+    padded = -(-len(x) // self.devices) * self.devices
+    return np.concatenate([x, np.zeros((padded - len(x), *x.shape[1:]), x.dtype)])
+
+  def encode(self, images) -> np.ndarray:
+    """uint8 images [B, H, W, C] (grayscale and RGBA are converted) -> int32 codes [B, T]."""
+    x = images_to_model_input(images, self.cfg.resolution)
+    return np.asarray(self._encode(self.params, jnp.asarray(self._padded(x))))[:len(x)]
+
+  def decode(self, codes) -> np.ndarray:
+    """int codes [B, T] -> uint8 images [B, H, W, 3]."""
+    codes = np.asarray(codes)
+    if codes.ndim == 1:
+      codes = codes[None]
+    if not np.issubdtype(codes.dtype, np.integer):
+      raise ConfigError(f"codes must be integers; got {codes.dtype}")
+    if codes.ndim != 2 or codes.shape[1] != self.cfg.tokens_per_image:
+      raise ConfigError(f"codes must be [batch, {self.cfg.tokens_per_image}]; got {codes.shape}")
+    if codes.size and (codes.min() < 0 or codes.max() >= self.cfg.n_embed):
+      raise ConfigError(f"codes must lie in [0, {self.cfg.n_embed}); got {codes.min()}.."
+                        f"{codes.max()}")
+    n = len(codes)
+    out = self._decode(self.params, jnp.asarray(self._padded(codes.astype(np.int32))))
+    return model_output_to_images(out[:n])

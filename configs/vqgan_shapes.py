@@ -1,0 +1,46 @@
+r"""VQGAN image tokenizer for the built-in shapes dataset: 32x32 images -> 16x16 = 256 codes of 512.
+
+  python -m cm3jax.train_vqgan --config=configs/vqgan_shapes.py --workdir=workdirs/vqgan
+
+Hardware: any; written for a 2-core CPU. Builds the shapes dataset under data_dir first (about
+20 s).
+"""
+
+import os
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = "shapes"  # or "shapes/small"
+  c.data_dir = os.path.expanduser("~/tensorflow_datasets")
+  c.vqgan = ml_collections.ConfigDict(dict(
+      resolution=32, in_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+      attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=512, norm_groups=8, beta=0.25,
+      l2_normalized_codes=True))
+  c.batch_size = 16
+  c.num_train_steps = 3000
+  c.learning_rate = 1e-3
+  c.warmup_steps = 100
+  c.b1, c.b2 = 0.5, 0.9
+  c.recon_loss = "l1"
+  c.perceptual = "none"  # or "random_conv"
+  c.perceptual_weight = 0.1
+  c.disc_start = -1  # Step at which the GAN loss starts; -1: never.
+  c.disc_weight = 0.1
+  c.disc_learning_rate = 1e-4
+  c.disc_ch = 32
+  c.disc_layers = 2
+  c.usage_decay = 0.99
+  c.restart_every = 100  # Restart dead codes every this many steps; 0: never.
+  c.dead_code_threshold = 0.03  # Dead: chosen less than this fraction of a uniform share.
+  c.log_every = 100
+  c.eval_every = 1000
+  c.eval_images = 256
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 2
+  c.async_checkpointing = True
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  return c

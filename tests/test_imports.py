@@ -1,0 +1,20 @@
+"""Heavy imports stay where they are used: only the input pipelines need TensorFlow."""
+
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+WITHOUT_TENSORFLOW = ["cm3jax.model", "cm3jax.train", "cm3jax.vqgan.model",
+                      "cm3jax.vqgan.torch_io", "cm3jax.vqgan.tokenizer", "cm3jax.train_vqgan",
+                      "cm3jax.tokenize_images"]
+
+
+def test_model_and_tokenizer_import_without_tensorflow():
+  code = ("import sys\n"
+          "sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+          "sys.modules['torch'] = None\n"
+          + "".join(f"import {m}\n" for m in WITHOUT_TENSORFLOW))
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+  assert result.returncode == 0, result.stderr

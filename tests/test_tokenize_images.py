@@ -1,0 +1,117 @@
+import collections
+import glob
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cm3jax import tokenize_images
+from cm3jax.config import ConfigError
+from cm3jax.vqgan.tokenizer import ImageTokenizer
+
+tf = pytest.importorskip("tensorflow")
+from PIL import Image  # noqa: E402
+
+
+def png(array) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def read_records(out, split):
+  records = []
+  for path in sorted(glob.glob(os.path.join(out, f"{split}-*.tfrecord"))):
+    for raw in tf.data.TFRecordDataset(path):
+      ex = tf.train.Example.FromString(raw.numpy())
+      f = ex.features.feature
+      records.append((f["key"].bytes_list.value[0], list(f["codes"].int64_list.value),
+                      f["caption"].bytes_list.value[0]))
+  return records
+
+
+def test_shapes_split_is_tokenized(vqgan_workdir, shapes_data_dir, tmp_path):
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  examples, total = tokenize_images.tfds_examples("shapes/small", shapes_data_dir, "validation",
+                                                  "image", "caption")
+  summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "validation",
+                                        batch_size=16, shard_size=50, total=total)
+  assert summary["records"] == total == 128 and summary["shards"] == 3 and not summary["skipped"]
+  records = read_records(str(tmp_path), "validation")
+  assert len({key for key, _, _ in records}) == 128
+  assert all(len(codes) == 256 and 0 <= min(codes) and max(codes) < 64 for _, codes, _ in records)
+  assert json.load(open(tmp_path / "validation.json"))["records"] == 128
+
+  # The codes are the VQGAN's codes of those images.
+  from cm3jax.data import shapes_tfds
+  data = shapes_tfds.load("shapes/small", shapes_data_dir, "validation")
+  np.testing.assert_array_equal(tokenizer.encode(data["image"][:4]),
+                                np.array([codes for _, codes, _ in records[:4]]))
+  assert [caption for _, _, caption in records[:4]] == list(data["caption"][:4])
+
+
+def test_bad_examples_are_skipped_and_counted(vqgan_workdir, tmp_path):
+  rng = np.random.default_rng(0)
+  rgb = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  examples = [
+      (b"ok", png(rgb), b"a red circle"),
+      (b"gray", png(rgb[..., 0]), b"a gray thing"),
+      (b"rgba", png(np.concatenate([rgb, np.full((32, 32, 1), 255, np.uint8)], -1)), b"rgba"),
+      (b"big", png(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)), b"resized"),
+      (b"corrupt", png(rgb)[:40], b"truncated file"),
+      (b"garbage", b"not an image", b"garbage"),
+      (b"empty", png(rgb), b"   "),
+      (b"latin1", png(rgb), "caf\xe9".encode("latin-1")),
+  ]
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 100)
+  assert summary["records"] == 4
+  assert summary["skipped"] == {"undecodable image": 2, "empty caption": 1,
+                                "caption is not UTF-8": 1}
+  assert [key for key, _, _ in read_records(str(tmp_path), "train")] == [b"ok", b"gray", b"rgba",
+                                                                         b"big"]
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(vqgan_workdir, tmp_path):
+  rgb = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  examples = [(f"{i}".encode(), png(rgb), f"caption {i}".encode()) for i in range(23)]
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+
+  def interrupted():
+    for i, ex in enumerate(examples):
+      if i == 13:
+        raise KeyboardInterrupt
+      yield ex
+
+  with pytest.raises(KeyboardInterrupt):
+    tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 4, 5)
+  assert len(read_records(str(tmp_path), "train")) == 10  # two whole shards, no partial one
+  assert not glob.glob(str(tmp_path / "*.json"))
+  summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 5)
+  keys = [key for key, _, _ in read_records(str(tmp_path), "train")]
+  assert summary["records"] == 23 and keys == [f"{i}".encode() for i in range(23)]
+
+
+def test_missing_vqgan(tmp_path):
+  with pytest.raises(ConfigError, match="no VQGAN checkpoints in"):
+    ImageTokenizer.load(str(tmp_path))
+
+
+def test_prepare_counts_by_reason():
+  skipped = collections.Counter()
+  assert list(tokenize_images.prepare([(b"k", b"junk", b"c")], 32, skipped)) == []
+  assert skipped == {"undecodable image": 1}
+
+
+def test_decode_checks_codes(vqgan_workdir):
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  images = tokenizer.decode(np.zeros((3, 256), np.int64))
+  assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+  for codes, message in [(np.full((1, 256), 64), r"codes must lie in \[0, 64\); got 64..64"),
+                         (np.full((1, 256), -1), r"got -1..-1"),
+                         (np.zeros((1, 255), int), r"codes must be \[batch, 256\]"),
+                         (np.zeros((1, 256), float), "codes must be integers")]:
+    with pytest.raises(ConfigError, match=message):
+      tokenizer.decode(codes)
