@@ -84,7 +84,10 @@ def setup(config) -> Setup:
                       f"{['none', *losses.FEATURE_NETWORKS]}")
   model = VQGAN(cfg)
   disc = losses.PatchDiscriminator(ch=config.disc_ch, num_layers=config.disc_layers)
-  schedule = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, config.learning_rate, max(config.warmup_steps, 1),
+      max(config.num_train_steps, config.warmup_steps + 1),
+      config.learning_rate * config.end_lr_ratio)
   tx = optax.adam(schedule, b1=config.b1, b2=config.b2)
   disc_tx = optax.adam(config.disc_learning_rate, b1=config.b1, b2=config.b2)
   perceptual = (losses.perceptual_loss_fn(config.perceptual, cfg.resolution)
@@ -168,11 +171,13 @@ def setup(config) -> Setup:
 
 
 def _restart_dead_codes(config, cfg, params, usage, z, step, rng):
-  """Every `restart_every` steps, codes chosen less than `dead_code_threshold` times as often as
-  a uniform codebook would choose them move onto encoder outputs of this batch."""
+  """Every `restart_every` steps before `restart_until`, codes chosen less than
+  `dead_code_threshold` times as often as a uniform codebook would choose them move onto encoder
+  outputs of this batch. The last steps run without restarts, so every code can settle."""
   if not config.restart_every:
     return params, usage
-  dead = (usage < config.dead_code_threshold / cfg.n_embed) & (step % config.restart_every == 0)
+  due = (step % config.restart_every == 0) & (step < config.restart_until)
+  dead = (usage < config.dead_code_threshold / cfg.n_embed) & due
   flat_z = z.reshape(-1, z.shape[-1])
   picks = flat_z[jax.random.randint(rng, (cfg.n_embed,), 0, len(flat_z))]
   codebook = params["quantize"]["embedding"]

@@ -1,4 +1,4 @@
-r"""VQGAN image tokenizer for the built-in shapes dataset: 32x32 images -> 16x16 = 256 codes of 512.
+r"""VQGAN image tokenizer for the built-in shapes dataset: 32x32 images -> 16x16 = 256 codes of 1024.
 
   python -m cm3jax.train_vqgan --config=configs/vqgan_shapes.py --workdir=workdirs/vqgan
 
@@ -18,13 +18,14 @@ def get_config():
   c.data_dir = os.path.expanduser("~/tensorflow_datasets")
   c.vqgan = ml_collections.ConfigDict(dict(
       resolution=32, in_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
-      attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=512, norm_groups=8, beta=0.25,
+      attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=1024, norm_groups=8, beta=0.25,
       l2_normalized_codes=True))
   c.batch_size = 16
-  c.num_train_steps = 3000
+  c.num_train_steps = 3500
   c.learning_rate = 1e-3
-  c.warmup_steps = 100
-  c.b1, c.b2 = 0.5, 0.9
+  c.warmup_steps = 100  # then cosine decay to end_lr_ratio * learning_rate
+  c.end_lr_ratio = 0.1
+  c.b1, c.b2 = 0.9, 0.99
   c.recon_loss = "l1"
   c.perceptual = "none"  # or "random_conv"
   c.perceptual_weight = 0.1
@@ -35,6 +36,7 @@ def get_config():
   c.disc_layers = 2
   c.usage_decay = 0.99
   c.restart_every = 100  # Restart dead codes every this many steps; 0: never.
+  c.restart_until = 2500  # No restarts from this step on.
   c.dead_code_threshold = 0.03  # Dead: chosen less than this fraction of a uniform share.
   c.log_every = 100
   c.eval_every = 1000

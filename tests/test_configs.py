@@ -43,3 +43,12 @@ def test_paper_sizes():
     assert (c.model.num_layers, c.model.d_model, c.model.num_heads) == (layers, d, heads)
     assert c.optimizer.peak_lr == lr and c.optimizer.warmup_steps == 1500
     assert c.seq_len == 4096 and c.global_batch_size * c.seq_len == 8 * 2**20
+
+
+def test_vqgan_config():
+  from cm3jax.vqgan.model import VQGANConfig
+  module = load(os.path.join(REPO, "configs", "vqgan_shapes.py"))
+  assert ("python -m cm3jax.train_vqgan --config=configs/vqgan_shapes.py --workdir="
+          in module.__doc__)
+  cfg = VQGANConfig.from_dict(module.get_config().vqgan.to_dict())
+  assert cfg.tokens_per_image <= 256 and cfg.resolution == 32

@@ -27,12 +27,13 @@ def test_batch_indices_are_seeded_epochs():
 def test_dead_codes_move_onto_encoder_outputs():
   cfg = VQGANConfig(resolution=32, ch=8, ch_mult=(1, 2), z_channels=8, embed_dim=4, n_embed=6,
                     norm_groups=4)
-  config = ml_collections.ConfigDict(dict(restart_every=10, dead_code_threshold=0.5))
+  config = ml_collections.ConfigDict(dict(restart_every=10, restart_until=20,
+                                          dead_code_threshold=0.5))
   codebook = jnp.full((6, 4), 9.0)
   usage = jnp.array([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
   z = jnp.arange(2 * 4 * 4 * 4, dtype=jnp.float32).reshape(2, 4, 4, 4)
   params = {"quantize": {"embedding": codebook}}
-  for step, restarted in ((10, True), (11, False)):
+  for step, restarted in ((10, True), (11, False), (20, False)):
     new, new_usage = train_vqgan._restart_dead_codes(config, cfg, params, usage, z, step,
                                                      jax.random.PRNGKey(0))
     rows = np.asarray(new["quantize"]["embedding"])
