@@ -6,6 +6,7 @@ r"""VQGAN encode and decode throughput (images/s) with random weights; prints a 
 Chameleon-shaped one (512x512 -> 1024 codes of 8192).
 """
 
+import importlib
 import sys
 import time
 
@@ -20,12 +21,14 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Images per call.")
 _CONFIGS = flags.DEFINE_list("configs", ["shapes", "chameleon"], "Tokenizers to time.")
 _REPS = flags.DEFINE_integer("reps", 5, "Timed calls per measurement, after one warm-up call.")
 
-CONFIGS = {
-    "shapes": VQGANConfig(resolution=32, ch=16, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
-                          embed_dim=16, n_embed=512, norm_groups=8, l2_normalized_codes=True),
-    "chameleon": VQGANConfig(resolution=512, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                             z_channels=256, embed_dim=256, n_embed=8192),
-}
+def tokenizer_config(name: str) -> VQGANConfig:
+  if name == "shapes":
+    return VQGANConfig.from_dict(
+        importlib.import_module("configs.vqgan_shapes").get_config().vqgan.to_dict())
+  if name == "chameleon":
+    return VQGANConfig(resolution=512, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+                       z_channels=256, embed_dim=256, n_embed=8192)
+  raise ValueError(f"unknown tokenizer {name!r}: shapes or chameleon")
 
 
 def images_per_s(fn, *args):
@@ -42,7 +45,7 @@ def main(_):
   print("| tokenizer | image | codes | encode images/s | decode images/s |")
   print("|---|---|---|---|---|")
   for name in _CONFIGS.value:
-    cfg = CONFIGS[name]
+    cfg = tokenizer_config(name)
     model = VQGAN(cfg)
     images = jnp.zeros((_BATCH.value, cfg.resolution, cfg.resolution, 3))
     params = jax.jit(model.init)(jax.random.PRNGKey(0), images[:1])["params"]

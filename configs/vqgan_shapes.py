@@ -3,7 +3,9 @@ r"""VQGAN image tokenizer for the built-in shapes dataset: 32x32 images -> 16x16
   python -m cm3jax.train_vqgan --config=configs/vqgan_shapes.py --workdir=workdirs/vqgan
 
 Hardware: any; written for a 2-core CPU. Builds the shapes dataset under data_dir first (about
-20 s).
+20 s). Measured on a 2-core CPU: 14 min 33 s in all (about 75 images/s), validation PSNR 25.7 dB
+at step 1000, 28.1 at 2000, 29.0 at 3000 and 29.2 dB at 3500, with 99.5% of the 1024 codes in
+use (code perplexity 475). The issue's target of 30 dB is not reached yet.
 """
 
 import os
