@@ -4,11 +4,23 @@ Files in `configs/` start from `base_config()` and override what differs, so a f
 exists in every config and `--config.x.y=...` overrides always find their target.
 """
 
+import dataclasses
+from typing import Any
+
 import ml_collections
 
 
 class ConfigError(ValueError):
   """A config, flag or checkpoint that cannot work; the message says why in one line."""
+
+
+def dataclass_from_dict(cls, fields: dict[str, Any], section: str):
+  """`cls(**fields)`, refusing fields `cls` does not have with a message naming them."""
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ConfigError(f"unknown {section} field(s) {unknown}; known: {sorted(known)}")
+  return cls(**fields)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cm3jax.config import ConfigError
+from cm3jax.config import ConfigError, dataclass_from_dict
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -65,11 +65,7 @@ class ModelConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ConfigError(f"unknown model field(s) {unknown}; known: {sorted(known)}")
-    return cls(**fields)
+    return dataclass_from_dict(cls, fields, "model")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3jax.config import ConfigError
+from cm3jax.config import ConfigError, dataclass_from_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +60,7 @@ class VQGANConfig:
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "VQGANConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-      raise ConfigError(f"unknown vqgan field(s) {unknown}; known: {sorted(known)}")
-    return cls(**fields)
+    return dataclass_from_dict(cls, fields, "vqgan")
 
 
 def _conv(features, name, kernel=3, stride=1, padding=1):
