@@ -11,6 +11,7 @@ and counted; others are converted to RGB and centre-cropped and resized to the V
 
 import collections
 import io
+import itertools
 import json
 import os
 import sys
@@ -73,18 +74,19 @@ def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes
     done_shards += 1
   skip = done_shards * shard_size
   skipped: collections.Counter = collections.Counter()
-  written = skip
-  examples = iter(examples)
   usable = prepare(examples, tokenizer.cfg.resolution, skipped)
   bar = tqdm.tqdm(total=total, unit="img", desc=f"{split}", file=sys.stdout, dynamic_ncols=True,
                   disable=not sys.stdout.isatty())
-  for _ in range(skip):  # Resume: the first `skip` usable examples are in the shards already.
-    next(usable)
+  # Resume: the first `skip` usable examples are in the shards already.
+  if sum(1 for _ in itertools.islice(usable, skip)) < skip:
+    raise ConfigError(f"{out} holds {done_shards} shards of {split}, more than this dataset fills; "
+                      "use a new --out")
   bar.update(skip + sum(skipped.values()))
-  shard = done_shards
+  written, shard = skip, done_shards
   while True:
     records = []
-    for chunk in _batches(usable, batch_size, shard_size):
+    shard_items = itertools.islice(usable, shard_size)
+    while chunk := list(itertools.islice(shard_items, batch_size)):
       keys, pixels, captions = zip(*chunk)
       codes = tokenizer.encode(np.stack(pixels))
       records.extend(_example(k, c, t) for k, c, t in zip(keys, codes, captions))
@@ -106,21 +108,6 @@ def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes
   with open(manifest, "w") as f:
     json.dump(summary, f, indent=1)
   return summary
-
-
-def _batches(items: Iterator, batch_size: int, limit: int):
-  """Up to `limit` items of `items`, in lists of at most `batch_size`."""
-  taken = 0
-  while taken < limit:
-    chunk = []
-    for item in items:
-      chunk.append(item)
-      if len(chunk) == min(batch_size, limit - taken):
-        break
-    if not chunk:
-      return
-    taken += len(chunk)
-    yield chunk
 
 
 def _shard_path(out: str, split: str, shard: int) -> str:

@@ -115,3 +115,16 @@ def test_decode_checks_codes(vqgan_workdir):
                          (np.zeros((1, 256), float), "codes must be integers")]:
     with pytest.raises(ConfigError, match=message):
       tokenizer.decode(codes)
+
+
+def test_shards_from_a_larger_dataset_are_refused(vqgan_workdir, tmp_path):
+  rgb = np.zeros((32, 32, 3), np.uint8)
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  examples = [(f"{i}".encode(), png(rgb), b"c") for i in range(6)]
+  with pytest.raises(KeyboardInterrupt):
+    def interrupted():
+      yield from examples
+      raise KeyboardInterrupt
+    tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 2, 3)
+  with pytest.raises(ConfigError, match="holds 2 shards of train, more than this dataset fills"):
+    tokenize_images.write_split(tokenizer, examples[:4], str(tmp_path), "train", 2, 3)
