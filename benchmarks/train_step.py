@@ -1,12 +1,16 @@
 r"""Training-step throughput on synthetic batches, over a grid of settings; prints a markdown table.
 
-  python benchmarks/train_step.py --config=configs/350m.py --batch=4 \
-      --remat=none,nothing_saveable --attention=cudnn,xla
+  python benchmarks/train_step.py --sizes=350m --batch=4 --remat=none,nothing_saveable \
+      --attention=cudnn --scan=true,false --ce_chunk=0,1024 --results=RESULTS.md
 
-MFU is measured against this device's own bf16 matmul ceiling (an 8192^3 product timed first),
-not the datasheet peak. Memory is what XLA compiled the step to hold (arguments + temporaries).
+Sizes name configs/*.py (350m, 760m, 7b; tiny for a quick check on a CPU); 1.3b is the 350m
+config at L24 d2048 (32 heads), the PyTorch peer's 1.3b shape. MFU is measured against this device's own
+bf16 matmul ceiling (an 8192^3 product timed first), not the datasheet peak. Memory is what XLA
+compiled the step to hold (arguments + temporaries). --results appends the table, with the
+device, the date and this command, to a markdown file.
 """
 
+import datetime
 import itertools
 import sys
 import time
@@ -14,18 +18,31 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
-from ml_collections import config_flags
 
 sys.path.insert(0, ".")
-from cm3jax import data, model as model_lib, sharding, train  # noqa: E402
+from cm3jax import model as model_lib, sharding, train  # noqa: E402
+from cm3jax.config import load_config_file  # noqa: E402
+from cm3jax.data import synthetic  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/350m.py", "Base config.")
-
+_SIZES = flags.DEFINE_list("sizes", ["350m"], "Names of configs/*.py (350m, 760m, 7b, tiny) or 1.3b.")
 _BATCH = flags.DEFINE_list("batch", ["4"], "Rows per step (each of seq_len tokens).")
 _REMAT = flags.DEFINE_list("remat", ["none"], "model.remat_policy values.")
 _ATTENTION = flags.DEFINE_list("attention", ["auto"], "model.attention values.")
 _SCAN = flags.DEFINE_list("scan", ["true"], "model.scan_layers values.")
+_CE_CHUNK = flags.DEFINE_list("ce_chunk", ["0"], "cross_entropy_chunk values (0: plain logits).")
+_ACTIVATION = flags.DEFINE_string("activation", "gelu", "model.activation (the peer uses gelu).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per setting, after 2 warm-up steps.")
+_RESULTS = flags.DEFINE_string("results", None, "Append the table to this markdown file.")
+
+
+def size_config(size: str):
+  if size == "1.3b":
+    c = load_config_file("configs/350m.py")
+    c.model.update(d_model=2048, num_heads=32, mlp_dim=8192)
+    return c
+  c = load_config_file(f"configs/{size}.py")
+  c.data = "synthetic"
+  return c
 
 
 def matmul_tflops(n=8192, reps=10):
@@ -43,8 +60,8 @@ def run(config, steps):
   s = train.setup(config)
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
-    host = next(data.batches(config, "train", 0, (0, 0), slice(None)))
-    batch = {k: jax.device_put(v, s.batch_sharding) for k, v in host.items()}
+    host = next(synthetic.batches(config, "train", 0, (0, 0), slice(None)))
+    batch = train.device_batch(host, s.batch_sharding)
     step = s.train_step.lower(state, batch).compile()
     mem = step.memory_analysis()
     for _ in range(2):
@@ -55,37 +72,43 @@ def run(config, steps):
       state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     seconds = (time.perf_counter() - t) / steps
-  gib = (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30
-  return seconds, gib
+  return seconds, (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30
 
 
 def main(_):
-  base = _CONFIG.value
   ceiling = matmul_tflops()
   device = jax.devices()[0]
-  print(f"device: {len(jax.devices())} x {device.device_kind}; jax {jax.__version__}; "
-        f"measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s per device")
-  print("| batch | remat | attention | scan | step s | tokens/s | TFLOP/s/device | MFU | memory GiB |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for batch, remat, attention, scan in itertools.product(_BATCH.value, _REMAT.value,
-                                                          _ATTENTION.value, _SCAN.value):
-    config = base.copy_and_resolve_references()
-    config.unlock()
+  lines = [f"device: {len(jax.devices())} x {device.device_kind}; jax {jax.__version__}; "
+           f"{datetime.date.today()}; measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s per "
+           "device", "",
+           "| size | batch | remat | attention | scan | ce_chunk | step s | tokens/s | "
+           "TFLOP/s/device | MFU | memory GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  print("\n".join(lines), flush=True)
+  for size, batch, remat, attention, scan, chunk in itertools.product(
+      _SIZES.value, _BATCH.value, _REMAT.value, _ATTENTION.value, _SCAN.value, _CE_CHUNK.value):
+    config = size_config(size)
     config.global_batch_size = int(batch)
     config.grad_accum_steps = 1
-    config.model.update(remat_policy=remat, attention=attention, scan_layers=scan == "true")
-    row = f"| {batch} | {remat} | {attention} | {scan} |"
+    config.cross_entropy_chunk = int(chunk)
+    config.model.update(remat_policy=remat, attention=attention, scan_layers=scan == "true",
+                        activation=_ACTIVATION.value)
+    row = f"| {size} | {batch} | {remat} | {attention} | {scan} | {chunk} |"
     try:
       seconds, gib = run(config, _STEPS.value)
     except Exception as e:  # One failing setting (OOM, unsupported kernel) must not hide the rest.
-      print(f"{row} failed: {str(e).splitlines()[0][:120]} |||||", flush=True)
-      continue
-    tokens = config.global_batch_size * config.seq_len
-    cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
-    tflops = model_lib.train_flops_per_token(cfg, config.seq_len) * tokens / seconds / 1e12
-    tflops /= len(jax.devices())
-    print(f"{row} {seconds:.3f} | {tokens / seconds:,.0f} | {tflops:.0f} | "
-          f"{tflops / ceiling:.1%} | {gib:.1f} |", flush=True)
+      row += f" failed: {str(e).splitlines()[0][:100]} ||||||"
+    else:
+      tokens = config.global_batch_size * config.seq_len
+      cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
+      tflops = model_lib.train_flops_per_token(cfg, config.seq_len) * tokens / seconds / 1e12
+      tflops /= len(jax.devices())
+      row += (f" {seconds:.3f} | {tokens / seconds:,.0f} | {tflops:.0f} | {tflops / ceiling:.1%} |"
+              f" {gib:.1f} |")
+    print(row, flush=True)
+    lines.append(row)
+  if _RESULTS.value:
+    with open(_RESULTS.value, "a") as f:
+      f.write(f"\n```\npython3 {' '.join(sys.argv)}\n```\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

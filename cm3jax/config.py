@@ -5,9 +5,13 @@ exists in every config and `--config.x.y=...` overrides always find their target
 """
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class ConfigError(ValueError):
@@ -23,10 +27,21 @@ def dataclass_from_dict(cls, fields: dict[str, Any], section: str):
   return cls(**fields)
 
 
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file; a relative path is looked up here, then in the repository."""
+  found = next((p for p in (path, os.path.join(REPO, path)) if os.path.isfile(p)), None)
+  if found is None:
+    raise ConfigError(f"no config file {path}")
+  spec = importlib.util.spec_from_file_location(os.path.basename(found)[:-3], found)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = "synthetic"  # Name of the training data source (see cm3jax/data).
+  c.data = "synthetic"  # synthetic | cm3 (see cm3jax/data/__init__.py)
 
   c.seq_len = 4096  # Tokens per training row; at most model.max_seq_len.
   c.global_batch_size = 8  # Rows per optimiser step, summed over all devices.
@@ -39,6 +54,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpointing = True
+
+  # The cm3 source: the CM3 stream over image-code shards; cm3jax/prepare.py makes what is missing.
+  c.cm3 = ml_collections.ConfigDict(dict(
+      dataset="shapes",  # What to tokenize if codes_dir lacks codes: shapes, a TFDS name, tsv:, coco:
+      data_dir=os.path.expanduser("~/tensorflow_datasets"),
+      splits="train,validation",  # Splits to tokenize.
+      vqgan_config="configs/vqgan_shapes.py",  # Trained into vqgan_workdir if it has no checkpoint.
+      vqgan_workdir="",  # "" = WORKDIR/vqgan
+      codes_dir="",  # "" = WORKDIR/codes
+      tokenizer="",  # A sentencepiece model; "" = WORKDIR/tokenizer.model, trained if missing.
+      text_vocab_size=56320,  # Pieces of a tokenizer trained here (4 specials included).
+      max_spans=16,  # Sentinels in the vocabulary, and the most spans masked in one document.
+      span_rate=1.0,  # Poisson rate of the number of masked spans per document.
+      shuffle_buffer=10000,  # Records; files are shuffled too, every epoch.
+      # Positions restart at every document and attention stays inside it (as when sampling
+      # one document); False: metaseq's stream, attention across packed documents.
+      document_attention=False,
+  ))
 
   # Devices per mesh axis; -1 takes the devices the other axes leave.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -73,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,  # Global-norm clipping; 0 disables it.
   ))
   c.z_loss = 0.0  # Coefficient of the log(Z)^2 auxiliary loss; 0 disables it.
+  # Fuse the loss with the LM head, this many positions of every row at a time, so that the
+  # [tokens, vocab] logits never exist at once (cm3jax/loss.py); 0: plain logits.
+  c.cross_entropy_chunk = 0
 
   # Peak dense bf16 TFLOP/s of one device, for MFU; None looks the device kind up.
   c.peak_tflops_per_device = ml_collections.config_dict.placeholder(float)

@@ -1,8 +1,13 @@
 """The CM3Leon token model: an OPT-style decoder with no biases, no dropout and no LayerNorm affines.
 
-Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_dim, V vocab.
-Every parameter and the main activations carry logical axis names; `cm3jax.sharding` maps them
-onto the device mesh.
+Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_dim, V vocab,
+T cache slots. Every parameter and the main activations carry logical axis names;
+`cm3jax.sharding` maps them onto the device mesh.
+
+Training may pass segment ids: then attention stays inside each segment (a packed document).
+Decoding passes a KV cache (`init_cache`): keys and values of every layer at T slots, which slots
+hold real tokens (prompts are left-padded), and the slot the next tokens go to. The call writes
+the new keys and values there and returns the updated cache with the logits.
 """
 
 import dataclasses
@@ -113,26 +118,52 @@ def _residual_out_init(cfg: ModelConfig):
   return nn.initializers.zeros if cfg.zero_init_residual else truncated_normal(cfg.init_std)
 
 
+ACT_HEADS = ("act_batch", "act_len", "act_heads", "act_kv")
+
+
 class Attention(nn.Module):
+  """Causal self-attention. `context` is None, {"segments": [B, L]} (attend within a segment
+  only), or, with `kv` (this layer's cache), {"valid": [B, T], "index": []}: the keys and values
+  of x go into the cache at `index` and the queries attend to the valid slots."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD):
+  def __call__(self, x_BxLxD, kv=None, context=None):
     cfg = self.cfg
     D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
     init = truncated_normal(cfg.init_std)
-    act_names = ("act_batch", "act_len", "act_heads", "act_kv")
 
     def project(name):
       w_DxHxK = _weight(self, name, (D, H, K), ("embed", "heads", "kv"), init)
-      return nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK), act_names)
+      return nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK), ACT_HEADS)
 
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
-    o_BxLxHxK = jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=cfg.attention_impl())
-    o_BxLxHxK = nn.with_logical_constraint(o_BxLxHxK, act_names)
+    if kv is None and context is None:
+      o_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=cfg.attention_impl())
+    elif kv is None:
+      segments_BxL = context["segments"]
+      same_BxLxL = segments_BxL[:, :, None] == segments_BxL[:, None, :]
+      o_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=same_BxLxL[:, None], is_causal=True,
+          implementation="xla")
+    else:
+      k_BxTxHxK, v_BxTxHxK = kv
+      valid_BxT, index = context["valid"], context["index"]
+      k_BxTxHxK = jax.lax.dynamic_update_slice(k_BxTxHxK, k_BxLxHxK.astype(k_BxTxHxK.dtype),
+                                               (0, index, 0, 0))
+      v_BxTxHxK = jax.lax.dynamic_update_slice(v_BxTxHxK, v_BxLxHxK.astype(v_BxTxHxK.dtype),
+                                               (0, index, 0, 0))
+      kv = (k_BxTxHxK, v_BxTxHxK)
+      T, L = k_BxTxHxK.shape[1], x_BxLxD.shape[1]
+      causal_LxT = jnp.arange(T)[None, :] <= index + jnp.arange(L)[:, None]
+      mask_Bx1xLxT = (causal_LxT[None] & valid_BxT[:, None, :])[:, None]
+      o_BxLxHxK = jax.nn.dot_product_attention(
+          q_BxLxHxK, k_BxTxHxK.astype(q_BxLxHxK.dtype), v_BxTxHxK.astype(q_BxLxHxK.dtype),
+          mask=mask_Bx1xLxT, implementation="xla")
+    o_BxLxHxK = nn.with_logical_constraint(o_BxLxHxK, ACT_HEADS)
     w_HxKxD = _weight(self, "out", (H, K, D), ("heads", "kv", "embed"), _residual_out_init(cfg))
-    return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD)
+    return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD), kv
 
 
 class Mlp(nn.Module):
@@ -153,23 +184,29 @@ RESIDUAL_AXES = ("act_batch", "act_len", "act_embed")
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer layer; the (carry, None) signature lets nn.scan stack it."""
+  """Pre-LayerNorm transformer layer. (x, this layer's kv cache, shared context) -> (x, kv): the
+  carry / scanned-input signature that nn.scan stacks (see Attention for kv and context)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, _):
-    x_BxLxD = x_BxLxD + Attention(self.cfg, name="attn")(layer_norm(x_BxLxD))
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
+  def __call__(self, x_BxLxD, kv, context):
+    h_BxLxD, kv = Attention(self.cfg, name="attn")(layer_norm(x_BxLxD), kv, context)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, RESIDUAL_AXES)
     x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(layer_norm(x_BxLxD))
-    return nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES), None
+    return nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES), kv
 
 
 class Decoder(nn.Module):
-  """Tokens [B, L] -> float32 logits [B, L, V]."""
+  """Tokens [B, L] -> float32 logits [B, L, V]; with a cache -> (logits, updated cache), and
+  with `last_only` the logits of the last position only, [B, V]; with `hidden_only` the final
+  hidden states [B, L, D] and the LM head [D, V] (for a loss fused with the head). Segment ids
+  [B, L] keep attention inside each segment."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None):
+  def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None,
+               cache: Optional[dict] = None, last_only: bool = False,
+               segments_BxL: Optional[jax.Array] = None, hidden_only: bool = False):
     cfg = self.cfg
     D, V = cfg.d_model, cfg.vocab_size
     embed_VxD = self.param("embed", nn.with_logical_partitioning(
@@ -182,23 +219,62 @@ class Decoder(nn.Module):
                + jnp.take(pos_PxD, positions_BxL, axis=0)).astype(cfg.compute_dtype)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
 
+    kv = None if cache is None else (cache["k"], cache["v"])
+    if cache is not None:
+      context = {"valid": cache["valid"], "index": cache["index"]}
+    else:
+      context = None if segments_BxL is None else {"segments": segments_BxL}
     block = Block
-    if cfg.remat_policy != "none":
+    if cfg.remat_policy != "none" and cache is None:
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, None)
+                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, kv = stack(cfg, name="layers")(x_BxLxD, kv, context)
     else:
+      per_layer = []
       for i in range(cfg.num_layers):
-        x_BxLxD, _ = block(cfg, name=f"layers_{i}")(x_BxLxD, None)
+        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+        x_BxLxD, layer_kv = block(cfg, name=f"layers_{i}")(x_BxLxD, layer_kv, context)
+        per_layer.append(layer_kv)
+      if kv is not None:  # one array per layer, each updated in place
+        kv = tuple(tuple(layer[j] for layer in per_layer) for j in (0, 1))
 
+    if last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = layer_norm(x_BxLxD)
     head_DxV = _weight(self, "lm_head", (D, V), ("embed", "vocab"), nn.initializers.zeros)
+    if hidden_only:
+      return x_BxLxD, head_DxV
     # bf16 operands, float32 result: the softmax over V needs more than bf16's 8 mantissa bits.
     logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
+    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
+    if last_only:
+      logits_BxLxV = logits_BxLxV[:, 0]
+    if cache is None:
+      return logits_BxLxV
+    index = cache["index"] + tokens_BxL.shape[1]
+    return logits_BxLxV, dict(cache, k=kv[0], v=kv[1], index=index)
+
+
+CACHE_AXES = ("layers", "act_batch", "act_len", "act_heads", "act_kv")
+
+
+def init_cache(cfg: ModelConfig, valid_BxT: jax.Array) -> dict:
+  """An empty KV cache of T = valid_BxT.shape[1] slots; valid_BxT[b, t] says whether slot t of row
+  b will hold a real token (False for left padding). Keys and values are in the compute dtype:
+  one [layers, B, T, H, K] array each for scanned layers, else a tuple of [B, T, H, K] arrays,
+  one per layer, which decoding updates in place (nothing re-stacks the whole cache per step)."""
+  B, T = valid_BxT.shape
+  shape = (B, T, cfg.num_heads, cfg.head_dim)
+  zeros = lambda axes, shape: nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), axes)
+  if cfg.scan_layers:
+    kv = [zeros(CACHE_AXES, (cfg.num_layers, *shape)) for _ in "kv"]
+  else:
+    kv = [tuple(zeros(CACHE_AXES[1:], shape) for _ in range(cfg.num_layers)) for _ in "kv"]
+  return {"k": kv[0], "v": kv[1], "valid": valid_BxT, "index": jnp.zeros((), jnp.int32)}
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:

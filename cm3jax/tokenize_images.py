@@ -2,11 +2,15 @@
 
   python -m cm3jax.tokenize_images --vqgan_workdir=workdirs/vqgan --out=workdirs/codes
 
-Writes `OUT/SPLIT-NNNNN.tfrecord` shards of tf.train.Examples (`codes`: int64 [tokens_per_image],
-`caption`: bytes, `key`: bytes) and, when a split is complete, `OUT/SPLIT.json` with the counts.
-Each shard is written under a temporary name and renamed when whole, so an interrupted run
-resumes after the last whole shard. Images that cannot be decoded or have no caption are skipped
-and counted; others are converted to RGB and centre-cropped and resized to the VQGAN's size.
+  python -m cm3jax.tokenize_images --vqgan_workdir=VQ --out=CODES --dataset=tsv:cc3m_{split}.tsv
+
+--dataset is shapes (the default), another TFDS dataset, tsv:PATH or coco:PATH
+(cm3jax/data/image_captions.py). Writes the shards and, when a split is complete, the
+`OUT/SPLIT.json` of counts that cm3jax/data/code_shards.py describes. Each shard is written under
+a temporary name and renamed when whole, so an interrupted run resumes after the last whole shard.
+Rows that cannot be read, images that cannot be decoded and captions that are empty or not UTF-8
+are skipped and counted; other images are converted to RGB and centre-cropped and resized to the
+VQGAN's size.
 """
 
 import collections
@@ -22,7 +26,7 @@ import tqdm
 from absl import app, flags, logging
 
 from cm3jax.config import ConfigError
-from cm3jax.data import tf_cpu
+from cm3jax.data import code_shards, image_captions, tf_cpu
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
@@ -60,20 +64,22 @@ def prepare(examples: Iterable[tuple[bytes, bytes, bytes]], resolution: int,
 
 
 def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes, bytes]], out: str,
-                split: str, batch_size: int, shard_size: int, total: Optional[int] = None) -> dict:
+                split: str, batch_size: int, shard_size: int, total: Optional[int] = None,
+                skipped: Optional[collections.Counter] = None) -> dict:
   """Encodes `examples` into shards of `shard_size` records, resuming after the whole shards
-  already in `out`; returns (and writes to OUT/SPLIT.json) the counts."""
+  already in `out`; returns (and writes to OUT/SPLIT.json) the counts. `skipped` may already
+  hold the rows the source could not read."""
   tf = tf_cpu.tensorflow()
   os.makedirs(out, exist_ok=True)
-  manifest = os.path.join(out, f"{split}.json")
+  manifest = code_shards.manifest_path(out, split)
   if os.path.exists(manifest):
     with open(manifest) as f:
       return json.load(f)
   done_shards = 0
-  while os.path.exists(_shard_path(out, split, done_shards)):
+  while os.path.exists(code_shards.shard_path(out, split, done_shards)):
     done_shards += 1
   skip = done_shards * shard_size
-  skipped: collections.Counter = collections.Counter()
+  skipped = collections.Counter() if skipped is None else skipped
   usable = prepare(examples, tokenizer.cfg.resolution, skipped)
   bar = tqdm.tqdm(total=total, unit="img", desc=f"{split}", file=sys.stdout, dynamic_ncols=True,
                   disable=not sys.stdout.isatty())
@@ -89,15 +95,15 @@ def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes
     while chunk := list(itertools.islice(shard_items, batch_size)):
       keys, pixels, captions = zip(*chunk)
       codes = tokenizer.encode(np.stack(pixels))
-      records.extend(_example(k, c, t) for k, c, t in zip(keys, codes, captions))
+      records.extend(code_shards.serialize(k, c, t) for k, c, t in zip(keys, codes, captions))
       bar.update(len(chunk))
     if not records:
       break
-    tmp = _shard_path(out, split, shard) + ".tmp"
-    with tf.io.TFRecordWriter(tmp) as writer:
+    path = code_shards.shard_path(out, split, shard)
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
       for record in records:
         writer.write(record)
-    os.replace(tmp, _shard_path(out, split, shard))
+    os.replace(path + ".tmp", path)
     written += len(records)
     shard += 1
   bar.close()
@@ -110,48 +116,29 @@ def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes
   return summary
 
 
-def _shard_path(out: str, split: str, shard: int) -> str:
-  return os.path.join(out, f"{split}-{shard:05d}.tfrecord")
+def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str, data_dir: str = "",
+                   image_dir: str = "", image_key: str = "image", caption_key: str = "caption",
+                   batch_size: int = 64, shard_size: int = 4096) -> dict:
+  """Encodes one split of `dataset` (see cm3jax/data/image_captions.py) into shards in `out`."""
+  skipped: collections.Counter = collections.Counter()
+  examples, total = image_captions.examples(dataset, split, skipped, data_dir, image_dir,
+                                            image_key, caption_key)
+  return write_split(tokenizer, examples, out, split, batch_size, shard_size, total, skipped)
 
 
-def _example(key: bytes, codes: np.ndarray, caption: bytes) -> bytes:
-  tf = tf_cpu.tensorflow()
-  feature = {
-      "codes": tf.train.Feature(int64_list=tf.train.Int64List(value=codes.tolist())),
-      "caption": tf.train.Feature(bytes_list=tf.train.BytesList(value=[caption])),
-      "key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key])),
-  }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
-def tfds_examples(dataset: str, data_dir: str, split: str, image_key: str, caption_key: str):
-  """(key, encoded image bytes, caption bytes) of a TFDS split, images left undecoded; and the
-  split's size."""
-  tf_cpu.tensorflow()
-  import tensorflow_datasets as tfds
-  if dataset.split("/")[0] == "shapes":
-    from cm3jax.data import shapes_tfds
-    builder = shapes_tfds.builder(dataset, data_dir)
-  else:
-    builder = tfds.builder(dataset, data_dir=data_dir)
-    builder.download_and_prepare()
-  if split not in builder.info.splits:
-    raise ConfigError(f"{dataset} has no split {split!r}; it has {list(builder.info.splits)}")
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={image_key: tfds.decode.SkipDecoding()})
-  total = builder.info.splits[split].num_examples
-
-  def examples():
-    for i, ex in enumerate(tfds.as_numpy(ds)):
-      yield f"{split}/{i}".encode(), ex[image_key], ex[caption_key]
-  return examples(), total
+def describe(summary: dict) -> str:
+  skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
+  return (f"{summary['split']}: {summary['records']} records in {summary['shards']} shards; "
+          f"skipped: {skipped}")
 
 
 def _define_flags():
   """Flags of the command line only, so that tests and tools can import this module."""
   flags.DEFINE_string("vqgan_workdir", None, "Workdir of cm3jax.train_vqgan.")
   flags.DEFINE_string("out", None, "Directory for the code shards.")
-  flags.DEFINE_string("dataset", "shapes", "A TFDS dataset with image and text features.")
+  flags.DEFINE_string("dataset", "shapes", "shapes, a TFDS name, tsv:PATH or coco:PATH; {split} in "
+                      "PATH is replaced by the split.")
+  flags.DEFINE_string("image_dir", "", "Images of a coco: dataset (default: the JSON's folder).")
   flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"), "TFDS data_dir.")
   flags.DEFINE_list("splits", ["train", "validation", "test"], "Splits to encode.")
   flags.DEFINE_string("image_key", "image", "Image feature of the dataset.")
@@ -170,13 +157,10 @@ def main(argv):
       raise ConfigError("--vqgan_workdir and --out are required")
     tokenizer = ImageTokenizer.load(FLAGS.vqgan_workdir)
     for split in FLAGS.splits:
-      examples, total = tfds_examples(FLAGS.dataset, FLAGS.data_dir, split, FLAGS.image_key,
-                                      FLAGS.caption_key)
-      summary = write_split(tokenizer, examples, FLAGS.out, split, FLAGS.batch_size,
-                            FLAGS.shard_size, total)
-      skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
-      print(f"{split}: {summary['records']} records in {summary['shards']} shards; "
-            f"skipped: {skipped}")
+      summary = tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, FLAGS.data_dir,
+                               FLAGS.image_dir, FLAGS.image_key, FLAGS.caption_key,
+                               FLAGS.batch_size, FLAGS.shard_size)
+      print(describe(summary))
   except ConfigError as e:
     sys.exit(f"cm3jax.tokenize_images: error: {e}")
 

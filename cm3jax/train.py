@@ -9,6 +9,7 @@ line: --config.num_train_steps=100 --config.model.num_layers=2.
 
 import contextlib
 import dataclasses
+import functools
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -67,8 +68,13 @@ def setup(config, devices=None) -> Setup:
 
   def loss_and_grads(params, batch):
     def objective(p):
-      logits = model.apply({"params": p}, batch["inputs"])
-      sums = loss.cross_entropy_sums(logits, batch["targets"], batch["weights"], config.z_loss)
+      apply = functools.partial(model.apply, {"params": p}, batch["inputs"],
+                                batch.get("positions"), segments_BxL=batch.get("segments"))
+      if config.cross_entropy_chunk:
+        hidden, head = apply(hidden_only=True)
+        return loss.head_cross_entropy(hidden, head, batch["targets"], batch["weights"],
+                                       config.z_loss, config.cross_entropy_chunk)
+      sums = loss.cross_entropy_sums(apply(), batch["targets"], batch["weights"], config.z_loss)
       return sums["loss"] + sums["z_loss"], sums
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, sums
@@ -121,6 +127,10 @@ def _check_run(config, model_cfg, mesh):
       raise ConfigError(f"{name} must be at least 1, got {config[name]}")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
+  if config.cross_entropy_chunk < 0 or (config.cross_entropy_chunk
+                                        and config.seq_len % config.cross_entropy_chunk):
+    raise ConfigError(f"cross_entropy_chunk={config.cross_entropy_chunk} does not divide "
+                      f"seq_len={config.seq_len} (0: no chunks)")
   if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"global_batch_size={config.global_batch_size} does not divide into "
                       f"grad_accum_steps={config.grad_accum_steps} microbatches")
@@ -134,20 +144,48 @@ def _check_run(config, model_cfg, mesh):
                       f"{jax.process_count()} hosts")
 
 
+MODEL_KEYS = ("inputs", "targets", "weights")
+DOCUMENT_KEYS = ("positions", "segments")  # with cm3.document_attention
+
+
 def abstract_batch(config, batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
   shape = (config.global_batch_size, config.seq_len)
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-          for k, dtype in (("inputs", jnp.int32), ("targets", jnp.int32), ("weights", jnp.float32))}
+          for k, dtype in zip(MODEL_KEYS, (jnp.int32, jnp.int32, jnp.float32))}
 
 
-def _global_batch(host_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
-          for k, v in host_batch.items()}
+def device_batch(host_batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  """This host's rows -> the global batch the train step takes (data positions stay here)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, host_batch[k])
+          for k in MODEL_KEYS + DOCUMENT_KEYS if k in host_batch}
 
 
-def checkpoints(workdir: str, config) -> checkpoint.Checkpoints:
+def checkpoints(workdir: str, config, vocab=None) -> checkpoint.Checkpoints:
   """The token model's checkpoints in `workdir`."""
-  return checkpoint.Checkpoints(workdir, config, {"model": model_lib.ModelConfig.ARCHITECTURE})
+  return checkpoint.Checkpoints(workdir, config, {"model": model_lib.ModelConfig.ARCHITECTURE},
+                                vocab)
+
+
+def _host() -> tuple[int, int]:
+  return jax.process_index(), jax.process_count()
+
+
+def _data_positions(host_batch) -> list[list[int]]:
+  """Every host's position of its next batch, for the checkpoint."""
+  position = np.asarray(host_batch["position"][0], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(position)).tolist()
+  return [position.tolist()]
+
+
+def _restored_position(positions: Optional[list]) -> Optional[list[int]]:
+  if positions is None:
+    return None
+  if len(positions) != jax.process_count():
+    raise ConfigError(f"the checkpoint holds the data positions of {len(positions)} hosts; "
+                      f"resume it on {len(positions)} hosts, not {jax.process_count()}")
+  return positions[jax.process_index()]
 
 
 def train(config, workdir: str) -> list[dict[str, float]]:
@@ -156,30 +194,34 @@ def train(config, workdir: str) -> list[dict[str, float]]:
   s = setup(config)
   chief = jax.process_index() == 0
   say = print if chief else (lambda *a, **k: None)
-  ckpts = checkpoints(workdir, config)
+  source = data.source(config, workdir)
+  if source.vocab is not None and source.vocab.size > s.model_cfg.vocab_size:
+    raise ConfigError(f"model.vocab_size={s.model_cfg.vocab_size} is smaller than the vocabulary "
+                      f"({source.vocab.describe()})")
+  ckpts = checkpoints(workdir, config, source.vocab)
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
-    state = ckpts.restore(s.abstract_state)
-    resumed = state is not None
-    if not resumed:
-      state = s.init_state(jax.random.PRNGKey(config.seed))
+    restored = ckpts.restore(s.abstract_state)
+    if restored is None:
+      state, position = s.init_state(jax.random.PRNGKey(config.seed)), None
+    else:
+      state, position = restored[0], _restored_position(restored[1])
     start = int(state.step)
     devices = jax.devices()
     say(f"cm3jax.train: {len(devices)} x {devices[0].device_kind}, mesh "
         f"{sharding.describe(s.mesh)}; "
         f"{model_lib.num_params(state.params) / 1e6:.2f}M parameters; "
-        + (f"resumed from step {start} in {ckpts.directory}" if resumed else "new run")
+        + (f"resumed from step {start} in {ckpts.directory}" if restored else "new run")
         + f"; workdir {workdir}", flush=True)
     if start >= config.num_train_steps:
       say(f"already at step {start} of num_train_steps={config.num_train_steps}; nothing to do")
       return []
 
     seed = tuple(int(x) for x in np.asarray(jax.device_get(state.rng)).ravel())
-    rows = config.global_batch_size // jax.process_count()
-    host_rows = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows)
-    train_batches = data.batches(config, "train", start, seed, host_rows)
+    train_batches = source.batches("train", seed, position, _host())
 
     t = time.perf_counter()
-    batch = _global_batch(next(train_batches), s.batch_sharding)
+    host_batch = next(train_batches)
+    batch = device_batch(host_batch, s.batch_sharding)
     train_step = s.train_step.lower(state, batch).compile()
     say(f"compiled the train step in {time.perf_counter() - t:.1f}s", flush=True)
 
@@ -190,9 +232,9 @@ def train(config, workdir: str) -> list[dict[str, float]]:
 
     pending, t = [], time.perf_counter()
     for step in range(start, config.num_train_steps):
-      if step > start:
-        batch = _global_batch(next(train_batches), s.batch_sharding)
       state, metrics = train_step(state, batch)
+      host_batch = next(train_batches)  # made while the device runs the step
+      batch = device_batch(host_batch, s.batch_sharding)
       pending.append(metrics)
       done = step + 1
       last = done == config.num_train_steps
@@ -210,22 +252,41 @@ def train(config, workdir: str) -> list[dict[str, float]]:
         progress.log(done, "train", summary)
         pending, t = [], time.perf_counter()
       if last or (config.eval_every and done % config.eval_every == 0):
-        progress.log(done, "eval", evaluate(s, state.params, config, seed, host_rows))
+        progress.log(done, "eval", evaluate(s, source, state.params, config, seed))
         t = time.perf_counter()
       if last or done % config.checkpoint_every == 0:
-        ckpts.save(done, state)
+        ckpts.save(done, state, _data_positions(host_batch))
     progress.close()
     ckpts.wait()
+    skipped = source.skipped()
+    if skipped:
+      say("data: skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     say(f"done: step {config.num_train_steps}, checkpoint in {ckpts.directory}")
+  if source.vocab is not None and jax.process_count() == 1:
+    write_samples(s, source, state.params, workdir)
   return progress.history
 
 
-def evaluate(s: Setup, params, config, seed, host_rows) -> dict[str, float]:
+def write_samples(s: Setup, source: data.Source, params, workdir: str):
+  """A grid of images from validation captions and captions of validation images."""
+  from cm3jax import sample, sampling
+  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  t = time.perf_counter()
+  sampler = sampling.Sampler(s.model_cfg, params, source.vocab, s.mesh)
+  lines = sample.write_samples(sampler, ImageTokenizer.load(source.vqgan_workdir),
+                               source.codes_dir, workdir)
+  print(f"samples: {workdir}/samples.png and {workdir}/captions.txt "
+        f"({time.perf_counter() - t:.0f}s)")
+  for line in lines:
+    print(f"  {line}")
+
+
+def evaluate(s: Setup, source: data.Source, params, config, seed) -> dict[str, float]:
   """Loss, perplexity and accuracy over the same `eval_steps` validation batches every time."""
-  batches = data.batches(config, "validation", 0, seed, host_rows)
+  batches = source.batches("validation", seed, None, _host())
   totals = None
   for _ in range(config.eval_steps):
-    sums = s.eval_step(params, _global_batch(next(batches), s.batch_sharding))
+    sums = s.eval_step(params, device_batch(next(batches), s.batch_sharding))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   weight = max(float(totals["weight"]), 1.0)

@@ -221,9 +221,9 @@ def train(config, workdir: str) -> list[dict[str, float]]:
   train_images = load_images(config, "train")
   eval_images = load_images(config, "validation")[:config.eval_images]
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
-    state = ckpts.restore(s.abstract_state)
-    resumed = state is not None
-    state = state if resumed else s.init_state(jax.random.PRNGKey(config.seed))
+    restored = ckpts.restore(s.abstract_state)
+    resumed = restored is not None
+    state = restored[0] if resumed else s.init_state(jax.random.PRNGKey(config.seed))
     start = int(state.step)
     if chief:
       print(f"cm3jax.train_vqgan: {len(jax.devices())} x {jax.devices()[0].device_kind}; "

@@ -22,8 +22,9 @@ def load_config(filename: str):
 
 
 def tiny_config(**overrides):
-  """configs/tiny.py shrunk further for fast tests; `overrides` use dotted names."""
+  """configs/tiny.py on the synthetic stream, shrunk for fast tests; `overrides` use dotted names."""
   c = load_config("tiny.py").get_config()
+  c.data = "synthetic"
   c.seq_len = 32
   c.global_batch_size = 8
   c.num_train_steps = 6

@@ -148,6 +148,18 @@ def test_explicit_positions_match_default():
   assert not np.allclose(default, shifted)
 
 
+def test_segments_keep_attention_inside_packed_documents():
+  _, model = make()
+  params = nontrivial(flax.linen.unbox(init(model)))
+  a, b = tokens((1, 6), seed=1), tokens((1, 10), seed=2)
+  packed = jnp.concatenate([a, b], 1)
+  positions = jnp.concatenate([jnp.arange(6), jnp.arange(10)])[None]
+  segments = jnp.concatenate([jnp.zeros(6, int), jnp.ones(10, int)])[None]
+  out = model.apply({"params": params}, packed, positions, segments_BxL=segments)
+  np.testing.assert_allclose(out[:, :6], model.apply({"params": params}, a), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[:, 6:], model.apply({"params": params}, b), atol=1e-5, rtol=0)
+
+
 def test_attention_implementation_on_cpu_is_xla():
   cfg, _ = make(dtype="bfloat16")
   assert cfg.attention_impl() == "xla"

@@ -47,8 +47,8 @@ def _one_step(config, devices):
   s = train.setup(config, devices)
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
-    host = next(data.batches(config, "train", 0, (0, 0), slice(None)))
-    batch = {k: jax.device_put(v, s.batch_sharding) for k, v in host.items()}
+    host = next(data.synthetic.batches(config, "train", 0, (0, 0), slice(None)))
+    batch = train.device_batch(host, s.batch_sharding)
     first = jax.device_get(s.eval_step(state.params, batch))
     state, metrics = s.train_step(state, batch)
     second = jax.device_get(s.eval_step(state.params, batch))

@@ -34,14 +34,12 @@ def read_records(out, split):
 
 def test_shapes_split_is_tokenized(vqgan_workdir, shapes_data_dir, tmp_path):
   tokenizer = ImageTokenizer.load(vqgan_workdir)
-  examples, total = tokenize_images.tfds_examples("shapes/small", shapes_data_dir, "validation",
-                                                  "image", "caption")
-  summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "validation",
-                                        batch_size=16, shard_size=50, total=total)
-  assert summary["records"] == total == 128 and summary["shards"] == 3 and not summary["skipped"]
+  summary = tokenize_images.tokenize_split(tokenizer, "shapes/small", "validation", str(tmp_path),
+                                           shapes_data_dir, batch_size=16, shard_size=50)
+  assert summary["records"] == 128 and summary["shards"] == 3 and not summary["skipped"]
   records = read_records(str(tmp_path), "validation")
   assert len({key for key, _, _ in records}) == 128
-  assert all(len(codes) == 256 and 0 <= min(codes) and max(codes) < 64 for _, codes, _ in records)
+  assert all(len(codes) == 64 and 0 <= min(codes) and max(codes) < 64 for _, codes, _ in records)
   assert json.load(open(tmp_path / "validation.json"))["records"] == 128
 
   # The codes are the VQGAN's codes of those images.
@@ -107,12 +105,12 @@ def test_prepare_counts_by_reason():
 
 def test_decode_checks_codes(vqgan_workdir):
   tokenizer = ImageTokenizer.load(vqgan_workdir)
-  images = tokenizer.decode(np.zeros((3, 256), np.int64))
+  images = tokenizer.decode(np.zeros((3, 64), np.int64))
   assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-  for codes, message in [(np.full((1, 256), 64), r"codes must lie in \[0, 64\); got 64..64"),
-                         (np.full((1, 256), -1), r"got -1..-1"),
-                         (np.zeros((1, 255), int), r"codes must be \[batch, 256\]"),
-                         (np.zeros((1, 256), float), "codes must be integers")]:
+  for codes, message in [(np.full((1, 64), 64), r"codes must lie in \[0, 64\); got 64..64"),
+                         (np.full((1, 64), -1), r"got -1..-1"),
+                         (np.zeros((1, 63), int), r"codes must be \[batch, 64\]"),
+                         (np.zeros((1, 64), float), "codes must be integers")]:
     with pytest.raises(ConfigError, match=message):
       tokenizer.decode(codes)
 
@@ -128,3 +126,54 @@ def test_shards_from_a_larger_dataset_are_refused(vqgan_workdir, tmp_path):
     tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 2, 3)
   with pytest.raises(ConfigError, match="holds 2 shards of train, more than this dataset fills"):
     tokenize_images.write_split(tokenizer, examples[:4], str(tmp_path), "train", 2, 3)
+
+
+def test_tsv_source_skips_and_counts_bad_rows(vqgan_workdir, tmp_path):
+  rgb = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+  (tmp_path / "images").mkdir()
+  (tmp_path / "images" / "ok.png").write_bytes(png(rgb))
+  (tmp_path / "images" / "broken.png").write_bytes(png(rgb)[:30])
+  (tmp_path / "images" / "folder.png").mkdir()
+  rows = [b"caption\timage", b"a red circle\timages/ok.png", b"no tab here",
+          b"too\tmany\tcolumns", b"missing\timages/nope.png", b"broken\timages/broken.png",
+          b"a folder\timages/folder.png", b"caf\xe9\timages/ok.png", b"\timages/ok.png",
+          b"second\timages/ok.png"]
+  (tmp_path / "train.tsv").write_bytes(b"\n".join(rows) + b"\n")
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  out = str(tmp_path / "codes")
+  summary = tokenize_images.tokenize_split(tokenizer, f"tsv:{tmp_path}/{{split}}.tsv", "train", out)
+  assert summary["records"] == 2
+  assert summary["skipped"] == {"TSV row without exactly 2 columns": 2, "missing image file": 1,
+                                "unreadable image file": 1, "undecodable image": 1,
+                                "caption is not UTF-8": 1, "empty caption": 1}
+  assert [caption for _, _, caption in read_records(out, "train")] == [b"a red circle", b"second"]
+
+
+def test_coco_source(vqgan_workdir, tmp_path):
+  rgb = np.random.default_rng(3).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+  (tmp_path / "val2017").mkdir()
+  (tmp_path / "val2017" / "1.jpg").write_bytes(png(rgb))
+  index = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}],
+           "annotations": [{"id": 10, "image_id": 1, "caption": "a cat"},
+                           {"id": 11, "image_id": 1, "caption": "a small cat"},
+                           {"id": 12, "image_id": 2, "caption": "a missing image"},
+                           {"id": 13, "image_id": 3, "caption": "an unknown image"}]}
+  (tmp_path / "captions_val2017.json").write_text(json.dumps(index))
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  out = str(tmp_path / "codes")
+  summary = tokenize_images.tokenize_split(
+      tokenizer, f"coco:{tmp_path}/captions_{{split}}2017.json", "val", out,
+      image_dir=str(tmp_path / "val2017"))
+  assert summary["records"] == 2
+  assert summary["skipped"] == {"missing image file": 1, "annotation without image or caption": 1}
+  assert [k for k, _, _ in read_records(out, "val")] == [b"1/10", b"1/11"]
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ("tsv:", "expected tsv:PATH"),
+    ("tsv:/nonexistent/{split}.tsv", "no such file /nonexistent/train.tsv"),
+])
+def test_bad_dataset_names(dataset, message):
+  from cm3jax.data import image_captions
+  with pytest.raises(ConfigError, match=message):
+    image_captions.examples(dataset, "train", collections.Counter())

@@ -35,6 +35,45 @@ def test_zero_weight_targets_do_not_count():
   np.testing.assert_allclose(sums["loss"] / sums["weight"], np.log(4), rtol=1e-6)
 
 
+def test_loss_fused_with_the_head_equals_the_plain_loss():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 16)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(16, 40)) * 0.3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 40, (2, 8)))
+  weights = jnp.asarray((rng.random((2, 8)) > 0.2).astype(np.float32))
+
+  def plain(x, head):
+    sums = loss.cross_entropy_sums(jnp.einsum("bld,dv->blv", x, head), targets, weights, 1e-3)
+    return sums["loss"] + sums["z_loss"], sums
+
+  def fused(x, head):
+    return loss.head_cross_entropy(x, head, targets, weights, 1e-3, chunk=4)
+
+  (want, want_sums), want_grads = jax.value_and_grad(plain, (0, 1), has_aux=True)(x, head)
+  (got, got_sums), got_grads = jax.value_and_grad(fused, (0, 1), has_aux=True)(x, head)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for k in want_sums:
+    np.testing.assert_allclose(got_sums[k], want_sums[k], rtol=1e-5, err_msg=k)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_train_steps_equal_plain_ones_on_a_mesh():
+  histories, params = [], []
+  for chunk in (0, 8):
+    config = tiny_config(cross_entropy_chunk=chunk, z_loss=1e-3)
+    batches = data.synthetic.batches(config, "train", 0, (0, 0), slice(None))
+    state, history = _run_steps(config, batches, 3, jax.devices()[:4])
+    histories.append(history)
+    params.append(jax.device_get(state.params))
+  for a, b in zip(*histories):
+    for k in a:
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *params)
+  with pytest.raises(ConfigError, match="cross_entropy_chunk=5 does not divide seq_len=32"):
+    train.setup(tiny_config(cross_entropy_chunk=5))
+
+
 def test_learning_rate_schedule():
   config = tiny_config()
   opt = config.optimizer
@@ -68,7 +107,7 @@ def _run_steps(config, batches, steps, devices=None):
     state = s.init_state(jax.random.PRNGKey(0))
     history = []
     for _ in range(steps):
-      batch = {k: jax.device_put(v, s.batch_sharding) for k, v in next(batches).items()}
+      batch = train.device_batch(next(batches), s.batch_sharding)
       state, metrics = s.train_step(state, batch)
       history.append(jax.device_get(metrics))
   return state, history
@@ -78,7 +117,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   results = []
   for accum in (1, 4):
     config = tiny_config(grad_accum_steps=accum)
-    batches = data.batches(config, "train", 0, (0, 0), slice(None))
+    batches = data.synthetic.batches(config, "train", 0, (0, 0), slice(None))
     state, history = _run_steps(config, batches, 2, jax.devices()[:2])
     results.append((jax.device_get(state.params), history))
   (p1, h1), (p4, h4) = results
@@ -92,7 +131,7 @@ def test_tiny_model_overfits_a_fixed_batch():
   config = tiny_config(num_train_steps=150, **{"optimizer.peak_lr": 1e-2,
                                                "optimizer.warmup_steps": 10,
                                                "optimizer.end_lr_ratio": 1.0})
-  fixed = next(data.batches(config, "train", 0, (0, 0), slice(None)))
+  fixed = next(data.synthetic.batches(config, "train", 0, (0, 0), slice(None)))
   state, history = _run_steps(config, iter(lambda: fixed, None), 150, jax.devices()[:1])
   assert history[0]["loss"] > 4.5  # ln(128) = 4.85 at the start
   assert history[-1]["loss"] < 0.05
@@ -136,7 +175,8 @@ def test_resume_continues_exactly(tmp_path):
 def _cli(tmp_path, *args):
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run([sys.executable, "-m", "cm3jax.train", "--config=configs/tiny.py",
-                         "--config.num_train_steps=2", "--config.log_every=1",
+                         "--config.data=synthetic", "--config.num_train_steps=2",
+                         "--config.log_every=1",
                          "--config.seq_len=32", "--config.global_batch_size=8", *args],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -145,8 +185,8 @@ def test_cli_trains_with_overrides(tmp_path):
   result = _cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_layers=1",
                 "--config.model.d_model=64")
   assert result.returncode == 0, result.stderr
-  # 1 layer of d64 (MLP 512) over 1,024 tokens and 128 positions: 221,184 parameters.
-  assert "0.22M parameters" in result.stdout
+  # 1 layer of d64 (MLP 512) over 1,408 tokens and 256 positions: 278,528 parameters.
+  assert "0.28M parameters" in result.stdout
   assert "train step 2: loss" in result.stdout
   saved = json.load(open(tmp_path / "checkpoints" / "2" / "config" / "metadata"))
   assert saved["model"]["num_layers"] == 1 and saved["model"]["d_model"] == 64
@@ -182,7 +222,7 @@ def test_cli_incompatible_checkpoint(tmp_path):
   _assert_one_line_error(
       _cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_layers=3",
            "--config.num_train_steps=4"),
-      "was written by another model: model.num_layers=2 (this config: 3)")
+      "was written by another model: model.num_layers=4 (this config: 3)")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
 
 
@@ -194,9 +234,9 @@ def test_batch_that_does_not_divide_over_the_mesh():
     train.setup(tiny_config(seq_len=64))
 
 
-def test_unknown_data_source():
+def test_unknown_data_source(tmp_path):
   with pytest.raises(ConfigError, match="data='laion' is not one of"):
-    data.batches(tiny_config(data="laion"), "train", 0, (0, 0), slice(None))
+    data.source(tiny_config(data="laion"), str(tmp_path))
 
 
 @pytest.mark.parametrize("args, message", [

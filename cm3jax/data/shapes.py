@@ -89,7 +89,7 @@ def scene(split: str, index: int, seed: int = 0) -> Scene:
   return Scene(tuple(things), place, int(rng.integers(len(BACKGROUNDS))))
 
 
-def _mask(shape: str, cx: float, cy: float, r: float, resolution: int) -> np.ndarray:
+def mask(shape: str, cx: float, cy: float, r: float, resolution: int) -> np.ndarray:
   ys, xs = np.mgrid[0:resolution, 0:resolution] + 0.5
   dx, dy = (xs - cx) / r, (ys - cy) / r
   if shape == "circle":
@@ -108,12 +108,46 @@ def render(s: Scene, resolution: int = RESOLUTION) -> np.ndarray:
   image = np.empty((resolution, resolution, 3), np.uint8)
   image[:] = BACKGROUNDS[s.background]
   for thing, (fx, fy) in zip(s.things, s.centres()):
-    mask = _mask(thing.shape, fx * resolution, fy * resolution, SIZES[thing.size] * resolution,
-                 resolution)
-    image[mask] = COLOURS[thing.colour]
+    inside = mask(thing.shape, fx * resolution, fy * resolution, SIZES[thing.size] * resolution,
+                  resolution)
+    image[inside] = COLOURS[thing.colour]
   return image
 
 
 def example(split: str, index: int, seed: int = 0, resolution: int = RESOLUTION) -> dict:
   s = scene(split, index, seed)
   return {"image": render(s, resolution), "caption": s.caption()}
+
+
+Described = frozenset  # of (size, colour, shape, centre): a scene as its caption fixes it
+
+
+def described(s: Scene) -> Described:
+  """What a caption fixes: each thing with its centre; 'A above B' equals 'B below A'."""
+  return frozenset((t.size, t.colour, t.shape, c) for t, c in zip(s.things, s.centres()))
+
+
+def parse_caption(caption: str) -> Optional[Scene]:
+  """The scene a shapes caption describes (background 0), or None for any other text."""
+  words = caption.split(" ")
+
+  def thing(at: int) -> Optional[Thing]:
+    if len(words) < at + 4 or words[at] != "a":
+      return None
+    size, colour, shape = words[at + 1:at + 4]
+    if size in SIZES and colour in COLOURS and shape in SHAPES:
+      return Thing(shape, colour, size)
+    return None
+
+  first = thing(0)
+  if first is None:
+    return None
+  rest = " ".join(words[4:])
+  if rest in POSITIONS:
+    return Scene((first,), rest, 0)
+  for relation in RELATIONS:
+    if rest.startswith(relation + " "):
+      second = thing(4 + len(relation.split(" ")))
+      if second and rest == f"{relation} a {second.words()}":
+        return Scene((first, second), relation, 0)
+  return None

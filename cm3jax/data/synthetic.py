@@ -36,9 +36,12 @@ def batch(table: np.ndarray, seed: Sequence[int], split: str, step: int, rows: i
 
 def batches(config, split: str, start_step: int, seed: Sequence[int], host_rows: slice
             ) -> Iterator[dict[str, np.ndarray]]:
+  """This host's rows of the batches from `start_step` on; each row's position is its step."""
   table = successor_table(seed, config.model.vocab_size)
   step = start_step
   while True:
     full = batch(table, seed, split, step, config.global_batch_size, config.seq_len)
-    yield {k: v[host_rows] for k, v in full.items()}
+    host = {k: v[host_rows] for k, v in full.items()}
+    host["position"] = np.full((len(host["inputs"]), 1), step, np.int64)
+    yield host
     step += 1

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.vqgan.model import VQGAN, VQGANConfig
+from cm3jax.vqgan.model import VQGAN, VQGANConfig, _l2_normalize
 
 # Training checkpoints also hold the discriminator and perceptual-loss weights under `loss.`.
 IGNORED_PREFIXES = ("loss.",)
@@ -136,11 +136,17 @@ def taming_config(cfg: VQGANConfig) -> dict[str, Any]:
 
 
 def export_torch_vqgan(params, cfg: VQGANConfig, directory: str):
-  """Writes `model.safetensors` and `config.json` into `directory`, all or nothing."""
+  """Writes `model.safetensors` and `config.json` into `directory`, all or nothing.
+
+  An l2-normalised codebook is written normalised: taming's plain lookup then decodes the same
+  pixels, and its argmin over unit-norm codes picks the same codes."""
   from safetensors.numpy import save_file
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(dir=parent, prefix=".vqgan-export-")
+  if cfg.l2_normalized_codes:
+    codebook = _l2_normalize(jnp.asarray(params["quantize"]["embedding"]))
+    params = flax.core.copy(params, {"quantize": {"embedding": codebook}})
   try:
     save_file(params_to_state_dict(params), os.path.join(staging, "model.safetensors"))
     with open(os.path.join(staging, "config.json"), "w") as f:

@@ -1,0 +1,92 @@
+r"""Wall time of text->image sampling with classifier-free guidance; prints a table.
+
+  python benchmarks/sample.py --config=configs/350m.py --images=16 --tokens=1024
+
+Random weights of the config's model (bf16), a vocabulary with 8,192 image codes, 16 requests
+for one caption with CFG 3 (32 rows: conditional and unconditional), 1,024 image codes each with
+top-p 0.9. The HBM floor is the peer's (../shared/bench/peer_torch.py): per step, the bf16
+weights plus the KV cache at its average length, over the device-to-device copy bandwidth
+measured here.
+"""
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, ".")
+from cm3jax import model as model_lib  # noqa: E402
+from cm3jax import sampling, train_tokenizer  # noqa: E402
+from cm3jax.data import shapes  # noqa: E402
+from cm3jax.vocab import Vocab  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/350m.py", "Model config.")
+_IMAGES = flags.DEFINE_integer("images", 16, "Images (requests), each with guidance.")
+_TOKENS = flags.DEFINE_integer("tokens", 1024, "Image codes per image.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs after the compiling one.")
+
+
+def copy_bandwidth(gib=1, reps=10):
+  """Device-to-device copy, bytes read plus written per second."""
+  x = jnp.ones((gib * 2**30 // 2,), jnp.bfloat16)
+  copy = jax.jit(lambda a: a + 1)
+  copy(x).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(reps):
+    y = copy(x)
+  y.block_until_ready()
+  return 2 * x.nbytes * reps / (time.perf_counter() - t)
+
+
+def main(_):
+  config = _CONFIG.value
+  spm = train_tokenizer.train([shapes.scene("train", i).caption() for i in range(2000)], 320)
+  vocab = Vocab(spm, 16, 8192)
+  cfg = model_lib.ModelConfig.from_dict({
+      **config.model.to_dict(), "dtype": "bfloat16",
+      "vocab_size": max(config.model.vocab_size, vocab.size),
+      "max_seq_len": max(config.model.max_seq_len, 16 + _TOKENS.value)})
+  params = jax.jit(model_lib.Decoder(cfg).init)(jax.random.PRNGKey(0),
+                                                jnp.zeros((1, 1), jnp.int32))["params"]
+  params = model_lib.nn.unbox(params)
+  # Random weights everywhere (the zero-initialised head would make every logit 0).
+  params = jax.tree.map(lambda p: 0.02 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
+                        params)
+  sampler = sampling.Sampler(cfg, params, vocab)
+  top_p = sampling.SamplingConfig(top_p=0.9)
+  key = jax.random.PRNGKey(0)
+
+  def run():
+    codes = sampling.text_to_image(sampler, ["a red circle above a blue square"], _IMAGES.value,
+                                   _TOKENS.value, key, 3.0, top_p)
+    assert codes.shape == (1, _IMAGES.value, _TOKENS.value)
+
+  t = time.perf_counter()
+  run()
+  first = time.perf_counter() - t
+  times = []
+  for _ in range(_REPEATS.value):
+    t = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t)
+  wall = min(times)
+  bandwidth = copy_bandwidth()
+  rows, prompt = 2 * _IMAGES.value, 16
+  weight_bytes = model_lib.num_params(params) * 2
+  kv_average = cfg.num_layers * 2 * cfg.d_model * 2 * rows * (prompt + _TOKENS.value / 2)
+  floor = _TOKENS.value * (weight_bytes + kv_average) / bandwidth
+  print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; "
+        f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")
+  print("| model | images x codes | rows | first call s (compiles) | wall s | ms/step | "
+        "HBM floor s | wall / floor |\n|---|---|---|---|---|---|---|---|")
+  print(f"| L{cfg.num_layers} d{cfg.d_model}, {model_lib.num_params(params) / 1e6:.0f}M | "
+        f"{_IMAGES.value} x {_TOKENS.value} | {rows} | {first:.1f} | {wall:.3f} | "
+        f"{1e3 * wall / _TOKENS.value:.2f} | {floor:.3f} | {wall / floor:.2f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)

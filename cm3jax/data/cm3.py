@@ -1,0 +1,209 @@
+"""The CM3 training stream (DESIGN §2-§3) as a tf.data pipeline on the host CPU.
+
+  code shards (cm3jax.tokenize_images) -> this host's records, shuffled per epoch
+  -> documents `</s> caption <break> image` (the next document's `</s>` closes each one)
+  -> CM3 causal masking in tf ops, seeded per (run, split, host, epoch, record)
+  -> packed end to end into windows of seq_len + 1 tokens (no token dropped or repeated)
+  -> batches: inputs, targets, weights (0 for sentinel targets), each row's data position, and
+     with `document_attention` each token's position in its document and its document's
+     segment id, so that the model attends within documents from position 0 as when sampling.
+
+A data position (epoch, index, offset) names the token a window starts at: the `offset`-th token
+of the masked document made from record `index` of this host's `epoch`-th pass. A pipeline
+started at a position yields exactly the windows that followed it, so a resumed run sees the
+batches it would have seen; skipping to the record reads, but does not process, the records
+before it. Documents that are empty, not UTF-8, hold out-of-range codes or cannot fit one
+window are skipped and counted in `SKIPPED`.
+"""
+
+import collections
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from cm3jax.config import ConfigError
+from cm3jax.data import code_shards, tf_cpu
+from cm3jax.vocab import EOS, Vocab
+
+SKIPPED: collections.Counter = collections.Counter()  # Documents left out, by reason, this process.
+SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+
+
+class Position(NamedTuple):
+  epoch: int
+  index: int
+  offset: int
+
+
+START = Position(0, 0, 0)
+
+
+def span_counts(seed, span_rate: float, max_spans: int):
+  """n = clamp(Poisson(span_rate), 1, max_spans): the spans asked of one document (tf)."""
+  tf = tf_cpu.tensorflow()
+  n = tf.random.stateless_poisson([], seed, lam=span_rate, dtype=tf.int32)
+  return tf.clip_by_value(n, 1, max_spans)
+
+
+def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Optional[int] = None):
+  """CM3 causal masking of one document (tf ops; `seed` is a stateless seed of shape [2]).
+
+  Draws n spans (see `span_counts`) as 2n distinct cut points among the maskable tokens (text
+  pieces and image codes), sorted and paired: non-overlapping, non-empty spans, distributed as n
+  uniform spans conditioned on not overlapping. A span is cut short at the end of the segment it
+  starts in, so it never crosses `<break>` or `</s>`. Each span is replaced in place by
+  `<sentinel:i>` (in order of position) and appended as `<sentinel:i> span <eoss>`; a document with
+  fewer than 2n maskable tokens gets fewer spans. Returns int32 [len(tokens) + 3 * spans].
+  """
+  tf = tf_cpu.tensorflow()
+  max_spans = vocab.num_sentinels if max_spans is None else max_spans
+  tokens = tf.convert_to_tensor(tokens, tf.int32)
+  length = tf.shape(tokens)[0]
+  maskable = (((tokens >= 4) & (tokens < vocab.text_size))
+              | ((tokens >= vocab.image_offset)
+                 & (tokens < vocab.image_offset + vocab.num_image_codes)))
+  where = tf.cast(tf.where(maskable)[:, 0], tf.int32)  # positions of the maskable tokens
+  count = tf.size(where)
+  count_seed, cut_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  n = tf.minimum(span_counts(count_seed, span_rate, max_spans), (count + 1) // 2)
+  keys = tf.random.stateless_uniform([count + 1], cut_seed)
+  cuts = tf.reshape(tf.sort(tf.argsort(keys)[:2 * n]), [-1, 2])
+  first, last = cuts[:, 0], cuts[:, 1]  # [first, last) in maskable-token coordinates
+  segment = tf.gather(tf.cumsum(tf.cast(~maskable, tf.int32)), where)
+  last = tf.minimum(last, tf.searchsorted(segment, tf.gather(segment, first), side="right"))
+  starts, ends = tf.gather(where, first), tf.gather(where, last - 1) + 1
+
+  k = tf.shape(starts)[0]
+  ones = tf.ones([k], tf.int32)
+  begin = tf.scatter_nd(starts[:, None], ones, [length])
+  finish = tf.scatter_nd(ends[:, None], ones, [length + 1])[:length]
+  inside = tf.cumsum(begin - finish) > 0
+  span_id = tf.cumsum(begin) - 1
+  is_start = begin > 0
+  sentinel_base = vocab.sentinel_base
+  causal = tf.boolean_mask(tf.where(is_start, sentinel_base + span_id, tokens), ~inside | is_start)
+  spans = tf.RaggedTensor.from_value_rowids(tf.boolean_mask(tokens, inside),
+                                            tf.boolean_mask(span_id, inside), nrows=k,
+                                            validate=False)
+  column = lambda values: tf.RaggedTensor.from_tensor(values[:, None], row_splits_dtype=tf.int32)
+  appended = tf.concat([column(sentinel_base + tf.range(k)), spans,
+                        column(tf.fill([k], vocab.eoss_id))], axis=1)
+  return tf.concat([causal, appended.flat_values], axis=0)
+
+
+def document_fn(vocab: Vocab, max_length: int):
+  """(caption bytes, codes) -> the int32 document, or [] for one to skip (counted in SKIPPED)."""
+  def make(caption: bytes, codes: np.ndarray) -> np.ndarray:
+    try:
+      text = caption.decode("utf-8")
+    except UnicodeDecodeError:
+      return _skip("caption is not UTF-8")
+    if not text.strip():
+      return _skip("empty caption")
+    if codes.min() < 0 or codes.max() >= vocab.num_image_codes:
+      return _skip("image code out of range")
+    doc = np.concatenate([[EOS], vocab.encode_text(text), [vocab.break_id],
+                          codes + vocab.image_offset]).astype(np.int32)
+    if len(doc) > max_length:
+      return _skip("document longer than the sequence")
+    return doc
+  return make
+
+
+def _skip(reason: str) -> np.ndarray:
+  SKIPPED[reason] += 1
+  return np.zeros(0, np.int32)
+
+
+def stream_seed(seed: Sequence[int], split: str, host: int) -> int:
+  """One int64 per (run seed, split, host) for the per-record masking seeds."""
+  return int(np.random.default_rng([*seed, SPLIT_IDS[split], host]).integers(2**62))
+
+
+def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
+            seed: Sequence[int], position: Position = START, host: int = 0, num_hosts: int = 1,
+            span_rate: float = 1.0, shuffle_buffer: int = 10_000, repeat: bool = True,
+            document_attention: bool = False):
+  """A tf.data.Dataset of this host's batches from `position` on: `inputs`, `targets` (int32),
+  `weights` (float32) of shape [rows, seq_len], `position` (int64 [rows, 3]) and, with
+  `document_attention`, `positions` and `segments` (int32 [rows, seq_len])."""
+  tf = tf_cpu.tensorflow()
+  paths = code_shards.shard_paths(codes_dir, split)
+  manifest = code_shards.read_manifest(codes_dir, split)
+  if manifest["codebook_size"] != vocab.num_image_codes:
+    raise ConfigError(f"{codes_dir} holds codes of a {manifest['codebook_size']}-code VQGAN but "
+                      f"the vocabulary has {vocab.num_image_codes} image codes")
+  window = seq_len + 1
+  max_length = window - 3 * vocab.num_sentinels  # room for the most spans
+  if max_length < manifest["tokens_per_image"] + 3:
+    raise ConfigError(f"seq_len={seq_len} cannot hold an image of {manifest['tokens_per_image']} "
+                      f"codes, its caption and {vocab.num_sentinels} masked spans")
+  parse = code_shards.parser(manifest["tokens_per_image"])
+  make_document = document_fn(vocab, max_length)
+  base_seed = stream_seed(seed, split, host)
+  shuffle = split == "train"
+  AUTOTUNE = tf.data.AUTOTUNE
+
+  def epoch_records(epoch):
+    files = tf.constant(paths)
+    if shuffle:
+      files = tf.random.experimental.stateless_shuffle(files, tf.stack([base_seed, epoch]))
+    records = tf.data.Dataset.from_tensor_slices(files).interleave(
+        tf.data.TFRecordDataset, cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE,
+        deterministic=True)
+    records = records.shard(num_hosts, host)
+    if shuffle:
+      records = records.shuffle(shuffle_buffer, seed=base_seed + epoch,
+                                reshuffle_each_iteration=False)
+    records = records.enumerate()
+    return records.map(lambda index, record: (epoch, index, record))
+
+  epochs = tf.data.Dataset.range(position.epoch, 2**62 if repeat else position.epoch + 1)
+  records = epochs.flat_map(epoch_records).skip(position.index)
+
+  def to_document(epoch, index, record):
+    ex = parse(record)
+    doc = tf.numpy_function(make_document, [ex["caption"], ex["codes"]], tf.int32, stateful=False)
+    doc = tf.ensure_shape(doc, [None])
+    masked = tf.cond(tf.size(doc) > 0,
+                     lambda: cm3_mask(doc, tf.stack([base_seed, epoch * 2**32 + index]), vocab,
+                                      span_rate),
+                     lambda: doc)
+    first = tf.cast(tf.logical_and(epoch == position.epoch, index == position.index), tf.int32)
+    offset = first * position.offset
+    n = tf.shape(masked)[0]
+    offsets = tf.range(offset, tf.maximum(n, offset))
+    info = tf.stack([tf.fill(tf.shape(offsets), epoch), tf.fill(tf.shape(offsets), index),
+                     tf.cast(offsets, tf.int64)], axis=1)
+    return masked[offset:], info
+
+  docs = records.map(to_document, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+  def pack(buffer, doc):
+    tokens = tf.concat([buffer[0], doc[0]], 0)
+    info = tf.concat([buffer[1], doc[1]], 0)
+    full = tf.shape(tokens)[0] // window * window
+    windows = (tf.reshape(tokens[:full], [-1, window]), tf.reshape(info[:full], [-1, window, 3]))
+    return (tokens[full:], info[full:]), windows
+
+  empty = (tf.zeros([0], tf.int32), tf.zeros([0, 3], tf.int64))
+  windows = docs.scan(empty, pack).unbatch()
+
+  def to_row(tokens, info):
+    targets = tokens[1:]
+    is_sentinel = (targets >= vocab.sentinel_base) & (targets < vocab.image_offset)
+    row = {"inputs": tokens[:-1], "targets": targets,
+           "weights": 1.0 - tf.cast(is_sentinel, tf.float32), "position": info[0]}
+    if document_attention:
+      offsets = tf.cast(info[:-1, 2], tf.int32)
+      row["positions"] = offsets
+      row["segments"] = tf.cumsum(tf.cast(offsets == 0, tf.int32))
+    return row
+
+  return windows.map(to_row, num_parallel_calls=AUTOTUNE).batch(
+      rows, drop_remainder=True).prefetch(AUTOTUNE)
+
+
+def batches(**kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """`dataset(...)` as numpy batches."""
+  return dataset(**kwargs).as_numpy_iterator()

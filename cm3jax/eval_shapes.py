@@ -1,0 +1,196 @@
+"""Score a trained model on the shapes test split: held-out colour-shape compositions.
+
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny
+
+Text->image: an image is generated for each test caption and read back by a deterministic pixel
+analyser (`analyse`); it counts as right when it shows exactly the things, sizes, colours, shapes
+and places of the caption. Image->text: each test image's codes are captioned by infilling; a
+caption counts as right when it describes the image exactly ('A above B' = 'B below A'). Text
+to image is scored with and without classifier-free guidance, and with contrastive top-k.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+from absl import app, flags, logging
+
+from cm3jax.config import ConfigError
+from cm3jax.data import shapes
+
+PALETTE = np.array(list(shapes.BACKGROUNDS) + list(shapes.COLOURS.values()), np.float32)
+COLOUR_NAMES = list(shapes.COLOURS)
+MIN_PIXELS = 6  # smaller specks of colour are noise
+MAX_EXTENT = 24  # pixels; only two large things in adjacent slots touch, and they span 32
+SLOTS = sorted(set(shapes.POSITIONS.values()))
+
+
+def analyse(image: np.ndarray) -> shapes.Described:
+  """uint8 [32, 32, 3] -> the things it shows (see shapes.described).
+
+  Pixels are snapped to the palette; the border's colour is the background. Each blob of other
+  colours is a thing (blobs wider or taller than one thing are cut in two): its colour is the
+  blob's commonest, its centre the nearest slot, and its shape and size the rendered template at
+  that slot that best fits the blob's coverage (blur-tolerant: coverage is graded by colour)."""
+  image = image.astype(np.float32)
+  distance = ((image[:, :, None, :] - PALETTE) ** 2).sum(-1)
+  snapped = distance.argmin(-1)
+  border = np.concatenate([snapped[0], snapped[-1], snapped[:, 0], snapped[:, -1]])
+  background = np.bincount(border, minlength=len(PALETTE)).argmax()
+  things = []
+  for mask in _components(snapped != background):
+    for part in _split(mask):
+      if part.sum() < MIN_PIXELS:
+        continue
+      colour = np.bincount(snapped[part], minlength=len(PALETTE)).argmax()
+      if colour < len(shapes.BACKGROUNDS):
+        continue
+      ys, xs = np.nonzero(part)
+      n = image.shape[0]
+      centre = ((xs.min() + xs.max() + 1) / 2 / n, (ys.min() + ys.max() + 1) / 2 / n)
+      slot = min(SLOTS, key=lambda s: (s[0] - centre[0]) ** 2 + (s[1] - centre[1]) ** 2)
+      coverage = _coverage(image, PALETTE[background], PALETTE[colour], slot)
+      shape, size = min(TEMPLATES, key=lambda t: np.sum((coverage - _template(*t, slot, n)) ** 2))
+      things.append((size, COLOUR_NAMES[colour - len(shapes.BACKGROUNDS)], shape, slot))
+  return frozenset(things)
+
+
+TEMPLATES = [(shape, size) for shape in shapes.SHAPES for size in shapes.SIZES]
+
+
+def _coverage(image, background, colour, slot) -> np.ndarray:
+  """How much of each pixel near `slot` is `colour` rather than background, in [0, 1]; 0 away
+  from the slot, so that another thing does not count."""
+  n = image.shape[0]
+  span = colour - background
+  fraction = np.clip(((image - background) @ span) / (span @ span), 0.0, 1.0)
+  ys, xs = np.mgrid[0:n, 0:n] + 0.5
+  near = (np.abs(xs - slot[0] * n) <= n / 4) & (np.abs(ys - slot[1] * n) <= n / 4)
+  return np.where(near, fraction, 0.0)
+
+
+def _template(shape: str, size: str, slot, n: int) -> np.ndarray:
+  return shapes.mask(shape, slot[0] * n, slot[1] * n, shapes.SIZES[size] * n, n).astype(np.float32)
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+  """4-connected components of a boolean image."""
+  labels = np.zeros(mask.shape, int)
+  found = []
+  for start in zip(*np.nonzero(mask)):
+    if labels[start]:
+      continue
+    label = len(found) + 1
+    stack, members = [start], []
+    labels[start] = label
+    while stack:
+      y, x = stack.pop()
+      members.append((y, x))
+      for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+        if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
+          labels[ny, nx] = label
+          stack.append((ny, nx))
+    found.append(labels == label)
+  return found
+
+
+def _split(mask: np.ndarray) -> list[np.ndarray]:
+  """Things in adjacent slots touch: a blob taller or wider than one thing is cut at the middle."""
+  ys, xs = np.nonzero(mask)
+  half = mask.shape[0] // 2
+  if ys.max() - ys.min() + 1 > MAX_EXTENT:
+    top = mask.copy()
+    top[half:] = False
+    return [top, mask & ~top]
+  if xs.max() - xs.min() + 1 > MAX_EXTENT:
+    left = mask.copy()
+    left[:, half:] = False
+    return [left, mask & ~left]
+  return [mask]
+
+
+def caption_matches(caption: str, truth: shapes.Described) -> bool:
+  scene = shapes.parse_caption(caption)
+  return scene is not None and shapes.described(scene) == truth
+
+
+SETTINGS = {  # name -> (guidance, SamplingConfig fields)
+    "top-p 0.9, no guidance": (1.0, dict(top_p=0.9)),
+    "top-p 0.9, CFG 3": (3.0, dict(top_p=0.9)),
+    "CD-K (k=8, alpha=0.1)": (1.0, dict(cd_k=8, cd_alpha=0.1)),
+}
+
+
+def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed: int = 0,
+             settings: Optional[dict] = None) -> dict:
+  """Text->image accuracy per sampling setting and caption accuracy on the shapes test split."""
+  import jax
+  from cm3jax import sampling
+  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  sampler, config = sampling.load(workdir)
+  vqgan = ImageTokenizer.load(config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan"))
+  from cm3jax.data import code_shards
+  codes, captions = code_shards.read_split(
+      config["cm3"]["codes_dir"] or os.path.join(workdir, "codes"), "test", num_examples)
+  truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
+  image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
+  results = {"examples": len(captions)}
+  for name, (guidance, fields) in (settings or SETTINGS).items():
+    cfg = sampling.SamplingConfig(**fields)
+    right = 0
+    for start in range(0, len(captions), batch_size):
+      batch = captions[start:start + batch_size]
+      generated = sampling.text_to_image(sampler, batch, 1, vqgan.cfg.tokens_per_image,
+                                         jax.random.fold_in(image_key, start), guidance,
+                                         cfg)[:, 0]
+      images = vqgan.decode(generated)
+      right += sum(analyse(im) == t for im, t in zip(images, truths[start:start + batch_size]))
+    results[f"text_to_image, {name}"] = right / len(captions)
+  right, examples = 0, []
+  for start in range(0, len(captions), batch_size):
+    made = sampling.caption_images(sampler, codes[start:start + batch_size],
+                                   jax.random.fold_in(caption_key, start))
+    right += sum(caption_matches(c, t) for c, t in zip(made, truths[start:start + batch_size]))
+    examples += made[:max(0, 8 - len(examples))]
+  results["image_to_text, greedy"] = right / len(captions)
+  results["caption examples"] = [f"{got!r} for {want!r}" for got, want in zip(examples, captions)]
+  return results
+
+
+def _define_flags():
+  flags.DEFINE_string("workdir", None, "Workdir of a cm3jax.train run on the shapes data.")
+  flags.DEFINE_integer("num_examples", 1000, "Test examples to score (the split has 1,000).")
+  flags.DEFINE_integer("batch_size", 128, "Requests generated together.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  FLAGS = flags.FLAGS
+  try:
+    if not FLAGS.workdir:
+      raise ConfigError("--workdir is required")
+    t = time.perf_counter()
+    results = evaluate(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
+  except ConfigError as e:
+    sys.exit(f"cm3jax.eval_shapes: error: {e}")
+  print(f"shapes test split, held-out compositions: {results['examples']} examples, "
+        f"{time.perf_counter() - t:.0f}s")
+  print("| task, sampling | accuracy |\n|---|---|")
+  for name, value in results.items():
+    if isinstance(value, float):
+      print(f"| {name} | {value:.1%} |")
+  for line in results["caption examples"]:
+    print("  caption", line)
+  with open(os.path.join(FLAGS.workdir, "eval_shapes.json"), "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,125 @@
+"""Sample images from a caption, or captions from an image, with a trained model.
+
+  python -m cm3jax.sample --workdir=workdirs/tiny --prompt="a red circle above a blue square" \
+      --num_images=8 --cfg=3.0 --out=grid.png
+  python -m cm3jax.sample --workdir=workdirs/tiny --image=photo.png --num_captions=3
+
+The model, its vocabulary and (from the run's config) its VQGAN come from the workdir's latest
+checkpoint. --cfg is the classifier-free guidance scale alpha_c (1: none); --cd_k turns on
+contrastive top-k. Captions are greedy unless --num_captions > 1.
+"""
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from cm3jax.config import ConfigError
+
+GRID_COLUMNS = 8
+
+
+def grid(images: np.ndarray, scale: int = 1) -> np.ndarray:
+  """uint8 [N, H, W, 3] -> one uint8 image, GRID_COLUMNS per row, 2-pixel gaps, upscaled."""
+  n, h, w, _ = images.shape
+  columns = min(n, GRID_COLUMNS)
+  rows = -(-n // columns)
+  out = np.full((rows * (h + 2) - 2, columns * (w + 2) - 2, 3), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, columns)
+    out[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
+  return out.repeat(scale, 0).repeat(scale, 1)
+
+
+def save_png(image: np.ndarray, path: str):
+  from PIL import Image
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(image).save(path)
+
+
+def vqgan_workdir(config: dict, workdir: str) -> str:
+  return config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan")
+
+
+def write_samples(sampler, vqgan, codes_dir: str, out_dir: str, seed: int = 0) -> list[str]:
+  """samples.png (4 images for each of 4 validation captions, CFG 3) and captions.txt (captions of
+  8 validation images) in out_dir; returns the lines written."""
+  import jax
+  from cm3jax import sampling
+  from cm3jax.data import code_shards
+  codes, captions = code_shards.read_split(codes_dir, "validation", 8)
+  key = jax.random.PRNGKey(seed)
+  made = sampling.text_to_image(sampler, captions[:4], 4, vqgan.cfg.tokens_per_image, key, 3.0,
+                                sampling.SamplingConfig(top_p=0.9))
+  save_png(grid(vqgan.decode(made.reshape(16, -1)), scale=4), os.path.join(out_dir, "samples.png"))
+  lines = [f"{c}  (row {i + 1} of samples.png)" for i, c in enumerate(captions[:4])]
+  generated = sampling.caption_images(sampler, codes, jax.random.fold_in(key, 1))
+  lines += [f"image of {want!r}: {got!r}" for got, want in zip(generated, captions)]
+  with open(os.path.join(out_dir, "captions.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return lines
+
+
+def _define_flags():
+  flags.DEFINE_string("workdir", None, "Workdir of a cm3jax.train run.")
+  flags.DEFINE_string("prompt", None, "Caption to draw.")
+  flags.DEFINE_integer("num_images", 8, "Images to draw for --prompt.")
+  flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale alpha_c; 1: none.")
+  flags.DEFINE_string("out", "samples.png", "PNG grid of the images.")
+  flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid.")
+  flags.DEFINE_string("image", None, "Image file to caption.")
+  flags.DEFINE_integer("num_captions", 1, "Captions to draw for --image (1: greedy).")
+  flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
+  flags.DEFINE_integer("top_k", 0, "Top-k filtering; 0: off.")
+  flags.DEFINE_float("top_p", 0.9, "Nucleus filtering; 1: off.")
+  flags.DEFINE_integer("cd_k", 0, "Contrastive top-k; 0: off.")
+  flags.DEFINE_float("cd_alpha", 0.1, "Contrastive top-k's alpha.")
+  flags.DEFINE_bool("greedy", False, "Argmax instead of sampling.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
+  FLAGS = flags.FLAGS
+  try:
+    if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image):
+      raise ConfigError("--workdir and one of --prompt or --image are required")
+    if FLAGS.num_images < 1 or FLAGS.num_captions < 1:
+      raise ConfigError("--num_images and --num_captions must be at least 1")
+    import jax
+    from cm3jax import sampling
+    from cm3jax.vqgan.tokenizer import ImageTokenizer
+    cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
+                                  FLAGS.cd_k, FLAGS.cd_alpha)
+    sampler, config = sampling.load(FLAGS.workdir)
+    vqgan = ImageTokenizer.load(vqgan_workdir(config, FLAGS.workdir))
+    key = jax.random.PRNGKey(FLAGS.seed)
+    if FLAGS.prompt:
+      codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
+                                     vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg)[0]
+      save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
+      print(f"wrote {FLAGS.num_images} images of {FLAGS.prompt!r} to {FLAGS.out}")
+    if FLAGS.image:
+      from cm3jax.tokenize_images import decode_image
+      try:
+        with open(FLAGS.image, "rb") as f:
+          pixels = decode_image(f.read(), vqgan.cfg.resolution)
+      except OSError as e:
+        raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
+      codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
+      if FLAGS.num_captions == 1:
+        captions = sampling.caption_images(sampler, codes, key)
+      else:
+        captions = sampling.caption_images(sampler, codes, key, sampling=cfg)
+      for caption in captions:
+        print(caption)
+  except ConfigError as e:
+    sys.exit(f"cm3jax.sample: error: {e}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

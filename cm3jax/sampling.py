@@ -1,0 +1,343 @@
+"""On-device sampling (DESIGN §4): a prefill, then one jitted `lax.scan` with a static trip count
+over a KV cache that is sharded like the model and donated.
+
+Requests are rows. Prompts of different lengths are left-padded into one prefill, so every row
+writes the same cache slot at each step, and positions count real tokens only. Each step turns
+the logits into a token: modality constraint, then classifier-free guidance or contrastive top-k
+over the (conditional, unconditional) row pairs, then temperature, top-k and top-p, then a draw
+with the request's own key (the same key gives the same sample) or the argmax.
+
+  image mode  exactly N image codes, nothing else
+  text mode   no image codes, sentinels or <break>; a row stops at </s> or <eoss> (then <pad>)
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cm3jax import checkpoint, sharding
+from cm3jax import model as model_lib
+from cm3jax.config import ConfigError
+from cm3jax.vocab import EOS, PAD, Vocab
+
+MODES = ("image", "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  temperature: float = 1.0
+  top_k: int = 0  # 0: off.
+  top_p: float = 1.0  # 1: off.
+  greedy: bool = False
+  cd_k: int = 0  # Contrastive top-k over the guided rows: 0 off, else k (paper: CD-K).
+  cd_alpha: float = 0.1  # CD-K keeps tokens with p_cond >= cd_alpha * (k-th largest p_cond).
+
+  def __post_init__(self):
+    if not self.temperature > 0:
+      raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ConfigError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.cd_k < 0:
+      raise ConfigError(f"cd_k must be >= 0 (0: off), got {self.cd_k}")
+    if not 0 < self.cd_alpha <= 1:
+      raise ConfigError(f"cd_alpha must be in (0, 1], got {self.cd_alpha}")
+
+
+def guide(cond_BxV, uncond_BxV, alpha_B):
+  """Classifier-free guidance: uncond + alpha * (cond - uncond)."""
+  return uncond_BxV + alpha_B[:, None] * (cond_BxV - uncond_BxV)
+
+
+def contrastive_top_k(cond_BxV, uncond_BxV, k: int, alpha: float):
+  """CD-K: log p_cond - log p_uncond on {t : p_cond(t) >= alpha * (k-th largest p_cond)}."""
+  logp_cond = jax.nn.log_softmax(cond_BxV, axis=-1)
+  logp_uncond = jax.nn.log_softmax(uncond_BxV, axis=-1)
+  kth_B1 = jax.lax.top_k(logp_cond, k)[0][:, -1:]
+  keep = logp_cond >= kth_B1 + jnp.log(alpha)
+  return jnp.where(keep, logp_cond - logp_uncond, -jnp.inf)
+
+
+def warp(logits_BxV, cfg: SamplingConfig):
+  """Temperature, then top-k, then top-p, as transformers' logits warpers do."""
+  logits_BxV = logits_BxV / cfg.temperature
+  if cfg.top_k:
+    kth_B1 = jax.lax.top_k(logits_BxV, min(cfg.top_k, logits_BxV.shape[-1]))[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+  if cfg.top_p < 1:
+    logits_BxV = jnp.where(logits_BxV < top_p_cutoff(logits_BxV, cfg.top_p), -jnp.inf,
+                           logits_BxV)
+  return logits_BxV
+
+
+TOP_P_BISECTIONS = 40
+
+
+def top_p_cutoff(logits_BxV, top_p: float):
+  """The least logit of the tokens top-p keeps, [B, 1]: token i stays when the tokens more likely
+  than it hold less than top_p of the mass (transformers' rule). Found by bisecting on the logit,
+  which costs passes over the scores but no sort of the vocabulary."""
+  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
+  finite_BxV = jnp.isfinite(logits_BxV)
+  hi_B1 = jnp.max(logits_BxV, -1, keepdims=True)  # nothing lies above: mass 0 < top_p
+  lo_B1 = jnp.min(jnp.where(finite_BxV, logits_BxV, jnp.inf), -1, keepdims=True) - 1.0
+
+  def bisect(_, bounds):
+    lo_B1, hi_B1 = bounds
+    mid_B1 = (lo_B1 + hi_B1) / 2
+    above_B1 = jnp.sum(jnp.where(logits_BxV > mid_B1, probs_BxV, 0.0), -1, keepdims=True)
+    keeps = above_B1 < top_p
+    return jnp.where(keeps, lo_B1, mid_B1), jnp.where(keeps, mid_B1, hi_B1)
+
+  _, hi_B1 = jax.lax.fori_loop(0, TOP_P_BISECTIONS, bisect, (lo_B1, hi_B1))
+  return hi_B1
+
+
+def allowed_tokens(vocab: Vocab, mode: str, size: int) -> np.ndarray:
+  """bool [size]: the tokens a step of `mode` may produce."""
+  ids = np.arange(size)
+  if mode == "image":
+    return vocab.is_image(ids)
+  return vocab.is_text(ids) | (ids == EOS) | (ids == vocab.eoss_id)
+
+
+def next_token_scores(logits_RxV, alpha_B, allowed_V, cfg: SamplingConfig, guided: bool):
+  """Rows R = B (or 2B: conditional rows, then unconditional) -> scores [B, V] to sample from."""
+  minus_inf = jnp.asarray(-jnp.inf, logits_RxV.dtype)
+  if not guided:
+    scores = jnp.where(allowed_V, logits_RxV, minus_inf)
+  else:
+    cond, uncond = jnp.split(logits_RxV, 2)
+    if cfg.cd_k:
+      scores = contrastive_top_k(jnp.where(allowed_V, cond, minus_inf),
+                                 jnp.where(allowed_V, uncond, minus_inf), cfg.cd_k, cfg.cd_alpha)
+    else:
+      scores = jnp.where(allowed_V, guide(cond, uncond, alpha_B), minus_inf)
+  return warp(scores, cfg)
+
+
+@dataclasses.dataclass
+class Request:
+  prompt: np.ndarray  # int tokens
+  key: jax.Array  # this request's PRNG key
+  uncond_prompt: Optional[np.ndarray] = None  # the unconditional stream, for guidance
+  guidance: float = 1.0  # alpha_c (1: the conditional stream alone)
+
+
+class Sampler:
+  """A token model's parameters, in its compute dtype (bf16 weights are read once per step, not
+  cast from float32 every step) and placed on a mesh, with jitted generation. It decodes with
+  the layers unrolled, so that each layer's cache is its own buffer, updated in place."""
+
+  def __init__(self, model_cfg: model_lib.ModelConfig, params, vocab: Vocab, mesh=None):
+    if vocab.size > model_cfg.vocab_size:
+      raise ConfigError(f"the vocabulary has {vocab.size} ids but the model only "
+                        f"{model_cfg.vocab_size}")
+    self.vocab = vocab
+    self.mesh = mesh or default_mesh()
+    self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    shapes = abstract_params(model_cfg, self.mesh)
+    params = jax.device_put(nn.unbox(params), jax.tree.map(lambda s: s.sharding, shapes))
+    params = jax.tree.map(lambda p: p.astype(model_cfg.compute_dtype), params)
+    if model_cfg.scan_layers:
+      params = model_lib.unstack_layers(params, model_cfg.num_layers)
+    self.cfg = dataclasses.replace(model_cfg, scan_layers=False)
+    self.model = model_lib.Decoder(self.cfg)
+    self.params = params
+    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    self._init_cache = jax.jit(functools.partial(model_lib.init_cache, self.cfg))
+    self._generate = jax.jit(self._generate_impl, static_argnames=("num_new", "mode", "sampling",
+                                                                   "guided"),
+                             donate_argnames=("cache",))
+
+  def generate(self, requests: Sequence[Request], num_new: int, mode: str,
+               sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+    """Tokens [len(requests), num_new]; in text mode a row ends at its stop token, then <pad>."""
+    if mode not in MODES:
+      raise ConfigError(f"mode {mode!r} is not one of {MODES}")
+    if not requests:
+      return np.zeros((0, num_new), np.int32)
+    guided = requests[0].uncond_prompt is not None
+    if any((r.uncond_prompt is not None) != guided for r in requests):
+      raise ConfigError("either every request has an unconditional prompt or none has")
+    if sampling.cd_k and not guided:
+      raise ConfigError("contrastive top-k (cd_k) compares two streams: give unconditional "
+                        "prompts (guidance)")
+    prompts = [r.prompt for r in requests] + ([r.uncond_prompt for r in requests] if guided else [])
+    for p in prompts:
+      self._check_prompt(np.asarray(p))
+    if any(r.guidance < 0 for r in requests):
+      raise ConfigError("guidance must be >= 0 (1: the conditional stream alone)")
+    rows = len(requests)
+    streams = 2 if guided else 1  # rows of a request; all rows divide over the batch devices
+    pad_rows = -rows % (self.batch_devices // math.gcd(streams, self.batch_devices))
+    dummy = np.array([EOS], np.int32)
+    cond = [r.prompt for r in requests] + [dummy] * pad_rows
+    uncond = [r.uncond_prompt for r in requests] + [dummy] * pad_rows if guided else []
+    length = max(len(p) for p in prompts)
+    length = -(-length // 16) * 16  # fewer distinct shapes, fewer compilations
+    if length + num_new > self.cfg.max_seq_len:
+      raise ConfigError(f"a prompt of {max(len(p) for p in prompts)} tokens and {num_new} new "
+                        f"tokens exceed the model's context of {self.cfg.max_seq_len}")
+    tokens, valid = _left_pad(cond + uncond, length)
+    keys = jnp.stack([r.key for r in requests] + [jax.random.PRNGKey(0)] * pad_rows)
+    alpha = np.array([r.guidance for r in requests] + [1.0] * pad_rows, np.float32)
+    valid = np.concatenate([valid, np.ones((len(valid), num_new), bool)], 1)
+    with sharding.use_mesh(self.mesh):
+      cache = self._init_cache(jax.device_put(valid, self.batch_sharding))
+      out, _ = self._generate(self.params, jax.device_put(tokens, self.batch_sharding), cache,
+                              keys, alpha, num_new=num_new, mode=mode, sampling=sampling,
+                              guided=guided)
+    return np.asarray(out)[:rows]
+
+  def _check_prompt(self, prompt: np.ndarray):
+    if prompt.ndim != 1 or len(prompt) == 0:
+      raise ConfigError(f"a prompt is a non-empty 1-D array of tokens; got shape {prompt.shape}")
+    if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 or (
+        prompt.max() >= self.vocab.size):
+      raise ConfigError(f"prompt tokens must be integers in [0, {self.vocab.size}); got "
+                        f"{prompt.min()}..{prompt.max()}")
+
+  def _generate_impl(self, params, tokens_RxP, cache, keys_Bx2, alpha_B, *, num_new, mode,
+                     sampling, guided):
+    R, P = tokens_RxP.shape
+    B = keys_Bx2.shape[0]
+    valid_RxP = cache["valid"][:, :P]
+    lengths_R = valid_RxP.sum(-1)
+    positions_RxP = jnp.maximum(jnp.cumsum(valid_RxP, -1) - 1, 0)
+    apply = lambda tok, pos, c, last: self.model.apply({"params": params}, tok, pos, c, last)
+    logits_RxV, cache = apply(tokens_RxP, positions_RxP, cache, True)
+    allowed_V = jnp.asarray(allowed_tokens(self.vocab, mode, self.cfg.vocab_size))
+    stops = jnp.array([EOS, self.vocab.eoss_id])
+
+    def step(carry, i):
+      logits_RxV, cache, done_B = carry
+      scores_BxV = next_token_scores(logits_RxV, alpha_B, allowed_V, sampling, guided)
+      if sampling.greedy:
+        token_B = jnp.argmax(scores_BxV, -1)
+      else:
+        step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys_Bx2, i)
+        token_B = jax.vmap(jax.random.categorical)(step_keys, scores_BxV)
+      token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)
+      if mode == "text":
+        done_B = done_B | jnp.isin(token_B, stops)
+      token_R = jnp.tile(token_B, R // B)  # the same token goes to both streams
+      position_R = lengths_R + i
+      logits_RxV, cache = apply(token_R[:, None], position_R[:, None], cache, True)
+      return (logits_RxV, cache, done_B), token_B
+
+    done_B = jnp.zeros((B,), bool)
+    (_, cache, _), tokens_NxB = jax.lax.scan(step, (logits_RxV, cache, done_B),
+                                             jnp.arange(num_new))
+    return tokens_NxB.T, cache  # the cache is returned so that its donated buffers alias it
+
+
+def default_mesh():
+  return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+
+
+def abstract_params(model_cfg: model_lib.ModelConfig, mesh):
+  """ShapeDtypeStructs of the parameters, sharded on `mesh` by the logical-axis table."""
+  boxed = jax.eval_shape(lambda: model_lib.Decoder(model_cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+  shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      nn.unbox(boxed), shardings)
+
+
+def load(workdir: str, mesh=None) -> tuple[Sampler, dict]:
+  """A sampler of the latest checkpoint in a `cm3jax.train` workdir (its parameters only), and
+  the run config saved with it."""
+  step = checkpoint.latest_step(workdir)
+  config = checkpoint.saved_config(workdir, step)
+  vocab = checkpoint.load_vocab(workdir, step)
+  model_cfg = model_lib.ModelConfig.from_dict(config["model"])
+  mesh = mesh or default_mesh()
+  params = checkpoint.restore_params(workdir, step, abstract_params(model_cfg, mesh))
+  return Sampler(model_cfg, params, vocab, mesh), config
+
+
+def _left_pad(prompts: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+  tokens = np.full((len(prompts), length), PAD, np.int32)
+  valid = np.zeros((len(prompts), length), bool)
+  for row, prompt in enumerate(prompts):
+    tokens[row, length - len(prompt):] = prompt
+    valid[row, length - len(prompt):] = True
+  return tokens, valid
+
+
+# Tasks.
+
+def image_prompt(vocab: Vocab, caption: str) -> np.ndarray:
+  """`</s> caption <break>`: what precedes an image in a training document."""
+  return np.append(vocab.encode_document([caption]), vocab.break_id).astype(np.int32)
+
+
+def unconditional_image_prompt(vocab: Vocab) -> np.ndarray:
+  """`</s> <sentinel:0> <break>`: the caption masked out (DESIGN §4)."""
+  return np.array([EOS, vocab.sentinel(0), vocab.break_id], np.int32)
+
+
+def caption_prompt(vocab: Vocab, codes) -> np.ndarray:
+  """`</s> <sentinel:0> <break> image <sentinel:0>`: captioning is infilling (DESIGN §3)."""
+  s0 = vocab.sentinel(0)
+  return np.concatenate([[EOS, s0, vocab.break_id], vocab.image_tokens(codes), [s0]]).astype(np.int32)
+
+
+def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, tokens_per_image: int,
+                  key: jax.Array, guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig()
+                  ) -> np.ndarray:
+  """Codes [len(captions), num_images, tokens_per_image]; guidance != 1 (or CD-K) runs the
+  unconditional stream beside each request."""
+  vocab = sampler.vocab
+  guided = guidance != 1.0 or sampling.cd_k > 0
+  uncond = unconditional_image_prompt(vocab) if guided else None
+  keys = jax.random.split(key, len(captions) * num_images)
+  requests = [Request(image_prompt(vocab, c), keys[i * num_images + j], uncond, guidance)
+              for i, c in enumerate(captions) for j in range(num_images)]
+  tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
+  return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
+
+
+def decode_text(vocab: Vocab, tokens: np.ndarray) -> str:
+  """Generated text tokens up to the first stop token."""
+  stop = np.flatnonzero(np.isin(tokens, [EOS, vocab.eoss_id, PAD]))
+  return vocab.decode_text(tokens[:stop[0]] if len(stop) else tokens)
+
+
+def caption_images(sampler: Sampler, codes: np.ndarray, key: jax.Array, max_tokens: int = 32,
+                   sampling: SamplingConfig = SamplingConfig(greedy=True)) -> list[str]:
+  keys = jax.random.split(key, len(codes))
+  requests = [Request(caption_prompt(sampler.vocab, c), k) for c, k in zip(codes, keys)]
+  tokens = sampler.generate(requests, max_tokens, "text", sampling)
+  return [decode_text(sampler.vocab, t) for t in tokens]
+
+
+def continue_text(sampler: Sampler, texts: Sequence[str], key: jax.Array, max_tokens: int = 32,
+                  sampling: SamplingConfig = SamplingConfig()) -> list[str]:
+  keys = jax.random.split(key, len(texts))
+  requests = [Request(sampler.vocab.encode_document([t]), k) for t, k in zip(texts, keys)]
+  tokens = sampler.generate(requests, max_tokens, "text", sampling)
+  return [decode_text(sampler.vocab, t) for t in tokens]
+
+
+def infill_image(sampler: Sampler, caption: str, codes: np.ndarray, start: int, end: int,
+                 key: jax.Array, sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+  """`codes` with codes [start, end) (raster order) regenerated given the caption and the rest."""
+  codes = np.asarray(codes)
+  if not 0 <= start < end <= len(codes):
+    raise ConfigError(f"the region [{start}, {end}) is not inside the {len(codes)} codes")
+  vocab = sampler.vocab
+  s0 = vocab.sentinel(0)
+  prompt = np.concatenate([vocab.encode_document([caption]), [vocab.break_id],
+                           vocab.image_tokens(codes[:start]), [s0],
+                           vocab.image_tokens(codes[end:]), [s0]]).astype(np.int32)
+  tokens = sampler.generate([Request(prompt, key)], end - start, "image", sampling)[0]
+  return np.concatenate([codes[:start], vocab.image_codes(tokens), codes[end:]])

@@ -1,0 +1,128 @@
+"""Train the sentencepiece text tokenizer of the multimodal vocabulary (DESIGN §2).
+
+  python -m cm3jax.train_tokenizer --input=corpus/*.txt --vocab_size=56320 --out=tokenizer.model
+  python -m cm3jax.train_tokenizer --input=tfds:shapes:caption --vocab_size=320 --out=spm.model
+  python -m cm3jax.train_tokenizer --input=workdirs/codes --vocab_size=320 --out=spm.model
+
+--input is a comma-separated list of text files (globs; one sentence per line), `tfds:NAME:FIELD`
+(the train split's text field), or a directory of `cm3jax.tokenize_images` shards (their
+captions). The model reserves <s>=0 <pad>=1 </s>=2 <unk>=3, keeps text exactly (no normalisation,
+whitespace kept, unknown characters as UTF-8 bytes); --vocab_size counts them all, and is the
+most pieces: a small corpus may support fewer.
+Lines that are empty or not UTF-8 are skipped and counted.
+"""
+
+import collections
+import glob
+import io
+import os
+import sys
+from typing import Iterable, Iterator
+
+from absl import app, flags
+
+from cm3jax.config import ConfigError
+from cm3jax.vocab import BOS, EOS, PAD, UNK
+
+
+def train(sentences: Iterable[str], vocab_size: int, model_type: str = "unigram") -> bytes:
+  """A serialised sentencepiece model with cm3jax's special ids, trained on `sentences`."""
+  import sentencepiece as spm
+  if model_type not in ("unigram", "bpe"):
+    raise ConfigError(f"model_type={model_type!r} is not one of ['unigram', 'bpe']")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
+        hard_vocab_limit=False, model_type=model_type, bos_id=BOS, pad_id=PAD, eos_id=EOS, unk_id=UNK,
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, character_coverage=0.9995,
+        input_sentence_size=10_000_000, shuffle_input_sentence=True,
+        num_threads=os.cpu_count() or 1, minloglevel=2)
+  except RuntimeError as e:
+    raise ConfigError(f"sentencepiece: {str(e).strip().splitlines()[-1]}") from None
+  return model.getvalue()
+
+
+def read_sentences(source: str, skipped: collections.Counter, data_dir: str = "") -> Iterator[str]:
+  """The sentences of --input; empty and non-UTF-8 ones are counted in `skipped` and left out."""
+  for raw in _raw_sentences(source, data_dir):
+    try:
+      text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+      skipped["not UTF-8"] += 1
+      continue
+    text = text.rstrip("\r\n")
+    if not text.strip():
+      skipped["empty"] += 1
+      continue
+    yield text
+
+
+def _raw_sentences(source: str, data_dir: str) -> Iterator[bytes]:
+  if source.startswith("tfds:"):
+    _, name, field = (source.split(":") + [""])[:3]
+    if not name or not field:
+      raise ConfigError(f"--input={source}: expected tfds:NAME:FIELD, e.g. tfds:shapes:caption")
+    import tensorflow_datasets as tfds
+    from cm3jax.data import image_captions
+    builder = image_captions.tfds_builder(name, data_dir)
+    if field not in builder.info.features:
+      raise ConfigError(f"{name} has no feature {field!r}; it has {list(builder.info.features)}")
+    ds = builder.as_dataset(split="train", shuffle_files=False)
+    yield from tfds.as_numpy(ds.map(lambda ex: ex[field]))
+  elif os.path.isdir(source):
+    from cm3jax.data import code_shards
+    yield from code_shards.captions(code_shards.shard_paths(source, "train"))
+  else:
+    paths = sorted({p for pattern in source.split(",") for p in glob.glob(pattern)})
+    if not paths:
+      raise ConfigError(f"--input={source} matches no file")
+    for path in paths:
+      with open(path, "rb") as f:
+        yield from f
+
+
+def _define_flags():
+  flags.DEFINE_string("input", None, "Text files (globs, comma-separated), tfds:NAME:FIELD, or a "
+                      "directory of tokenize_images shards.")
+  flags.DEFINE_integer("vocab_size", None, "Most pieces, the 4 specials included (paper: 56,320).")
+  flags.DEFINE_string("out", None, "Where to write the model, e.g. tokenizer.model.")
+  flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "sentencepiece algorithm.")
+  flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"),
+                      "TFDS data_dir for tfds: inputs.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS
+  try:
+    if not FLAGS.input or not FLAGS.out or not FLAGS.vocab_size:
+      raise ConfigError("--input, --vocab_size and --out are required")
+    skipped = collections.Counter()
+    model = train(read_sentences(FLAGS.input, skipped, FLAGS.data_dir), FLAGS.vocab_size,
+                  FLAGS.model_type)
+    write_atomically(FLAGS.out, model)
+  except ConfigError as e:
+    sys.exit(f"cm3jax.train_tokenizer: error: {e}")
+  lines = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
+  print(f"wrote {FLAGS.out}: {num_pieces(model)} pieces; skipped lines: {lines}")
+
+
+def num_pieces(model: bytes) -> int:
+  import sentencepiece as spm
+  return spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+
+
+def write_atomically(path: str, content: bytes):
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(content)
+  os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

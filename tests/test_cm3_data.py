@@ -1,0 +1,204 @@
+"""The CM3 stream: masking properties (hypothesis), the span-count law, packing, exact resume,
+loss weights and the documents it skips."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+tf = pytest.importorskip("tensorflow")
+
+from cm3jax import train_tokenizer  # noqa: E402
+from cm3jax.config import ConfigError  # noqa: E402
+from cm3jax.data import cm3, code_shards, shapes  # noqa: E402
+from cm3jax.vocab import EOS, Vocab  # noqa: E402
+
+CAPTIONS = [shapes.scene("train", i).caption() for i in range(2000)]
+TOKENS_PER_IMAGE = 16
+CODES = 64
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  return Vocab(train_tokenizer.train(CAPTIONS, 320), num_sentinels=16, num_image_codes=CODES)
+
+
+def unmask(masked, vocab):
+  """Moves the appended spans back: (document, spans), or raises AssertionError."""
+  masked = [int(t) for t in masked]
+  s0 = vocab.sentinel(0)
+  if s0 not in masked:
+    return masked, []
+  tail_start = masked.index(s0, masked.index(s0) + 1)
+  causal, tail, spans = masked[:tail_start], masked[tail_start:], []
+  while tail:
+    assert tail[0] == vocab.sentinel(len(spans))
+    end = tail.index(vocab.eoss_id)
+    spans.append(tail[1:end])
+    tail = tail[end + 1:]
+  placed = [t for t in causal if vocab.is_sentinel(t)]
+  assert placed == [vocab.sentinel(i) for i in range(len(spans))]
+  doc = []
+  for t in causal:
+    doc.extend(spans[t - vocab.sentinel_base] if vocab.is_sentinel(t) else [t])
+  return doc, spans
+
+
+def mask(doc, seed, vocab):
+  return cm3.cm3_mask(np.asarray(doc, np.int32), tf.constant(seed, tf.int64), vocab).numpy()
+
+
+def segment_tokens(vocab):
+  text = st.lists(st.integers(4, vocab.text_size - 1), max_size=40)
+  image = st.lists(st.integers(vocab.image_offset, vocab.image_offset + CODES - 1), max_size=40)
+  return st.lists(st.one_of(text, image), min_size=1, max_size=6)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), seed=st.tuples(st.integers(0, 2**31), st.integers(0, 2**31)))
+def test_masking_properties(vocab, data, seed):
+  segments = data.draw(segment_tokens(vocab))
+  doc = [EOS]
+  for i, seg in enumerate(segments):
+    doc += ([vocab.break_id] if i else []) + seg
+  maskable = sum(len(s) for s in segments)
+  masked = mask(doc, seed, vocab)
+  back, spans = unmask(masked, vocab)
+  assert back == doc  # moving the spans back reproduces the document exactly
+  assert len(masked) == len(doc) + 3 * len(spans)
+  assert (1 <= len(spans) <= 16) if maskable else not spans
+  for span in spans:  # non-empty, inside one segment: never crosses <break> or </s>
+    assert span and all(vocab.is_text(t) or vocab.is_image(t) for t in span)
+    assert any(span == seg[i:i + len(span)] for seg in segments for i in range(len(seg)))
+  np.testing.assert_array_equal(mask(doc, seed, vocab), masked)
+
+
+def test_another_seed_masks_differently(vocab):
+  doc = [EOS] + list(range(10, 50)) + [vocab.break_id] + list(range(vocab.image_offset,
+                                                                    vocab.image_offset + 40))
+  outputs = {tuple(mask(doc, (s, 0), vocab)) for s in range(20)}
+  assert len(outputs) >= 15
+
+
+def test_span_count_follows_clamped_poisson(vocab):
+  """10,000 documents with room for 16 spans: spans per document ~ clamp(Poisson(1), 1, 16)."""
+  doc = tf.constant([EOS] + [10] * 400, tf.int32)
+  eoss = vocab.eoss_id
+  counts = tf.data.Dataset.range(10_000).map(
+      lambda i: tf.reduce_sum(tf.cast(cm3.cm3_mask(doc, tf.stack([i, 7]), vocab) == eoss, tf.int32)),
+      num_parallel_calls=tf.data.AUTOTUNE)
+  observed = np.bincount(np.fromiter(counts.as_numpy_iterator(), int), minlength=17)
+  assert observed[0] == 0 and observed.sum() == 10_000
+  pmf = [math.exp(-1) / math.factorial(k) for k in range(5)]
+  expected = np.array([pmf[0] + pmf[1], pmf[2], pmf[3], pmf[4], 1 - sum(pmf)]) * 10_000
+  binned = np.array([observed[1], observed[2], observed[3], observed[4], observed[5:].sum()])
+  chi2 = float(np.sum((binned - expected) ** 2 / expected))
+  assert chi2 < 18.47, (binned, expected.round())  # 4 degrees of freedom, p = 0.001
+
+
+def write_shards(directory, split, records, shard_size=40):
+  """records: (caption bytes, codes) -> shards and manifest in the tokenize_images format."""
+  os.makedirs(directory, exist_ok=True)
+  for shard, start in enumerate(range(0, len(records), shard_size)):
+    with tf.io.TFRecordWriter(code_shards.shard_path(directory, split, shard)) as writer:
+      for i, (caption, codes) in enumerate(records[start:start + shard_size], start):
+        writer.write(code_shards.serialize(f"{i}".encode(), np.asarray(codes), caption))
+  with open(code_shards.manifest_path(directory, split), "w") as f:
+    json.dump({"split": split, "records": len(records), "shards": shard + 1,
+               "tokens_per_image": TOKENS_PER_IMAGE, "codebook_size": CODES, "skipped": {}}, f)
+
+
+def random_records(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return [(CAPTIONS[i % len(CAPTIONS)].encode(), rng.integers(0, CODES, TOKENS_PER_IMAGE))
+          for i in range(n)]
+
+
+def stream(directory, vocab, split="train", seq_len=96, rows=4, **kwargs):
+  return cm3.batches(codes_dir=str(directory), split=split, vocab=vocab, seq_len=seq_len,
+                     rows=rows, seed=(0, 1), **kwargs)
+
+
+@pytest.mark.parametrize("host, num_hosts", [(0, 1), (0, 2), (1, 2)])
+def test_packing_neither_drops_nor_duplicates_a_token(vocab, tmp_path, host, num_hosts):
+  records = random_records(50)
+  write_shards(tmp_path, "validation", records, shard_size=50)
+  rows = list(stream(tmp_path, vocab, split="validation", rows=1, repeat=False, host=host,
+                     num_hosts=num_hosts))
+  mine = records[host::num_hosts]  # a host reads every num_hosts-th record
+  base = cm3.stream_seed((0, 1), "validation", host)
+  masked = [mask(vocab.encode_document([c.decode(), codes]), (base, i), vocab)
+            for i, (c, codes) in enumerate(mine)]
+  expected = np.concatenate(masked)
+  windows = np.concatenate([np.concatenate([r["inputs"][0], r["targets"][0, -1:]]) for r in rows])
+  assert len(expected) - len(windows) < 97  # only the last partial window is left out
+  np.testing.assert_array_equal(windows, expected[:len(windows)])
+  for r in rows:  # each row's position names its first token
+    epoch, index, offset = r["position"][0]
+    assert epoch == 0 and masked[index][offset] == r["inputs"][0, 0]
+
+
+def test_weights_are_zero_exactly_on_sentinel_targets(vocab, tmp_path):
+  write_shards(tmp_path, "train", random_records(60))
+  batch = next(stream(tmp_path, vocab))
+  targets, weights = batch["targets"], batch["weights"]
+  np.testing.assert_array_equal(weights == 0, vocab.is_sentinel(targets))
+  assert np.any(targets == vocab.eoss_id) and np.all(weights[targets == vocab.eoss_id] == 1)
+  np.testing.assert_array_equal(batch["inputs"][:, 1:], targets[:, :-1])
+
+
+def test_document_attention_restarts_positions_at_every_document(vocab, tmp_path):
+  write_shards(tmp_path, "train", random_records(40))
+  batch = next(stream(tmp_path, vocab, document_attention=True))
+  inputs, positions, segments = batch["inputs"], batch["positions"], batch["segments"]
+  assert positions.dtype == np.int32 and segments.dtype == np.int32
+  for row in range(len(inputs)):
+    starts = np.flatnonzero(positions[row] == 0)
+    assert np.all(inputs[row, starts] == EOS)  # a document starts with </s>, at position 0
+    np.testing.assert_array_equal(np.diff(segments[row]) == 1, positions[row, 1:] == 0)
+    steps = np.diff(positions[row])
+    assert np.all((steps == 1) | (positions[row, 1:] == 0))
+  assert batch["position"][0][2] == positions[0, 0]  # a row may start inside a document
+  assert "positions" not in next(stream(tmp_path, vocab))
+
+
+def test_resume_mid_epoch_continues_with_identical_batches(vocab, tmp_path):
+  write_shards(tmp_path, "train", random_records(60))  # 2 shards; 12 batches cross 2 epochs
+  first = stream(tmp_path, vocab)
+  batches = [next(first) for _ in range(12)]
+  assert batches[-1]["position"][-1][0] >= 1
+  for k in (3, 7):
+    resumed = stream(tmp_path, vocab, position=cm3.Position(*batches[k]["position"][0]))
+    for want in batches[k:]:
+      got = next(resumed)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_bad_documents_are_skipped_and_counted(vocab, tmp_path):
+  good = random_records(30)
+  bad = [(b"", good[0][1]), (b"   ", good[0][1]), (b"caf\xe9", good[0][1]),
+         (b"a small red circle", np.full(TOKENS_PER_IMAGE, CODES)),
+         (" ".join(["circle"] * 40).encode(), good[0][1])]  # longer than the sequence
+  write_shards(tmp_path, "validation", good[:10] + bad + good[10:], shard_size=100)
+  cm3.SKIPPED.clear()
+  rows = list(stream(tmp_path, vocab, split="validation", rows=1, repeat=False))
+  assert dict(cm3.SKIPPED) == {"empty caption": 2, "caption is not UTF-8": 1,
+                               "image code out of range": 1,
+                               "document longer than the sequence": 1}
+  tokens = np.concatenate([r["inputs"][0] for r in rows])
+  assert np.all(tokens < vocab.size) and np.sum(tokens == EOS) >= 25
+
+
+def test_config_errors(vocab, tmp_path):
+  write_shards(tmp_path, "train", random_records(10))
+  with pytest.raises(ConfigError, match="seq_len=32 cannot hold an image of 16 codes"):
+    next(stream(tmp_path, vocab, seq_len=32))
+  other = Vocab(vocab.spm_model, 16, 128)
+  with pytest.raises(ConfigError, match="codes of a 64-code VQGAN but the vocabulary has 128"):
+    next(stream(tmp_path, other))
+  with pytest.raises(ConfigError, match="holds no complete validation split"):
+    next(stream(tmp_path, vocab, split="validation"))

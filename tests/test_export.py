@@ -1,0 +1,253 @@
+"""Export to transformers' OPTForCausalLM and import back, checked against transformers."""
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3jax import checkpoint, export, sampling, sharding, train, train_tokenizer
+from cm3jax import model as model_lib
+from cm3jax.config import ConfigError
+from cm3jax.data import shapes
+from cm3jax.vocab import EOS, PAD, Vocab
+from tests.conftest import REPO, tiny_config
+from tests.test_model import nontrivial
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  captions = [shapes.scene("train", i).caption() for i in range(1000)]
+  return Vocab(train_tokenizer.train(captions, 300), num_sentinels=16, num_image_codes=64)
+
+
+def make_workdir(path, vocab, vqgan_workdir, **model):
+  """A cm3jax checkpoint with random non-trivial weights, its vocabulary and VQGAN."""
+  model = {"max_seq_len": 96, **model}
+  config = tiny_config(data="cm3", **{"cm3.vqgan_workdir": vqgan_workdir,
+                                      "model.vocab_size": vocab.size,
+                                      **{f"model.{k}": v for k, v in model.items()}})
+  s = train.setup(config)
+  ckpts = train.checkpoints(str(path), config, vocab)
+  with sharding.use_mesh(s.mesh):
+    state = s.init_state(jax.random.PRNGKey(0))
+    params = nontrivial(jax.device_get(state.params), seed=3)
+    state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding,
+                                                                      state.params)))
+    ckpts.save(7, state)
+    ckpts.wait()
+  ckpts.close()
+  return s.model_cfg, params
+
+
+def jax_logits(cfg, params, tokens):
+  return np.asarray(model_lib.Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)))
+
+
+@pytest.mark.parametrize("activation, scan", [("relu", True), ("gelu", True),
+                                              ("gelu_tanh", False)])
+def test_transformers_logits_and_greedy_tokens_equal_cm3jax(activation, scan, vocab,
+                                                            vqgan_workdir, tmp_path):
+  cfg, params = make_workdir(tmp_path / "run", vocab, vqgan_workdir, activation=activation,
+                             scan_layers=scan)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  hf = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, vocab.size, (3, 20))
+  want = jax_logits(cfg, params, tokens)
+  with torch.no_grad():
+    got = hf(torch.from_numpy(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+  lengths = [20, 13, 6]  # left-padded: real positions start at 0 in both
+  padded = np.full((3, 20), PAD)
+  mask = np.zeros((3, 20), int)
+  for b, n in enumerate(lengths):
+    padded[b, 20 - n:], mask[b, 20 - n:] = tokens[b, :n], 1
+  with torch.no_grad():
+    got = hf(torch.from_numpy(padded), attention_mask=torch.from_numpy(mask)).logits.numpy()
+  for b, n in enumerate(lengths):
+    np.testing.assert_allclose(got[b, 20 - n:], jax_logits(cfg, params, tokens[b:b + 1, :n])[0],
+                               atol=1e-4, rtol=0)
+
+  # 32 greedy text tokens, stopping at </s> or <eoss>, are the same in both.
+  prompts = [vocab.encode_document([c]) for c in ("a red circle", "a small blue square above")]
+  s = sampling.Sampler(cfg, params, vocab)
+  ours = s.generate([sampling.Request(p, jax.random.PRNGKey(0)) for p in prompts], 32, "text",
+                    sampling.SamplingConfig(greedy=True))
+  allowed = sampling.allowed_tokens(vocab, "text", cfg.vocab_size)
+  for p, row in zip(prompts, ours):
+    with torch.no_grad():
+      theirs = hf.generate(torch.from_numpy(p[None].astype(np.int64)), do_sample=False,
+                           max_new_tokens=32, eos_token_id=[EOS, vocab.eoss_id], pad_token_id=PAD,
+                           suppress_tokens=np.flatnonzero(~allowed).tolist())[0, len(p):].numpy()
+    theirs = np.pad(theirs, (0, 32 - len(theirs)), constant_values=PAD)
+    np.testing.assert_array_equal(theirs, row)
+
+
+def test_jax_to_pytorch_to_jax_is_bitwise(vocab, vqgan_workdir, tmp_path):
+  _, params = make_workdir(tmp_path / "run", vocab, vqgan_workdir)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  export.import_opt(out, str(tmp_path / "back"), tiny_config(data="cm3"))
+  step = checkpoint.latest_step(str(tmp_path / "back"))
+  config = checkpoint.saved_config(str(tmp_path / "back"), step)
+  cfg = model_lib.ModelConfig.from_dict(config["model"])
+  again = checkpoint.restore_params(str(tmp_path / "back"), step,
+                                    sampling.abstract_params(cfg, sampling.default_mesh()))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), params)
+  assert checkpoint.load_vocab(str(tmp_path / "back"), step) == vocab
+
+
+def test_bfloat16_export(vocab, vqgan_workdir, tmp_path):
+  cfg, params = make_workdir(tmp_path / "run", vocab, vqgan_workdir)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"), dtype="bfloat16")
+  header_size = int.from_bytes(open(os.path.join(out, "model.safetensors"), "rb").read(8), "little")
+  header = json.loads(open(os.path.join(out, "model.safetensors"), "rb").read(8 + header_size)[8:])
+  assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+  hf = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+  assert hf.lm_head.weight.dtype == torch.bfloat16
+  np.testing.assert_array_equal(hf.lm_head.weight.detach().float().numpy(),
+                                np.asarray(params["lm_head"].T.astype(jnp.bfloat16), np.float32))
+
+
+def test_exported_vqgan_decodes_the_same_pixels_in_pytorch(vocab, vqgan_workdir, tmp_path):
+  from cm3jax.vqgan.model import VQGANConfig
+  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  from tests import torch_vqgan
+  make_workdir(tmp_path / "run", vocab, vqgan_workdir)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  saved = json.load(open(os.path.join(out, "vqgan", "config.json")))
+  cfg = VQGANConfig.from_dict(saved["cm3jax"])
+  reference = torch_vqgan.VQModel(cfg).eval()
+  from safetensors.torch import load_file
+  reference.load_state_dict(load_file(os.path.join(out, "vqgan", "model.safetensors")))
+  codes = np.random.default_rng(0).integers(0, cfg.n_embed, (2, cfg.tokens_per_image))
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  flax_images = tokenizer._decode(tokenizer.params, jnp.asarray(tokenizer._padded(codes)))[:2]
+  with torch.no_grad():
+    torch_images = reference.decode_code(torch.from_numpy(codes), cfg.latent_size)
+  np.testing.assert_allclose(np.asarray(flax_images), torch_images.permute(0, 2, 3, 1).numpy(),
+                             atol=1e-4, rtol=0)
+
+
+def test_model_card_snippet_samples(vocab, vqgan_workdir, tmp_path, capsys):
+  make_workdir(tmp_path / "run", vocab, vqgan_workdir)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  card = open(os.path.join(out, "README.md")).read()
+  snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+  exec(compile(snippet, "README.md", "exec"), {})
+  codes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert len(codes) == 64 and all(0 <= c < 64 for c in codes)
+
+
+def _standard_opt(tmp_path, vocab, bias=0.0, ln_scale=1.0, **overrides):
+  """A transformers OPT with biases and LayerNorm affines, saved; biases `bias`, scales `ln_scale`."""
+  config = transformers.OPTConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2,
+                                  ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                                  word_embed_proj_dim=overrides.pop("word_embed_proj_dim", 32),
+                                  enable_bias=True, layer_norm_elementwise_affine=True,
+                                  activation_function="relu", **overrides)
+  model = transformers.OPTForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith(".bias"):
+        p.fill_(bias)
+      elif "layer_norm" in name:
+        p.fill_(ln_scale)
+  model.save_pretrained(tmp_path / "opt")
+  return model
+
+
+def test_standard_opt_with_zero_biases_imports_and_matches(vocab, tmp_path):
+  model = _standard_opt(tmp_path, vocab)
+  export.import_opt(str(tmp_path / "opt"), str(tmp_path / "run"), tiny_config())
+  step = checkpoint.latest_step(str(tmp_path / "run"))
+  cfg = model_lib.ModelConfig.from_dict(checkpoint.saved_config(str(tmp_path / "run"), step)["model"])
+  params = checkpoint.restore_params(str(tmp_path / "run"), step,
+                                     sampling.abstract_params(cfg, sampling.default_mesh()))
+  tokens = np.random.default_rng(1).integers(0, vocab.size, (2, 16))
+  with torch.no_grad():
+    want = model(torch.from_numpy(tokens)).logits.numpy()
+  np.testing.assert_allclose(jax_logits(cfg, jax.device_get(params), tokens), want, atol=1e-4,
+                             rtol=0)
+  # The imported checkpoint trains on.
+  config = tiny_config(num_train_steps=2, **{f"model.{k}": v for k, v in cfg.to_dict().items()})
+  history = train.train(config, str(tmp_path / "run"))
+  assert [h["step"] for h in history if "loss" in h] == [1, 2]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(bias=0.5), "model.decoder.final_layer_norm.bias is not zero: cm3jax's decoder has "
+     "no biases"),
+    (dict(ln_scale=2.0), "model.decoder.final_layer_norm.weight is not one"),
+    (dict(word_embed_proj_dim=16), "unsupported OPT variant: word_embed_proj_dim != hidden_size"),
+    (dict(do_layer_norm_before=False), "unsupported OPT variant: post-LayerNorm OPT"),
+])
+def test_import_refuses_what_cm3jax_cannot_represent(vocab, tmp_path, change, message):
+  _standard_opt(tmp_path, vocab, **change)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    export.import_opt(str(tmp_path / "opt"), str(tmp_path / "run"), tiny_config())
+  assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*"))
+
+
+def test_bad_inputs(vocab, vqgan_workdir, tmp_path, monkeypatch):
+  with pytest.raises(ConfigError, match="no checkpoints in"):
+    export.export(str(tmp_path / "empty"), str(tmp_path / "out"))
+  make_workdir(tmp_path / "run", vocab, vqgan_workdir)
+  (tmp_path / "exists").mkdir()
+  with pytest.raises(ConfigError, match="exists; choose a new --out"):
+    export.export(str(tmp_path / "run"), str(tmp_path / "exists"))
+  with pytest.raises(ConfigError, match="--dtype='float8' is not one of"):
+    export.export(str(tmp_path / "run"), str(tmp_path / "out"), "float8")
+
+  def broken(*args):
+    raise OSError("disk full")
+  monkeypatch.setattr(export, "write_safetensors", broken)
+  with pytest.raises(OSError, match="disk full"):
+    export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out") and not glob.glob(str(tmp_path / ".export-*"))
+  monkeypatch.undo()
+
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  with pytest.raises(ConfigError, match="has no config.json"):
+    export.import_opt(str(tmp_path), str(tmp_path / "i1"), tiny_config())
+  gpt2 = tmp_path / "gpt2"
+  gpt2.mkdir()
+  (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "hidden_size": 32}))
+  with pytest.raises(ConfigError, match="unsupported architecture 'gpt2'"):
+    export.import_opt(str(gpt2), str(tmp_path / "i2"), tiny_config())
+  big = Vocab(vocab.spm_model, 16, 4096)  # more ids than the model has
+  big.save(os.path.join(out, "tokenizer", "vocab.json"))
+  with pytest.raises(ConfigError, match=r"vocab.json has 4480 ids but the model only 384"):
+    export.import_opt(out, str(tmp_path / "i3"), tiny_config())
+  vocab.save(os.path.join(out, "tokenizer", "vocab.json"))
+  os.remove(os.path.join(out, "model.safetensors"))
+  with pytest.raises(ConfigError, match="has neither model.safetensors nor pytorch_model.bin"):
+    export.import_opt(out, str(tmp_path / "i4"), tiny_config())
+
+
+def test_cli(vocab, vqgan_workdir, tmp_path):
+  make_workdir(tmp_path / "run", vocab, vqgan_workdir, max_seq_len=256)
+  env = dict(os.environ, PYTHONPATH=REPO)
+  cli = lambda *a: subprocess.run([sys.executable, "-m", "cm3jax.export", *a], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)
+  result = cli(f"--workdir={tmp_path}/run", f"--out={tmp_path}/out")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json",
+                                                  "generation_config.json", "model.safetensors",
+                                                  "tokenizer", "vqgan"]
+  result = cli(f"--import_from={tmp_path}/out", f"--workdir={tmp_path}/back",
+               "--config=configs/tiny.py")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "imported" in result.stdout and "python -m cm3jax.train --config=configs/tiny.py" in result.stdout
+  result = cli(f"--workdir={tmp_path}/run")
+  assert result.returncode == 1 and "cm3jax.export: error: --out is required" in result.stderr

@@ -1,0 +1,216 @@
+"""The KV-cache sampler: cached logits, the guidance and warper formulas against references,
+modality constraints, keys, batching of prompts, tasks and bad input."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cm3jax import model as model_lib
+from cm3jax import sampling, train_tokenizer
+from cm3jax.config import ConfigError
+from cm3jax.data import shapes
+from cm3jax.vocab import EOS, PAD, Vocab
+from tests.test_model import nontrivial
+
+CODES = 64
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  captions = [shapes.scene("train", i).caption() for i in range(1000)]
+  return Vocab(train_tokenizer.train(captions, 300), num_sentinels=16, num_image_codes=CODES)
+
+
+def model_config(vocab, **overrides):
+  fields = dict(vocab_size=vocab.size, num_layers=2, d_model=32, num_heads=4, mlp_dim=64,
+                max_seq_len=96, dtype="float32", remat_policy="none")
+  return model_lib.ModelConfig(**{**fields, **overrides})
+
+
+def random_params(cfg, seed=0):
+  params = model_lib.Decoder(cfg).init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))
+  return nontrivial(flax.linen.unbox(params["params"]), seed + 1)
+
+
+@pytest.fixture(scope="module")
+def sampler(vocab):
+  cfg = model_config(vocab)
+  return sampling.Sampler(cfg, random_params(cfg), vocab)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_cached_decoding_equals_the_full_forward(vocab, scan_layers):
+  cfg = model_config(vocab, scan_layers=scan_layers)
+  model = model_lib.Decoder(cfg)
+  params = random_params(cfg)
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(0, vocab.size, n) for n in (20, 22, 24)]
+  prompt, steps = 6, 8  # prefill 6 real tokens per row (left-padded), then 8 decode steps
+  P = 9
+  tokens = np.full((3, P), PAD, np.int32)
+  valid = np.zeros((3, P + steps), bool)
+  for b, s in enumerate(seqs):
+    n = min(prompt + b, P)  # prompts of different lengths
+    tokens[b, P - n:] = s[:n]
+    valid[b, P - n:] = True
+  valid[:, P:] = True
+  lengths = valid[:, :P].sum(1)
+  positions = np.maximum(np.cumsum(valid[:, :P], 1) - 1, 0)
+  cache = model_lib.init_cache(cfg, jnp.asarray(valid))
+  logits, cache = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
+                              cache)
+  got = [logits[:, -1]]
+  for i in range(steps - 1):
+    step = np.array([s[lengths[b] + i] for b, s in enumerate(seqs)], np.int32)[:, None]
+    logits, cache = model.apply({"params": params}, jnp.asarray(step),
+                                jnp.asarray(lengths[:, None] + i), cache, True)
+    got.append(logits)
+  for b, s in enumerate(seqs):
+    full = model.apply({"params": params}, jnp.asarray(s[None, :lengths[b] + steps - 1]))[0]
+    want = full[lengths[b] - 1:lengths[b] - 1 + steps]
+    np.testing.assert_allclose(np.stack([g[b] for g in got]), want, atol=1e-5, rtol=0)
+
+
+def test_guidance_and_contrastive_top_k_match_numpy():
+  rng = np.random.default_rng(1)
+  cond, uncond = rng.normal(size=(2, 3, 50)).astype(np.float32) * 3
+  alpha = np.array([1.0, 3.0, 0.5], np.float32)
+  np.testing.assert_allclose(sampling.guide(cond, uncond, alpha),
+                             uncond + alpha[:, None] * (cond - uncond), rtol=1e-6)
+  got = np.asarray(sampling.contrastive_top_k(jnp.asarray(cond), jnp.asarray(uncond), 5, 0.1))
+  for b in range(3):
+    p_cond = np.exp(cond[b] - cond[b].max())
+    p_cond /= p_cond.sum()
+    p_uncond = np.exp(uncond[b] - uncond[b].max())
+    p_uncond /= p_uncond.sum()
+    keep = p_cond >= 0.1 * np.sort(p_cond)[-5]
+    assert 5 <= keep.sum() < 50
+    np.testing.assert_array_equal(np.isfinite(got[b]), keep)
+    np.testing.assert_allclose(got[b][keep], np.log(p_cond[keep]) - np.log(p_uncond[keep]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 0.9), (0.7, 10, 1.0), (1.3, 20, 0.5), (1.0, 3, 0.95), (0.5, 0, 0.3)])
+def test_warpers_match_transformers(temperature, top_k, top_p):
+  torch = pytest.importorskip("torch")
+  from transformers.generation import logits_process as lp
+  scores = np.random.default_rng(2).permutation(np.linspace(-6, 6, 4 * 64)).reshape(4, 64)
+  scores = scores.astype(np.float32)  # distinct values: no ties
+  got = np.asarray(sampling.warp(jnp.asarray(scores),
+                                 sampling.SamplingConfig(temperature, top_k, top_p)))
+  warpers = [lp.TemperatureLogitsWarper(temperature)]
+  if top_k:
+    warpers.append(lp.TopKLogitsWarper(top_k))
+  if top_p < 1:
+    warpers.append(lp.TopPLogitsWarper(top_p))
+  want = torch.from_numpy(scores)
+  for w in warpers:
+    want = w(None, want)
+  want = want.numpy()
+  np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want))
+  np.testing.assert_allclose(got[np.isfinite(got)], want[np.isfinite(want)], rtol=1e-6)
+
+
+def test_image_mode_yields_exactly_n_image_codes(sampler, vocab):
+  keys = jax.random.split(jax.random.PRNGKey(0), 5)
+  requests = [sampling.Request(sampling.image_prompt(vocab, "a red circle in the center"), k,
+                               sampling.unconditional_image_prompt(vocab), 3.0) for k in keys]
+  for cfg in (sampling.SamplingConfig(), sampling.SamplingConfig(cd_k=4),
+              sampling.SamplingConfig(top_k=5, top_p=0.8, temperature=0.7)):
+    tokens = sampler.generate(requests, 16, "image", cfg)
+    assert tokens.shape == (5, 16) and np.all(vocab.is_image(tokens))
+
+
+def test_text_mode_never_yields_image_codes_and_stops(sampler, vocab):
+  keys = jax.random.split(jax.random.PRNGKey(1), 8)
+  requests = [sampling.Request(sampling.caption_prompt(vocab, np.arange(16) % CODES), k)
+              for k in keys]
+  tokens = sampler.generate(requests, 40, "text", sampling.SamplingConfig(temperature=2.0))
+  stopped = 0
+  for row in tokens:
+    stops = np.flatnonzero(np.isin(row, [EOS, vocab.eoss_id]))
+    end = stops[0] + 1 if len(stops) else len(row)
+    stopped += len(stops) > 0
+    assert np.all(vocab.is_text(row[:end]) | np.isin(row[:end], [EOS, vocab.eoss_id]))
+    assert np.all(row[end:] == PAD)
+  assert stopped  # at temperature 2 some rows hit a stop token within 40 steps
+
+
+def test_same_key_same_sample_whatever_the_batch(sampler, vocab):
+  prompt = sampling.image_prompt(vocab, "a small blue square on the left")
+  key = jax.random.PRNGKey(7)
+  alone = sampler.generate([sampling.Request(prompt, key)], 12, "image")
+  others = [sampling.Request(sampling.image_prompt(vocab, "a large green diamond at the top"),
+                             jax.random.PRNGKey(i)) for i in range(3)]
+  batched = sampler.generate(others[:2] + [sampling.Request(prompt, key)] + others[2:], 12, "image")
+  np.testing.assert_array_equal(batched[2], alone[0])
+  other_key = sampler.generate([sampling.Request(prompt, jax.random.PRNGKey(8))], 12, "image")
+  assert not np.array_equal(other_key, alone)
+
+
+def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
+  greedy = sampling.SamplingConfig(greedy=True)
+  prompts = [sampling.image_prompt(vocab, c) for c in
+             ("a red circle in the center", "a small purple triangle to the right of a large "
+              "orange square", "a large yellow diamond at the bottom")]
+  key = jax.random.PRNGKey(0)
+  batched = sampler.generate([sampling.Request(p, key) for p in prompts], 10, "image", greedy)
+  for p, row in zip(prompts, batched):
+    np.testing.assert_array_equal(sampler.generate([sampling.Request(p, key)], 10, "image",
+                                                   greedy)[0], row)
+
+
+def test_tasks(sampler, vocab):
+  key = jax.random.PRNGKey(3)
+  codes = sampling.text_to_image(sampler, ["a red circle in the center", "a blue square"], 3, 16,
+                                 key, guidance=2.0)
+  assert codes.shape == (2, 3, 16) and codes.min() >= 0 and codes.max() < CODES
+  captions = sampling.caption_images(sampler, codes[0], key)
+  assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+  assert len(sampling.continue_text(sampler, ["a red"], key)) == 1
+  original = np.arange(16) % CODES
+  filled = sampling.infill_image(sampler, "a red circle", original, 4, 9, key)
+  assert filled.shape == (16,)
+  np.testing.assert_array_equal(filled[:4], original[:4])
+  np.testing.assert_array_equal(filled[9:], original[9:])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(temperature=0.0), "temperature must be > 0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(top_k=-1), "top_k must be >= 0"),
+    (dict(cd_k=-2), "cd_k must be >= 0"),
+    (dict(cd_alpha=1.5), r"cd_alpha must be in \(0, 1\]"),
+])
+def test_bad_sampling_settings(fields, message):
+  with pytest.raises(ConfigError, match=message):
+    sampling.SamplingConfig(**fields)
+
+
+def test_bad_requests(sampler, vocab):
+  key = jax.random.PRNGKey(0)
+  long_prompt = np.full(90, 10, np.int32)
+  with pytest.raises(ConfigError, match="a prompt of 90 tokens and 16 new tokens exceed the "
+                     "model's context of 96"):
+    sampler.generate([sampling.Request(long_prompt, key)], 16, "image")
+  for bad in (np.array([2, vocab.size]), np.array([2, -1])):
+    with pytest.raises(ConfigError, match=r"prompt tokens must be integers in \[0, "):
+      sampler.generate([sampling.Request(bad, key)], 4, "image")
+  with pytest.raises(ConfigError, match="mode 'audio' is not one of"):
+    sampler.generate([sampling.Request(np.array([2]), key)], 4, "audio")
+  with pytest.raises(ConfigError, match="contrastive top-k .* give unconditional prompts"):
+    sampler.generate([sampling.Request(np.array([2]), key)], 4, "image",
+                     sampling.SamplingConfig(cd_k=4))
+  with pytest.raises(ConfigError, match="guidance must be >= 0"):
+    sampler.generate([sampling.Request(np.array([2]), key, np.array([2]), -1.0)], 4, "image")
+  with pytest.raises(ConfigError, match=r"the region \[5, 20\) is not inside the 16 codes"):
+    sampling.infill_image(sampler, "a", np.zeros(16, int), 5, 20, key)
+
+
+def test_no_checkpoint(tmp_path):
+  with pytest.raises(ConfigError, match="no checkpoints in"):
+    sampling.load(str(tmp_path))
