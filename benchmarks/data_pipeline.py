@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, ".")
+from benchmarks import train_step  # noqa: E402
 from cm3jax import train_tokenizer  # noqa: E402
 from cm3jax.config import load_config_file  # noqa: E402
 from cm3jax.data import cm3, code_shards, shapes, tf_cpu  # noqa: E402
@@ -61,25 +62,10 @@ def time_pipeline(directory, vocab, seq_len, rows, batches):
 
 
 def time_tiny_train_step(steps):
-  import jax
-  from cm3jax import sharding, train
-  from cm3jax.data import synthetic
   config = load_config_file("configs/tiny.py")
   config.data = "synthetic"
-  s = train.setup(config)
-  with sharding.use_mesh(s.mesh):
-    state = s.init_state(jax.random.PRNGKey(0))
-    batch = train.device_batch(next(synthetic.batches(config, "train", 0, (0, 0), slice(None))),
-                               s.batch_sharding)
-    step = s.train_step.lower(state, batch).compile()
-    for _ in range(3):
-      state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    t = time.perf_counter()
-    for _ in range(steps):
-      state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-  return steps * config.global_batch_size * config.seq_len / (time.perf_counter() - t)
+  seconds, _ = train_step.run(config, steps)
+  return config.global_batch_size * config.seq_len / seconds
 
 
 def main(_):

@@ -6,6 +6,8 @@ import os
 import tempfile
 from typing import Any, Optional, Sequence
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from cm3jax.config import ConfigError
@@ -124,13 +126,17 @@ def load_vocab(workdir: str, step: int) -> Vocab:
   return Vocab.from_json(_restore(workdir, step, vocab=ocp.args.JsonRestore())["vocab"])
 
 
-def restore_params(workdir: str, step: int, abstract_params):
+def restore_params(workdir: str, step: int, abstract_params, host: bool = False):
   """Only the parameters of checkpoint `step` (not the optimiser state), placed as the
-  ShapeDtypeStructs of `abstract_params` say."""
+  ShapeDtypeStructs of `abstract_params` say, or with `host` as numpy arrays in host memory
+  (one copy of the weights, no device)."""
   item = {"params": abstract_params}
+  if host:
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  else:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   restored = _restore(workdir, step, state=ocp.args.PyTreeRestore(
-      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True))
+      item=item, restore_args=restore_args, partial_restore=True))
   return restored["state"]["params"]
 
 

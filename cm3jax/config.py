@@ -122,7 +122,8 @@ def paper_config(num_layers: int, d_model: int, num_heads: int, peak_lr: float,
   Sequences of 4,096 tokens, 2,048 per step (8.4M tokens: the paper's 8M), a 65,536-entry
   vocabulary (text pieces, specials, sentinels and 8,192 image codes, padded), MLP width 4·d,
   AdamW betas (0.9, 0.95), weight decay 0.1, clipping at 1.0, 1,500 warm-up steps, then linear
-  decay to 10% of the peak learning rate (metaseq's recipe, which trained CM3Leon).
+  decay to 10% of the peak learning rate (metaseq's recipe, which trained CM3Leon). The loss is
+  fused with the LM head, 1,024 positions at a time.
   """
   c = base_config()
   c.seq_len = 4096
@@ -134,5 +135,6 @@ def paper_config(num_layers: int, d_model: int, num_heads: int, peak_lr: float,
   c.checkpoint_every = 2000
   c.model.update(vocab_size=65536, num_layers=num_layers, d_model=d_model, num_heads=num_heads,
                  mlp_dim=4 * d_model, max_seq_len=4096)
+  c.cross_entropy_chunk = 1024  # the [tokens, 65,536] float32 logits would dominate memory
   c.optimizer.update(peak_lr=peak_lr, warmup_steps=1500)
   return c

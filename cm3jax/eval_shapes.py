@@ -11,13 +11,13 @@ to image is scored with and without classifier-free guidance, and with contrasti
 
 import json
 import os
-import sys
 import time
 from typing import Optional
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from cm3jax import cli
 from cm3jax.config import ConfigError
 from cm3jax.data import shapes
 
@@ -125,8 +125,9 @@ SETTINGS = {  # name -> (guidance, SamplingConfig fields)
 
 
 def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed: int = 0,
-             settings: Optional[dict] = None) -> dict:
-  """Text->image accuracy per sampling setting and caption accuracy on the shapes test split."""
+             settings: Optional[dict] = None, split: str = "test") -> dict:
+  """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
+  held-out compositions; validation: compositions seen in training)."""
   import jax
   from cm3jax import sampling
   from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -134,10 +135,10 @@ def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed
   vqgan = ImageTokenizer.load(config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan"))
   from cm3jax.data import code_shards
   codes, captions = code_shards.read_split(
-      config["cm3"]["codes_dir"] or os.path.join(workdir, "codes"), "test", num_examples)
+      config["cm3"]["codes_dir"] or os.path.join(workdir, "codes"), split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
-  results = {"examples": len(captions)}
+  results = {"split": split, "examples": len(captions)}
   for name, (guidance, fields) in (settings or SETTINGS).items():
     cfg = sampling.SamplingConfig(**fields)
     right = 0
@@ -165,21 +166,19 @@ def _define_flags():
   flags.DEFINE_integer("num_examples", 1000, "Test examples to score (the split has 1,000).")
   flags.DEFINE_integer("batch_size", 128, "Requests generated together.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_enum("split", "test", ["test", "validation"], "test: held-out compositions; "
+                    "validation: compositions seen in training.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
-  FLAGS = flags.FLAGS
-  try:
-    if not FLAGS.workdir:
-      raise ConfigError("--workdir is required")
-    t = time.perf_counter()
-    results = evaluate(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
-  except ConfigError as e:
-    sys.exit(f"cm3jax.eval_shapes: error: {e}")
-  print(f"shapes test split, held-out compositions: {results['examples']} examples, "
+@cli.command("eval_shapes")
+def main(FLAGS):
+  if not FLAGS.workdir:
+    raise ConfigError("--workdir is required")
+  t = time.perf_counter()
+  results = evaluate(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
+                     split=FLAGS.split)
+  kind = "held-out compositions" if FLAGS.split == "test" else "compositions seen in training"
+  print(f"shapes {FLAGS.split} split, {kind}: {results['examples']} examples, "
         f"{time.perf_counter() - t:.0f}s")
   print("| task, sampling | accuracy |\n|---|---|")
   for name, value in results.items():
@@ -187,7 +186,7 @@ def main(argv):
       print(f"| {name} | {value:.1%} |")
   for line in results["caption examples"]:
     print("  caption", line)
-  with open(os.path.join(FLAGS.workdir, "eval_shapes.json"), "w") as f:
+  with open(os.path.join(FLAGS.workdir, f"eval_shapes_{FLAGS.split}.json"), "w") as f:
     json.dump(results, f, indent=1)
 
 

@@ -20,16 +20,15 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import jax
 import ml_dtypes
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from cm3jax import checkpoint
+from cm3jax import checkpoint, cli
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError, load_config_file
 from cm3jax.vocab import BOS, EOS, PAD, Vocab
@@ -177,7 +176,7 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
     raise ConfigError(f"the vocabulary has {vocab.size} ids but the model only {cfg.vocab_size}")
   from cm3jax import sampling
   params = checkpoint.restore_params(workdir, step, sampling.abstract_params(
-      cfg, sampling.default_mesh()))
+      cfg, sampling.default_mesh()), host=True)
   vqgan_dir = config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan")
 
   os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -306,30 +305,25 @@ def _define_flags():
                       "config replaces (configs/*.py).")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
-  FLAGS = flags.FLAGS
-  try:
-    if not FLAGS.workdir:
-      raise ConfigError("--workdir is required")
-    if FLAGS.import_from:
-      if not FLAGS.config:
-        raise ConfigError("--import_from needs --config (e.g. configs/tiny.py)")
-      config = load_config_file(FLAGS.config)
-      count = import_opt(FLAGS.import_from, FLAGS.workdir, config)
-      model = model_config_from_opt(json.load(open(os.path.join(FLAGS.import_from, "config.json"))))
-      overrides = " ".join(f"--config.model.{k}={v}" for k, v in model.items()
-                           if config.model[k] != v)
-      print(f"imported {count:,} parameters into {FLAGS.workdir} (step 0); train it with\n"
-            f"  python -m cm3jax.train --config={FLAGS.config} --workdir={FLAGS.workdir} {overrides}")
-    else:
-      if not FLAGS.out:
-        raise ConfigError("--out is required (or --import_from to import)")
-      print(f"exported {FLAGS.workdir} to {export(FLAGS.workdir, FLAGS.out, FLAGS.dtype)}")
-  except ConfigError as e:
-    sys.exit(f"cm3jax.export: error: {e}")
+@cli.command("export")
+def main(FLAGS):
+  if not FLAGS.workdir:
+    raise ConfigError("--workdir is required")
+  if FLAGS.import_from:
+    if not FLAGS.config:
+      raise ConfigError("--import_from needs --config (e.g. configs/tiny.py)")
+    config = load_config_file(FLAGS.config)
+    count = import_opt(FLAGS.import_from, FLAGS.workdir, config)
+    with open(os.path.join(FLAGS.import_from, "config.json")) as f:
+      model = model_config_from_opt(json.load(f))
+    overrides = " ".join(f"--config.model.{k}={v}" for k, v in model.items()
+                         if config.model[k] != v)
+    print(f"imported {count:,} parameters into {FLAGS.workdir} (step 0); train it with\n"
+          f"  python -m cm3jax.train --config={FLAGS.config} --workdir={FLAGS.workdir} {overrides}")
+  else:
+    if not FLAGS.out:
+      raise ConfigError("--out is required (or --import_from to import)")
+    print(f"exported {FLAGS.workdir} to {export(FLAGS.workdir, FLAGS.out, FLAGS.dtype)}")
 
 
 if __name__ == "__main__":

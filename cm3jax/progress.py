@@ -32,6 +32,7 @@ class Progress:
     if not self.chief:
       return
     self.bar.write(f"{prefix} step {step}: " + " | ".join(f"{k} {_fmt(v)}" for k, v in summary.items()))
+    sys.stdout.flush()  # log files (a TPU VM's nohup train.log) see each line as it is made
     if "loss" in summary:
       self.bar.set_postfix({f"{prefix}_loss": f"{summary['loss']:.3f}"})
     for k, v in summary.items():

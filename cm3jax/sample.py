@@ -10,11 +10,11 @@ contrastive top-k. Captions are greedy unless --num_captions > 1.
 """
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from cm3jax import cli
 from cm3jax.config import ConfigError
 
 GRID_COLUMNS = 8
@@ -43,14 +43,15 @@ def vqgan_workdir(config: dict, workdir: str) -> str:
 
 
 def write_samples(sampler, vqgan, codes_dir: str, out_dir: str, seed: int = 0) -> list[str]:
-  """samples.png (4 images for each of 4 validation captions, CFG 3) and captions.txt (captions of
-  8 validation images) in out_dir; returns the lines written."""
+  """samples.png (4 images for each of 4 validation captions, top-p 0.9 without guidance, which
+  small models draw better) and captions.txt (greedy captions of 8 validation images) in
+  out_dir; returns the lines written."""
   import jax
   from cm3jax import sampling
   from cm3jax.data import code_shards
   codes, captions = code_shards.read_split(codes_dir, "validation", 8)
   key = jax.random.PRNGKey(seed)
-  made = sampling.text_to_image(sampler, captions[:4], 4, vqgan.cfg.tokens_per_image, key, 3.0,
+  made = sampling.text_to_image(sampler, captions[:4], 4, vqgan.cfg.tokens_per_image, key, 1.0,
                                 sampling.SamplingConfig(top_p=0.9))
   save_png(grid(vqgan.decode(made.reshape(16, -1)), scale=4), os.path.join(out_dir, "samples.png"))
   lines = [f"{c}  (row {i + 1} of samples.png)" for i, c in enumerate(captions[:4])]
@@ -79,45 +80,39 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it reads at INFO.
-  FLAGS = flags.FLAGS
-  try:
-    if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image):
-      raise ConfigError("--workdir and one of --prompt or --image are required")
-    if FLAGS.num_images < 1 or FLAGS.num_captions < 1:
-      raise ConfigError("--num_images and --num_captions must be at least 1")
-    import jax
-    from cm3jax import sampling
-    from cm3jax.vqgan.tokenizer import ImageTokenizer
-    cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
-                                  FLAGS.cd_k, FLAGS.cd_alpha)
-    sampler, config = sampling.load(FLAGS.workdir)
-    vqgan = ImageTokenizer.load(vqgan_workdir(config, FLAGS.workdir))
-    key = jax.random.PRNGKey(FLAGS.seed)
-    if FLAGS.prompt:
-      codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
-                                     vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg)[0]
-      save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
-      print(f"wrote {FLAGS.num_images} images of {FLAGS.prompt!r} to {FLAGS.out}")
-    if FLAGS.image:
-      from cm3jax.tokenize_images import decode_image
-      try:
-        with open(FLAGS.image, "rb") as f:
-          pixels = decode_image(f.read(), vqgan.cfg.resolution)
-      except OSError as e:
-        raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
-      codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
-      if FLAGS.num_captions == 1:
-        captions = sampling.caption_images(sampler, codes, key)
-      else:
-        captions = sampling.caption_images(sampler, codes, key, sampling=cfg)
-      for caption in captions:
-        print(caption)
-  except ConfigError as e:
-    sys.exit(f"cm3jax.sample: error: {e}")
+@cli.command("sample")
+def main(FLAGS):
+  if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image):
+    raise ConfigError("--workdir and one of --prompt or --image are required")
+  if FLAGS.num_images < 1 or FLAGS.num_captions < 1:
+    raise ConfigError("--num_images and --num_captions must be at least 1")
+  import jax
+  from cm3jax import sampling
+  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
+                                FLAGS.cd_k, FLAGS.cd_alpha)
+  sampler, config = sampling.load(FLAGS.workdir)
+  vqgan = ImageTokenizer.load(vqgan_workdir(config, FLAGS.workdir))
+  key = jax.random.PRNGKey(FLAGS.seed)
+  if FLAGS.prompt:
+    codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
+                                   vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg)[0]
+    save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
+    print(f"wrote {FLAGS.num_images} images of {FLAGS.prompt!r} to {FLAGS.out}")
+  if FLAGS.image:
+    from cm3jax.tokenize_images import decode_image
+    try:
+      with open(FLAGS.image, "rb") as f:
+        pixels = decode_image(f.read(), vqgan.cfg.resolution)
+    except OSError as e:
+      raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
+    codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
+    if FLAGS.num_captions == 1:
+      captions = sampling.caption_images(sampler, codes, key)
+    else:
+      captions = sampling.caption_images(sampler, codes, key, sampling=cfg)
+    for caption in captions:
+      print(caption)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import tqdm
-from absl import app, flags, logging
+from absl import app, flags
 
+from cm3jax import cli
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards, image_captions, tf_cpu
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -147,22 +148,16 @@ def _define_flags():
   flags.DEFINE_integer("shard_size", 4096, "Records per output shard.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  FLAGS = flags.FLAGS
-  try:
-    if not FLAGS.vqgan_workdir or not FLAGS.out:
-      raise ConfigError("--vqgan_workdir and --out are required")
-    tokenizer = ImageTokenizer.load(FLAGS.vqgan_workdir)
-    for split in FLAGS.splits:
-      summary = tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, FLAGS.data_dir,
-                               FLAGS.image_dir, FLAGS.image_key, FLAGS.caption_key,
-                               FLAGS.batch_size, FLAGS.shard_size)
-      print(describe(summary))
-  except ConfigError as e:
-    sys.exit(f"cm3jax.tokenize_images: error: {e}")
+@cli.command("tokenize_images")
+def main(FLAGS):
+  if not FLAGS.vqgan_workdir or not FLAGS.out:
+    raise ConfigError("--vqgan_workdir and --out are required")
+  tokenizer = ImageTokenizer.load(FLAGS.vqgan_workdir)
+  for split in FLAGS.splits:
+    summary = tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, FLAGS.data_dir,
+                             FLAGS.image_dir, FLAGS.image_key, FLAGS.caption_key,
+                             FLAGS.batch_size, FLAGS.shard_size)
+    print(describe(summary))
 
 
 if __name__ == "__main__":

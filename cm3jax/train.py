@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cm3jax import checkpoint, data, hardware, loss, optimizer, sharding
+from cm3jax import checkpoint, cli, data, hardware, loss, optimizer, sharding
 from cm3jax.progress import Progress
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
@@ -356,19 +356,13 @@ def _define_flags():
   flags.mark_flag_as_required("config")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO.
-  FLAGS = flags.FLAGS
+@cli.command("train")
+def main(FLAGS):
   if FLAGS.multihost:
     jax.distributed.initialize()
-  try:
-    if FLAGS.compile_only:
-      sys.exit(0 if compile_only(FLAGS.config, FLAGS.topology) else 1)
-    train(FLAGS.config, FLAGS.workdir)
-  except ConfigError as e:
-    sys.exit(f"cm3jax.train: error: {e}")
+  if FLAGS.compile_only:
+    sys.exit(0 if compile_only(FLAGS.config, FLAGS.topology) else 1)
+  train(FLAGS.config, FLAGS.workdir)
 
 
 def _parse_flags(argv):

@@ -16,11 +16,11 @@ import collections
 import glob
 import io
 import os
-import sys
 from typing import Iterable, Iterator
 
 from absl import app, flags
 
+from cm3jax import cli
 from cm3jax.config import ConfigError
 from cm3jax.vocab import BOS, EOS, PAD, UNK
 
@@ -93,19 +93,14 @@ def _define_flags():
                       "TFDS data_dir for tfds: inputs.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  FLAGS = flags.FLAGS
-  try:
-    if not FLAGS.input or not FLAGS.out or not FLAGS.vocab_size:
-      raise ConfigError("--input, --vocab_size and --out are required")
-    skipped = collections.Counter()
-    model = train(read_sentences(FLAGS.input, skipped, FLAGS.data_dir), FLAGS.vocab_size,
-                  FLAGS.model_type)
-    write_atomically(FLAGS.out, model)
-  except ConfigError as e:
-    sys.exit(f"cm3jax.train_tokenizer: error: {e}")
+@cli.command("train_tokenizer")
+def main(FLAGS):
+  if not FLAGS.input or not FLAGS.out or not FLAGS.vocab_size:
+    raise ConfigError("--input, --vocab_size and --out are required")
+  skipped = collections.Counter()
+  model = train(read_sentences(FLAGS.input, skipped, FLAGS.data_dir), FLAGS.vocab_size,
+                FLAGS.model_type)
+  write_atomically(FLAGS.out, model)
   lines = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
   print(f"wrote {FLAGS.out}: {num_pieces(model)} pieces; skipped lines: {lines}")
 

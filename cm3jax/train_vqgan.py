@@ -11,7 +11,6 @@ checkpoint in --workdir.
 import contextlib
 import dataclasses
 import functools
-import sys
 import time
 from typing import Any, Callable
 
@@ -20,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from cm3jax import checkpoint, sharding
+from cm3jax import checkpoint, cli, sharding
 from cm3jax.config import ConfigError
 from cm3jax.progress import Progress
 from cm3jax.vqgan import losses
@@ -266,14 +265,9 @@ def _define_flags():
   flags.mark_flag_as_required("config")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.WARNING)
-  try:
-    train(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    sys.exit(f"cm3jax.train_vqgan: error: {e}")
+@cli.command("train_vqgan")
+def main(FLAGS):
+  train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Hardware: a TPU v5p-128 slice (64 chips of 95 GiB) or larger; launch/tpu_pod.sh 
 command on every host. FSDP over all devices, 4 microbatches of 512 rows per step: 8 rows per
 chip at a time, every layer rematerialised (nothing_saveable).
 
-Expected: 7.00B parameters. Measured: 53.0 GiB per chip on v5p:4x4x4 (28.2 GiB with
+Expected: 7.00B parameters. Measured: 53.0 GiB per chip on v5p:4x4x4 (28.3 GiB with
 --config.grad_accum_steps=8), from a CPU machine with libtpu installed:
 
   python -m cm3jax.train --config=configs/7b.py --compile_only --topology=v5p:4x4x4

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -83,7 +82,7 @@ def test_eval_shapes_scores_the_test_split(main_job):
   result = run("cm3jax.eval_shapes", f"--workdir={workdir}", "--num_examples=16")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| text_to_image, top-p 0.9, CFG 3 |" in result.stdout
-  saved = json.load(open(workdir / "eval_shapes.json"))
+  saved = json.load(open(workdir / "eval_shapes_test.json"))
   assert saved["examples"] == 16
   assert all(0 <= v <= 1 for v in saved.values() if isinstance(v, float))
   assert {"text_to_image, CD-K (k=8, alpha=0.1)", "image_to_text, greedy"} <= set(saved)
