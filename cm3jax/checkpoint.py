@@ -27,7 +27,7 @@ class Checkpoints:
 
   def __init__(self, workdir: str, config, architecture: dict[str, Sequence[str]],
                vocab: Optional[Vocab] = None):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = directory(workdir)
     self.config_json = json.loads(config.to_json())
     self.architecture = architecture
     self.vocab = vocab
@@ -95,12 +95,16 @@ class Checkpoints:
     self.manager.close()
 
 
+def directory(workdir: str) -> str:
+  """Where a workdir keeps its checkpoints."""
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def latest_step(workdir: str) -> int:
   """The step of the newest checkpoint of a `cm3jax.train` workdir, or a ConfigError."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   step = None
-  if os.path.isdir(directory):
-    with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+  if os.path.isdir(directory(workdir)):
+    with ocp.CheckpointManager(directory(workdir), item_names=ITEMS) as manager:
       step = manager.latest_step()
   if step is None:
     raise ConfigError(f"no checkpoints in {workdir}: train one with python -m cm3jax.train")
@@ -108,8 +112,7 @@ def latest_step(workdir: str) -> int:
 
 
 def _restore(workdir: str, step: int, **items):
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  with ocp.CheckpointManager(directory, item_names=ITEMS) as manager:
+  with ocp.CheckpointManager(directory(workdir), item_names=ITEMS) as manager:
     return manager.restore(step, args=ocp.args.Composite(**items))
 
 
@@ -120,7 +123,7 @@ def saved_config(workdir: str, step: int) -> dict:
 
 def load_vocab(workdir: str, step: int) -> Vocab:
   """The vocabulary saved with checkpoint `step` of a token-model workdir."""
-  if not os.path.isdir(os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "vocab")):
+  if not os.path.isdir(os.path.join(directory(workdir), str(step), "vocab")):
     raise ConfigError(f"the checkpoint in {workdir} (step {step}) has no vocabulary: it was "
                       "trained on synthetic data")
   return Vocab.from_json(_restore(workdir, step, vocab=ocp.args.JsonRestore())["vocab"])

@@ -129,13 +129,13 @@ def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed
   """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
   held-out compositions; validation: compositions seen in training)."""
   import jax
-  from cm3jax import sampling
+  from cm3jax import prepare, sampling
   from cm3jax.vqgan.tokenizer import ImageTokenizer
   sampler, config = sampling.load(workdir)
-  vqgan = ImageTokenizer.load(config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan"))
+  vqgan_workdir, codes_dir, _ = prepare.input_paths(config["cm3"], workdir)
+  vqgan = ImageTokenizer.load(vqgan_workdir)
   from cm3jax.data import code_shards
-  codes, captions = code_shards.read_split(
-      config["cm3"]["codes_dir"] or os.path.join(workdir, "codes"), split, num_examples)
+  codes, captions = code_shards.read_split(codes_dir, split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
   results = {"split": split, "examples": len(captions)}

@@ -177,7 +177,8 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   from cm3jax import sampling
   params = checkpoint.restore_params(workdir, step, sampling.abstract_params(
       cfg, sampling.default_mesh()), host=True)
-  vqgan_dir = config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan")
+  from cm3jax import prepare
+  vqgan_dir = prepare.input_paths(config["cm3"], workdir)[0]
 
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export-")

@@ -18,12 +18,18 @@ from cm3jax.config import ConfigError, load_config_file
 from cm3jax.vocab import Vocab
 
 
+def input_paths(cm3, workdir: str) -> tuple[str, str, str]:
+  """The VQGAN workdir, the code shards and the tokenizer of a run's `cm3` config section (the
+  live ConfigDict or the JSON saved with a checkpoint), empty paths resolved in `workdir`."""
+  return (cm3["vqgan_workdir"] or os.path.join(workdir, "vqgan"),
+          cm3["codes_dir"] or os.path.join(workdir, "codes"),
+          cm3["tokenizer"] or os.path.join(workdir, "tokenizer.model"))
+
+
 def cm3_inputs(config, workdir: str) -> tuple[Vocab, str, str]:
   """Makes what is missing; returns the vocabulary, the code shards' and the VQGAN's directory."""
   c = config.cm3
-  vqgan_workdir = c.vqgan_workdir or os.path.join(workdir, "vqgan")
-  codes_dir = c.codes_dir or os.path.join(workdir, "codes")
-  tokenizer = c.tokenizer or os.path.join(workdir, "tokenizer.model")
+  vqgan_workdir, codes_dir, tokenizer = input_paths(c, workdir)
   splits = [s.strip() for s in c.splits.split(",") if s.strip()]
   if "train" not in splits or "validation" not in splits:
     raise ConfigError(f"cm3.splits={c.splits!r} must include train and validation")

@@ -38,10 +38,6 @@ def save_png(image: np.ndarray, path: str):
   Image.fromarray(image).save(path)
 
 
-def vqgan_workdir(config: dict, workdir: str) -> str:
-  return config["cm3"]["vqgan_workdir"] or os.path.join(workdir, "vqgan")
-
-
 def write_samples(sampler, vqgan, codes_dir: str, out_dir: str, seed: int = 0) -> list[str]:
   """samples.png (4 images for each of 4 validation captions, top-p 0.9 without guidance, which
   small models draw better) and captions.txt (greedy captions of 8 validation images) in
@@ -87,12 +83,12 @@ def main(FLAGS):
   if FLAGS.num_images < 1 or FLAGS.num_captions < 1:
     raise ConfigError("--num_images and --num_captions must be at least 1")
   import jax
-  from cm3jax import sampling
+  from cm3jax import prepare, sampling
   from cm3jax.vqgan.tokenizer import ImageTokenizer
   cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
                                 FLAGS.cd_k, FLAGS.cd_alpha)
   sampler, config = sampling.load(FLAGS.workdir)
-  vqgan = ImageTokenizer.load(vqgan_workdir(config, FLAGS.workdir))
+  vqgan = ImageTokenizer.load(prepare.input_paths(config["cm3"], FLAGS.workdir)[0])
   key = jax.random.PRNGKey(FLAGS.seed)
   if FLAGS.prompt:
     codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,

@@ -7,21 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3jax import sharding
+from cm3jax import checkpoint, sharding
 from cm3jax.config import ConfigError
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, images_to_model_input, model_output_to_images
-
-
-def _directory(vqgan_workdir: str) -> str:
-  return os.path.join(os.path.abspath(vqgan_workdir), "checkpoints")
 
 
 def progress(vqgan_workdir: str) -> Optional[tuple[int, int]]:
   """(step of the newest VQGAN checkpoint, num_train_steps of its run), or None."""
   import orbax.checkpoint as ocp
-  if not os.path.isdir(_directory(vqgan_workdir)):
+  if not os.path.isdir(checkpoint.directory(vqgan_workdir)):
     return None
-  with ocp.CheckpointManager(_directory(vqgan_workdir), item_names=("state", "config")) as manager:
+  with ocp.CheckpointManager(checkpoint.directory(vqgan_workdir),
+                             item_names=("state", "config")) as manager:
     step = manager.latest_step()
     if step is None:
       return None
@@ -52,8 +49,8 @@ class ImageTokenizer:
       raise ConfigError(f"no VQGAN checkpoints in {vqgan_workdir}: train one with "
                         "python -m cm3jax.train_vqgan")
     step = saved[0]
-    directory = _directory(vqgan_workdir)
-    with ocp.CheckpointManager(directory, item_names=("state", "config")) as manager:
+    with ocp.CheckpointManager(checkpoint.directory(vqgan_workdir),
+                               item_names=("state", "config")) as manager:
       config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
     return cls(VQGANConfig.from_dict(config["config"]["vqgan"]), state["state"]["params"], step)
