@@ -56,7 +56,7 @@ class Checkpoints:
       return None
     saved = self.manager.restore(step, args=ocp.args.Composite(
         **{name: ocp.args.JsonRestore() for name in ("config", "vocab", "data")
-           if self._has(step, name)}))
+           if _holds(self.directory, step, name)}))
     self._check_compatible(saved["config"], step)
     self._check_vocab(saved.get("vocab"), step)
     try:
@@ -67,9 +67,6 @@ class Checkpoints:
                         f"train state (optimizer settings?): {str(e).splitlines()[0]}") from None
     data = saved.get("data")
     return restored["state"], (data["positions"] if data else None)
-
-  def _has(self, step: int, item: str) -> bool:
-    return os.path.isdir(os.path.join(self.directory, str(step), item))
 
   def _check_vocab(self, saved: Optional[dict], step: int):
     if self.vocab is None or saved is None:
@@ -100,6 +97,11 @@ def directory(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 
+def _holds(checkpoints_dir: str, step: int, item: str) -> bool:
+  """Whether checkpoint `step` has `item` (a vocabulary, data positions)."""
+  return os.path.isdir(os.path.join(checkpoints_dir, str(step), item))
+
+
 def latest_step(workdir: str) -> int:
   """The step of the newest checkpoint of a `cm3jax.train` workdir, or a ConfigError."""
   step = None
@@ -123,7 +125,7 @@ def saved_config(workdir: str, step: int) -> dict:
 
 def load_vocab(workdir: str, step: int) -> Vocab:
   """The vocabulary saved with checkpoint `step` of a token-model workdir."""
-  if not os.path.isdir(os.path.join(directory(workdir), str(step), "vocab")):
+  if not _holds(directory(workdir), step, "vocab"):
     raise ConfigError(f"the checkpoint in {workdir} (step {step}) has no vocabulary: it was "
                       "trained on synthetic data")
   return Vocab.from_json(_restore(workdir, step, vocab=ocp.args.JsonRestore())["vocab"])

@@ -150,17 +150,15 @@ class Attention(nn.Module):
     else:
       k_BxTxHxK, v_BxTxHxK = kv
       valid_BxT, index = context["valid"], context["index"]
-      k_BxTxHxK = jax.lax.dynamic_update_slice(k_BxTxHxK, k_BxLxHxK.astype(k_BxTxHxK.dtype),
-                                               (0, index, 0, 0))
-      v_BxTxHxK = jax.lax.dynamic_update_slice(v_BxTxHxK, v_BxLxHxK.astype(v_BxTxHxK.dtype),
-                                               (0, index, 0, 0))
+      # The cache holds the compute dtype (init_cache), as the keys and values do.
+      k_BxTxHxK = jax.lax.dynamic_update_slice(k_BxTxHxK, k_BxLxHxK, (0, index, 0, 0))
+      v_BxTxHxK = jax.lax.dynamic_update_slice(v_BxTxHxK, v_BxLxHxK, (0, index, 0, 0))
       kv = (k_BxTxHxK, v_BxTxHxK)
       T, L = k_BxTxHxK.shape[1], x_BxLxD.shape[1]
       causal_LxT = jnp.arange(T)[None, :] <= index + jnp.arange(L)[:, None]
       mask_Bx1xLxT = (causal_LxT[None] & valid_BxT[:, None, :])[:, None]
       o_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxTxHxK.astype(q_BxLxHxK.dtype), v_BxTxHxK.astype(q_BxLxHxK.dtype),
-          mask=mask_Bx1xLxT, implementation="xla")
+          q_BxLxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask_Bx1xLxT, implementation="xla")
     o_BxLxHxK = nn.with_logical_constraint(o_BxLxHxK, ACT_HEADS)
     w_HxKxD = _weight(self, "out", (H, K, D), ("heads", "kv", "embed"), _residual_out_init(cfg))
     return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD), kv
