@@ -181,12 +181,12 @@ class Sampler:
     dummy = np.array([EOS], np.int32)
     cond = [r.prompt for r in requests] + [dummy] * pad_rows
     uncond = [r.uncond_prompt for r in requests] + [dummy] * pad_rows if guided else []
-    length = max(len(p) for p in prompts)
-    length = -(-length // 16) * 16  # fewer distinct shapes, fewer compilations
-    if length + num_new > self.cfg.max_seq_len:
-      raise ConfigError(f"a prompt of {max(len(p) for p in prompts)} tokens and {num_new} new "
-                        f"tokens exceed the model's context of {self.cfg.max_seq_len}")
-    tokens, valid = _left_pad(cond + uncond, length)
+    longest = max(len(p) for p in prompts)
+    if longest + num_new > self.cfg.max_seq_len:
+      raise ConfigError(f"a prompt of {longest} tokens and {num_new} new tokens exceed the "
+                        f"model's context of {self.cfg.max_seq_len}")
+    # Left padding takes cache slots but no positions, so it may go past the context.
+    tokens, valid = _left_pad(cond + uncond, -(-longest // 16) * 16)  # fewer compilations
     keys = jnp.stack([r.key for r in requests] + [jax.random.PRNGKey(0)] * pad_rows)
     alpha = np.array([r.guidance for r in requests] + [1.0] * pad_rows, np.float32)
     valid = np.concatenate([valid, np.ones((len(valid), num_new), bool)], 1)

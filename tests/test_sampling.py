@@ -197,6 +197,8 @@ def test_bad_requests(sampler, vocab):
   with pytest.raises(ConfigError, match="a prompt of 90 tokens and 16 new tokens exceed the "
                      "model's context of 96"):
     sampler.generate([sampling.Request(long_prompt, key)], 16, "image")
+  # 81 tokens pad to 96 cache slots, but only 81 + 15 positions are used: that fits.
+  assert sampler.generate([sampling.Request(long_prompt[:81], key)], 15, "image").shape == (1, 15)
   for bad in (np.array([2, vocab.size]), np.array([2, -1])):
     with pytest.raises(ConfigError, match=r"prompt tokens must be integers in \[0, "):
       sampler.generate([sampling.Request(bad, key)], 4, "image")
