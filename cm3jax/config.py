@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
       text_vocab_size=56320,  # Pieces of a tokenizer trained here (4 specials included).
       max_spans=16,  # Sentinels in the vocabulary, and the most spans masked in one document.
       span_rate=1.0,  # Poisson rate of the number of masked spans per document.
+      # Documents whose one span is a whole caption or image: they train captioning by infilling
+      # and the unconditional stream of classifier-free guidance (`<sentinel:0> <break> image`).
+      whole_segment_rate=0.0,
       shuffle_buffer=10000,  # Records; files are shuffled too, every epoch.
       # Positions restart at every document and attention stays inside it (as when sampling
       # one document); False: metaseq's stream, attention across packed documents.

@@ -21,10 +21,10 @@ def get_config():
   c = base_config()
   c.data = "cm3"
   c.cm3.update(dataset="shapes", splits="train,validation,test", text_vocab_size=320,
-               document_attention=True)
+               document_attention=True, whole_segment_rate=0.5)
   c.seq_len = 256
   c.global_batch_size = 16
-  c.num_train_steps = 2000
+  c.num_train_steps = 3000
   c.log_every = 100
   c.eval_every = 500
   c.eval_steps = 8

@@ -1,6 +1,7 @@
 """The CM3 stream: masking properties (hypothesis), the span-count law, packing, exact resume,
 loss weights and the documents it skips."""
 
+import collections
 import json
 import math
 import os
@@ -47,8 +48,9 @@ def unmask(masked, vocab):
   return doc, spans
 
 
-def mask(doc, seed, vocab):
-  return cm3.cm3_mask(np.asarray(doc, np.int32), tf.constant(seed, tf.int64), vocab).numpy()
+def mask(doc, seed, vocab, **kwargs):
+  return cm3.cm3_mask(np.asarray(doc, np.int32), tf.constant(seed, tf.int64), vocab,
+                      **kwargs).numpy()
 
 
 def segment_tokens(vocab):
@@ -58,14 +60,15 @@ def segment_tokens(vocab):
 
 
 @settings(max_examples=150, deadline=None)
-@given(data=st.data(), seed=st.tuples(st.integers(0, 2**31), st.integers(0, 2**31)))
-def test_masking_properties(vocab, data, seed):
+@given(data=st.data(), seed=st.tuples(st.integers(0, 2**31), st.integers(0, 2**31)),
+       whole_segment_rate=st.sampled_from([0.0, 0.5, 1.0]))
+def test_masking_properties(vocab, data, seed, whole_segment_rate):
   segments = data.draw(segment_tokens(vocab))
   doc = [EOS]
   for i, seg in enumerate(segments):
     doc += ([vocab.break_id] if i else []) + seg
   maskable = sum(len(s) for s in segments)
-  masked = mask(doc, seed, vocab)
+  masked = mask(doc, seed, vocab, whole_segment_rate=whole_segment_rate)
   back, spans = unmask(masked, vocab)
   assert back == doc  # moving the spans back reproduces the document exactly
   assert len(masked) == len(doc) + 3 * len(spans)
@@ -73,7 +76,24 @@ def test_masking_properties(vocab, data, seed):
   for span in spans:  # non-empty, inside one segment: never crosses <break> or </s>
     assert span and all(vocab.is_text(t) or vocab.is_image(t) for t in span)
     assert any(span == seg[i:i + len(span)] for seg in segments for i in range(len(seg)))
-  np.testing.assert_array_equal(mask(doc, seed, vocab), masked)
+  np.testing.assert_array_equal(mask(doc, seed, vocab, whole_segment_rate=whole_segment_rate),
+                                masked)
+  if whole_segment_rate == 1.0 and maskable:
+    assert len(spans) == 1 and spans[0] in [seg for seg in segments if seg]
+
+
+def test_whole_segment_rate(vocab):
+  """2,000 documents at rate 0.3: about 30% get one whole-segment span, caption or image alike;
+  plain CM3 spans (length ~ uniform cut points over 80 tokens) almost never are one."""
+  caption, image = list(range(10, 50)), list(range(vocab.image_offset, vocab.image_offset + 40))
+  doc = [EOS] + caption + [vocab.break_id] + image
+  whole = collections.Counter()
+  for i in range(2000):
+    _, spans = unmask(mask(doc, (i, 3), vocab, whole_segment_rate=0.3), vocab)
+    if spans in ([caption], [image]):
+      whole["caption" if spans == [caption] else "image"] += 1
+  assert 540 <= whole["caption"] + whole["image"] <= 660, whole  # 600 +- 4.9 sigma
+  assert abs(whole["caption"] - whole["image"]) <= 120, whole
 
 
 def test_another_seed_masks_differently(vocab):

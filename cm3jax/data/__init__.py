@@ -1,8 +1,9 @@
 """Training data sources. A source yields this host's rows of every global batch as numpy arrays:
 `inputs`, `targets` (int32 [rows, seq_len]), `weights` (float32 [rows, seq_len]), `position`
 (int64 [rows, P]): where each row's data starts, and optionally `positions` and `segments`
-(int32 [rows, seq_len]): each token's position in its document and its document's id. A stream started at a saved position continues
-exactly, so a resumed run sees the batches it would have seen.
+(int32 [rows, seq_len]): each token's position in its document and its document's id. A stream
+started at a saved position continues exactly, so a resumed run sees the batches it would have
+seen.
 
   synthetic  random walks on a graph (cm3jax/data/synthetic.py); position = (step,)
   cm3        the CM3 stream over image-code shards (cm3jax/data/cm3.py), prepared by
@@ -44,6 +45,7 @@ class Source:
                        seq_len=config.seq_len, rows=rows, seed=seed,
                        position=cm3.START if position is None else cm3.Position(*position),
                        host=host[0], num_hosts=host[1], span_rate=config.cm3.span_rate,
+                       whole_segment_rate=config.cm3.whole_segment_rate,
                        shuffle_buffer=config.cm3.shuffle_buffer,
                        document_attention=config.cm3.document_attention)
 

@@ -45,7 +45,8 @@ def span_counts(seed, span_rate: float, max_spans: int):
   return tf.clip_by_value(n, 1, max_spans)
 
 
-def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Optional[int] = None):
+def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Optional[int] = None,
+             whole_segment_rate: float = 0.0):
   """CM3 causal masking of one document (tf ops; `seed` is a stateless seed of shape [2]).
 
   Draws n spans (see `span_counts`) as 2n distinct cut points among the maskable tokens (text
@@ -53,7 +54,9 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
   uniform spans conditioned on not overlapping. A span is cut short at the end of the segment it
   starts in, so it never crosses `<break>` or `</s>`. Each span is replaced in place by
   `<sentinel:i>` (in order of position) and appended as `<sentinel:i> span <eoss>`; a document with
-  fewer than 2n maskable tokens gets fewer spans. Returns int32 [len(tokens) + 3 * spans].
+  fewer than 2n maskable tokens gets fewer spans. With probability `whole_segment_rate` the
+  document instead gets one span: a whole segment (its caption or its image), drawn uniformly.
+  Returns int32 [len(tokens) + 3 * spans].
   """
   tf = tf_cpu.tensorflow()
   max_spans = vocab.num_sentinels if max_spans is None else max_spans
@@ -70,6 +73,16 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
   cuts = tf.reshape(tf.sort(tf.argsort(keys)[:2 * n]), [-1, 2])
   first, last = cuts[:, 0], cuts[:, 1]  # [first, last) in maskable-token coordinates
   segment = tf.gather(tf.cumsum(tf.cast(~maskable, tf.int32)), where)
+  if whole_segment_rate > 0:
+    whole_seed, pick_seed = tf.unstack(tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_fold_in(seed, 1), 2))
+    segment_starts = tf.cast(tf.where(tf.concat([[True], segment[1:] != segment[:-1]], 0))[:, 0],
+                             tf.int32)
+    pick = tf.random.stateless_uniform([], pick_seed, 0, tf.size(segment_starts), tf.int32)
+    whole = (tf.random.stateless_uniform([], whole_seed) < whole_segment_rate) & (count > 0)
+    # `last` = count is cut short at the end of the segment, below.
+    first, last = tf.cond(whole, lambda: (segment_starts[pick:pick + 1], count[None]),
+                          lambda: (first, last))
   last = tf.minimum(last, tf.searchsorted(segment, tf.gather(segment, first), side="right"))
   starts, ends = tf.gather(where, first), tf.gather(where, last - 1) + 1
 
@@ -122,7 +135,8 @@ def stream_seed(seed: Sequence[int], split: str, host: int) -> int:
 
 def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
             seed: Sequence[int], position: Position = START, host: int = 0, num_hosts: int = 1,
-            span_rate: float = 1.0, shuffle_buffer: int = 10_000, repeat: bool = True,
+            span_rate: float = 1.0, whole_segment_rate: float = 0.0,
+            shuffle_buffer: int = 10_000, repeat: bool = True,
             document_attention: bool = False):
   """A tf.data.Dataset of this host's batches from `position` on: `inputs`, `targets` (int32),
   `weights` (float32) of shape [rows, seq_len], `position` (int64 [rows, 3]) and, with
@@ -167,7 +181,7 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
     doc = tf.ensure_shape(doc, [None])
     masked = tf.cond(tf.size(doc) > 0,
                      lambda: cm3_mask(doc, tf.stack([base_seed, epoch * 2**32 + index]), vocab,
-                                      span_rate),
+                                      span_rate, whole_segment_rate=whole_segment_rate),
                      lambda: doc)
     first = tf.cast(tf.logical_and(epoch == position.epoch, index == position.index), tf.int32)
     offset = first * position.offset
