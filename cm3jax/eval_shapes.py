@@ -146,10 +146,8 @@ def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
   results = {"split": split, "examples": len(captions)}
   # The ceiling of text->image: how many of the split's own codes decode to a readable image.
-  readable = 0
-  for start in range(0, len(captions), batch_size):
-    images = vqgan.decode(codes[start:start + batch_size])
-    readable += sum(analyse(im) == t for im, t in zip(images, truths[start:start + batch_size]))
+  readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
+                 for start in range(0, len(captions), batch_size))
   results["VQGAN reconstructions"] = readable / len(captions)
   for name, (guidance, fields) in (settings or SETTINGS).items():
     cfg = sampling.SamplingConfig(**fields)
@@ -159,8 +157,7 @@ def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed
       generated = sampling.text_to_image(sampler, batch, 1, vqgan.cfg.tokens_per_image,
                                          jax.random.fold_in(image_key, start), guidance,
                                          cfg)[:, 0]
-      images = vqgan.decode(generated)
-      right += sum(analyse(im) == t for im, t in zip(images, truths[start:start + batch_size]))
+      right += _shown(vqgan, generated, truths[start:start + batch_size])
     results[f"text_to_image, {name}"] = right / len(captions)
   right, examples = 0, []
   for start in range(0, len(captions), batch_size):
@@ -171,6 +168,11 @@ def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed
   results["image_to_text, greedy"] = right / len(captions)
   results["caption examples"] = [f"{got!r} for {want!r}" for got, want in zip(examples, captions)]
   return results
+
+
+def _shown(vqgan, codes, truths) -> int:
+  """How many of these images' codes decode to an image that the analyser reads as its truth."""
+  return sum(analyse(image) == truth for image, truth in zip(vqgan.decode(codes), truths))
 
 
 def _define_flags():
