@@ -19,17 +19,25 @@ def cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss_coef: floa
   Targets with weight 0 (sentinels, padding) contribute nothing. Divide by `weight` to get the
   mean over weighted targets.
   """
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-  weights_BxL = weights_BxL.astype(jnp.float32)
-  log_z_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-  target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  correct_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
-  return {
-      "loss": jnp.sum((log_z_BxL - target_logit_BxL) * weights_BxL),
-      "z_loss": z_loss_coef * jnp.sum(jnp.square(log_z_BxL) * weights_BxL),
-      "correct": jnp.sum(correct_BxL * weights_BxL),
-      "weight": jnp.sum(weights_BxL),
-  }
+  V = logits_BxLxV.shape[-1]
+  sums, _ = _sums_and_log_z(logits_BxLxV.reshape(-1, V).astype(jnp.float32),
+                            targets_BxL.reshape(-1), weights_BxL.reshape(-1).astype(jnp.float32),
+                            z_loss_coef)
+  return sums
+
+
+def _sums_and_log_z(logits_NxV, targets_N, weights_N, z_loss_coef):
+  """The sums of `cross_entropy_sums` and log Z, in two passes over float32 logits: an argmax
+  (which also gives the maximum) and the sum of exponentials."""
+  argmax_N = jnp.argmax(logits_NxV, axis=-1)
+  max_N = jax.lax.stop_gradient(jnp.take_along_axis(logits_NxV, argmax_N[:, None], -1)[:, 0])
+  log_z_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - max_N[:, None]), axis=-1))
+  target_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
+  sums = {"loss": jnp.sum((log_z_N - target_N) * weights_N),
+          "z_loss": z_loss_coef * jnp.sum(jnp.square(log_z_N) * weights_N),
+          "correct": jnp.sum((argmax_N == targets_N) * weights_N),
+          "weight": jnp.sum(weights_N)}
+  return sums, log_z_N
 
 
 def head_cross_entropy(x_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss_coef: float,
@@ -55,17 +63,13 @@ def _chunk_pass(head_DxV, z_loss_coef, dhead_DxV, chunk):
   x_CxD = x_BxCxD.reshape(-1, x_BxCxD.shape[-1])
   targets_C, weights_C = targets_BxC.reshape(-1), weights_BxC.reshape(-1)
   logits_CxV = jnp.einsum("cd,dv->cv", x_CxD, head_DxV, preferred_element_type=jnp.float32)
-  log_z_C = jax.nn.logsumexp(logits_CxV, axis=-1)
-  target_C = jnp.take_along_axis(logits_CxV, targets_C[:, None], axis=-1)[:, 0]
-  sums = {"loss": jnp.sum((log_z_C - target_C) * weights_C),
-          "z_loss": z_loss_coef * jnp.sum(jnp.square(log_z_C) * weights_C),
-          "correct": jnp.sum((jnp.argmax(logits_CxV, -1) == targets_C) * weights_C),
-          "weight": jnp.sum(weights_C)}
-  # d/dlogits of w * (log Z - target) + c * w * (log Z)^2 = w * (1 + 2c log Z) * p - w * onehot
+  sums, log_z_C = _sums_and_log_z(logits_CxV, targets_C, weights_C, z_loss_coef)
+  # d/dlogits of w * (log Z - target) + c * w * (log Z)^2 = w * (1 + 2c log Z) * p - w * onehot,
+  # one elementwise pass from the float32 logits to the operand dtype (no scatter of the onehot).
   scale_C = weights_C * (1.0 + 2.0 * z_loss_coef * log_z_C)
-  dlogits_CxV = jnp.exp(logits_CxV - log_z_C[:, None]) * scale_C[:, None]
-  dlogits_CxV = dlogits_CxV.at[jnp.arange(len(targets_C)), targets_C].add(-weights_C)
-  dlogits_CxV = dlogits_CxV.astype(x_CxD.dtype)
+  onehot_CxV = jnp.arange(logits_CxV.shape[-1])[None, :] == targets_C[:, None]
+  dlogits_CxV = (jnp.exp(logits_CxV - log_z_C[:, None]) * scale_C[:, None]
+                 - jnp.where(onehot_CxV, weights_C[:, None], 0.0)).astype(x_CxD.dtype)
   dx_CxD = jnp.einsum("cv,dv->cd", dlogits_CxV, head_DxV, preferred_element_type=jnp.float32)
   dhead_DxV = dhead_DxV + jnp.einsum("cd,cv->dv", x_CxD, dlogits_CxV,
                                      preferred_element_type=jnp.float32)

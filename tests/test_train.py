@@ -33,6 +33,7 @@ def test_zero_weight_targets_do_not_count():
   logits = jnp.zeros((1, 3, 4)).at[0, 2, 0].set(50.0)
   sums = loss.cross_entropy_sums(logits, jnp.array([[1, 1, 1]]), jnp.array([[1.0, 1.0, 0.0]]))
   np.testing.assert_allclose(sums["loss"] / sums["weight"], np.log(4), rtol=1e-6)
+  assert sums["correct"] == 0  # tied logits: the prediction is the first of them, as argmax's
 
 
 def test_loss_fused_with_the_head_equals_the_plain_loss():
