@@ -85,8 +85,9 @@ def test_eval_shapes_scores_the_test_split(main_job):
   saved = json.load(open(workdir / "eval_shapes_test.json"))
   assert saved["examples"] == 16
   assert all(0 <= v <= 1 for v in saved.values() if isinstance(v, float))
-  assert {"VQGAN reconstructions", "text_to_image, greedy, no guidance", "text_to_image, top-p 0.9, CFG 1.5",
-          "text_to_image, CD-K (k=1, alpha=0.1)", "image_to_text, greedy"} <= set(saved)
+  assert {"VQGAN reconstructions", "text_to_image, greedy, no guidance",
+          "text_to_image, top-p 0.9, CFG 1.5", "text_to_image, CD-K (k=1, alpha=0.1)",
+          "image_to_text, greedy"} <= set(saved)
 
 
 def _one_line_error(result, tool, message):
