@@ -172,7 +172,10 @@ class Mlp(nn.Module):
     cfg = self.cfg
     D, F = cfg.d_model, cfg.mlp_dim
     wi_DxF = _weight(self, "wi", (D, F), ("embed", "mlp"), truncated_normal(cfg.init_std))
-    h_BxLxF = ACTIVATIONS[cfg.activation](jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF))
+    # Recomputed from its input in the backward pass: otherwise autodiff keeps intermediates
+    # of the activation (exact GELU's erf term: one more [B, L, F] write and read).
+    activation = jax.checkpoint(ACTIVATIONS[cfg.activation])
+    h_BxLxF = activation(jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("act_batch", "act_len", "act_mlp"))
     wo_FxD = _weight(self, "wo", (F, D), ("mlp", "embed"), _residual_out_init(cfg))
     return jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD)

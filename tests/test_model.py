@@ -137,6 +137,19 @@ def test_activation_is_used():
   assert not np.allclose(outs["gelu"], outs["gelu_tanh"], atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", list(model_lib.ACTIVATIONS))
+def test_mlp_saves_only_the_pre_activation_and_its_output_for_backward(activation):
+  # Autodiff alone would also keep the activation's intermediates (the erf term of exact GELU,
+  # five arrays for tanh GELU): each one more [B, L, F] write and read per layer.
+  cfg, _ = make(activation=activation)
+  mlp = model_lib.Mlp(cfg)
+  x_BxLxD = jax.random.normal(jax.random.PRNGKey(0), (2, 16, cfg.d_model))
+  params = mlp.init(jax.random.PRNGKey(1), x_BxLxD)
+  _, backward = jax.vjp(lambda p: mlp.apply(p, x_BxLxD), params)
+  saved = [a for a in jax.tree.leaves(backward) if a.shape == (2, 16, cfg.mlp_dim)]
+  assert len(saved) == 2
+
+
 def test_explicit_positions_match_default():
   _, model = make()
   params = nontrivial(flax.linen.unbox(init(model)))
