@@ -2,13 +2,15 @@
 
 Two ways to the same sums: from logits (`cross_entropy_sums`), or fused with the LM head
 (`head_cross_entropy`), which never holds the [tokens, vocab] logits: it scans over chunks of
-tokens and computes each chunk's gradients in the forward pass, so nothing is recomputed.
+tokens and computes each chunk's gradients in the forward pass, so nothing is recomputed. Both
+get log Z and the argmax from one pass over the logits.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SUM_KEYS = ("loss", "z_loss", "correct", "weight")
 
@@ -27,17 +29,44 @@ def cross_entropy_sums(logits_BxLxV, targets_BxL, weights_BxL, z_loss_coef: floa
 
 
 def _sums_and_log_z(logits_NxV, targets_N, weights_N, z_loss_coef):
-  """The sums of `cross_entropy_sums` and log Z, in two passes over float32 logits: an argmax
-  (which also gives the maximum) and the sum of exponentials."""
-  argmax_N = jnp.argmax(logits_NxV, axis=-1)
-  max_N = jax.lax.stop_gradient(jnp.take_along_axis(logits_NxV, argmax_N[:, None], -1)[:, 0])
-  log_z_N = max_N + jnp.log(jnp.sum(jnp.exp(logits_NxV - max_N[:, None]), axis=-1))
+  """The sums of `cross_entropy_sums` and log Z."""
+  log_z_N, argmax_N = _log_z_and_argmax(logits_NxV)
   target_N = jnp.take_along_axis(logits_NxV, targets_N[:, None], axis=-1)[:, 0]
   sums = {"loss": jnp.sum((log_z_N - target_N) * weights_N),
           "z_loss": z_loss_coef * jnp.sum(jnp.square(log_z_N) * weights_N),
           "correct": jnp.sum((argmax_N == targets_N) * weights_N),
           "weight": jnp.sum(weights_N)}
   return sums, log_z_N
+
+
+@jax.custom_jvp
+def _log_z_and_argmax(logits_NxV):
+  """log Z and the argmax (first index of ties) of each row, in one pass over the logits: a
+  reduction that carries (running max, sum of exponentials below it, index of the max)."""
+  V = logits_NxV.shape[-1]
+
+  def combine(a, b):
+    (max_a, sum_a, arg_a), (max_b, sum_b, arg_b) = a, b
+    max_ab = jnp.maximum(max_a, max_b)
+    sum_ab = sum_a * jnp.exp(max_a - max_ab) + sum_b * jnp.exp(max_b - max_ab)
+    a_first = (max_a > max_b) | ((max_a == max_b) & (arg_a < arg_b))
+    return max_ab, sum_ab, jnp.where(a_first, arg_a, arg_b)
+
+  # A finite lowest maximum: exp(-inf - -inf) would be nan where two initial values meet.
+  init = (jnp.finfo(logits_NxV.dtype).min, jnp.zeros((), logits_NxV.dtype), jnp.int32(V))
+  max_N, sum_N, argmax_N = jax.lax.reduce(
+      (logits_NxV, jnp.ones_like(logits_NxV),
+       jax.lax.broadcasted_iota(jnp.int32, logits_NxV.shape, 1)), init, combine, (1,))
+  return max_N + jnp.log(sum_N), argmax_N
+
+
+@_log_z_and_argmax.defjvp
+def _log_z_and_argmax_jvp(primals, tangents):
+  (logits_NxV,), (dlogits_NxV,) = primals, tangents
+  log_z_N, argmax_N = _log_z_and_argmax(logits_NxV)
+  softmax_NxV = jnp.exp(logits_NxV - log_z_N[:, None])
+  return (log_z_N, argmax_N), (jnp.sum(softmax_NxV * dlogits_NxV, axis=-1),
+                               np.zeros(argmax_N.shape, jax.dtypes.float0))
 
 
 def head_cross_entropy(x_BxLxD, head_DxV, targets_BxL, weights_BxL, z_loss_coef: float,

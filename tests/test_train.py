@@ -29,6 +29,22 @@ def test_cross_entropy_sums_match_numpy():
   assert sums["weight"] == weights.sum()
 
 
+def test_cross_entropy_gradient_is_weighted_softmax_minus_onehot():
+  rng = np.random.default_rng(1)
+  # Logits far from 0 too: log Z must not overflow.
+  logits = jnp.asarray(rng.normal(size=(2, 3, 6)) * 3 + np.array([0.0, 1e3])[:, None, None],
+                       jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 6, size=(2, 3)))
+  weights = jnp.asarray([[1.0, 0.0, 2.0], [1.0, 1.0, 0.5]])
+  objective = lambda l: sum(loss.cross_entropy_sums(l, targets, weights, 1e-3)[k]
+                            for k in ("loss", "z_loss"))
+  log_z = jax.nn.logsumexp(logits, -1, keepdims=True)
+  want = weights[..., None] * ((1 + 2e-3 * log_z) * jnp.exp(logits - log_z)
+                               - jax.nn.one_hot(targets, 6))
+  np.testing.assert_allclose(jax.grad(objective)(logits), want, rtol=1e-5, atol=1e-6)
+  assert np.isfinite(objective(logits))
+
+
 def test_zero_weight_targets_do_not_count():
   logits = jnp.zeros((1, 3, 4)).at[0, 2, 0].set(50.0)
   sums = loss.cross_entropy_sums(logits, jnp.array([[1, 1, 1]]), jnp.array([[1.0, 1.0, 0.0]]))
