@@ -75,6 +75,19 @@ def run(config, steps):
   return seconds, (mem.argument_size_in_bytes + mem.temp_size_in_bytes) / 2**30
 
 
+def settings():
+  """(the table row's first cells, config) for each combination of the grid flags."""
+  for size, batch, remat, attention, scan, chunk in itertools.product(
+      _SIZES.value, _BATCH.value, _REMAT.value, _ATTENTION.value, _SCAN.value, _CE_CHUNK.value):
+    config = size_config(size)
+    config.global_batch_size = int(batch)
+    config.grad_accum_steps = 1
+    config.cross_entropy_chunk = int(chunk)
+    config.model.update(remat_policy=remat, attention=attention, scan_layers=scan == "true",
+                        activation=_ACTIVATION.value)
+    yield f"| {size} | {batch} | {remat} | {attention} | {scan} | {chunk} |", config
+
+
 def main(_):
   ceiling = matmul_tflops()
   device = jax.devices()[0]
@@ -84,15 +97,7 @@ def main(_):
            "| size | batch | remat | attention | scan | ce_chunk | step s | tokens/s | "
            "TFLOP/s/device | MFU | memory GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   print("\n".join(lines), flush=True)
-  for size, batch, remat, attention, scan, chunk in itertools.product(
-      _SIZES.value, _BATCH.value, _REMAT.value, _ATTENTION.value, _SCAN.value, _CE_CHUNK.value):
-    config = size_config(size)
-    config.global_batch_size = int(batch)
-    config.grad_accum_steps = 1
-    config.cross_entropy_chunk = int(chunk)
-    config.model.update(remat_policy=remat, attention=attention, scan_layers=scan == "true",
-                        activation=_ACTIVATION.value)
-    row = f"| {size} | {batch} | {remat} | {attention} | {scan} | {chunk} |"
+  for row, config in settings():
     try:
       seconds, gib = run(config, _STEPS.value)
     except Exception as e:  # One failing setting (OOM, unsupported kernel) must not hide the rest.
