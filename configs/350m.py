@@ -14,7 +14,9 @@ Measured: 39.4 GiB per chip on v5p:4x4x2, from a CPU machine with libtpu install
 On one H100 (benchmarks/train_step.py, synthetic batches of 8 x 4096, GELU, the loss fused with
 the head, layers unrolled, no remat: --config.model.scan_layers=False
 --config.model.remat_policy=none): 150.9k tokens/s, 54% of the measured bf16 ceiling, 1.40x the
-PyTorch peer measured beside it (benchmarks/RESULTS.md).
+PyTorch peer measured beside it (benchmarks/RESULTS.md). That was before three changes that cut
+its HBM traffic; compiled for an H100 without one, they are estimated at 1.53 to 1.57x, not yet
+measured (benchmarks/gpu_compile.py).
 """
 
 from cm3jax.config import paper_config

@@ -11,9 +11,9 @@ that is their whole caption or image (cm3.whole_segment_rate), which teaches cap
 unconditional stream of guidance.
 Expected: 1.18M parameters. Measured on a 2-core CPU from a fresh clone: 28 min 59 s in all
 (VQGAN 6 min 53 s, 31.6 dB; codes 24 s; this model about 21 min at 9.7k tokens/s); validation
-loss 1.302 at step 500, 1.009 at 1000, 0.763 at 2000 and 0.636 at 3000. eval_shapes on the
-validation split: text->image 44.8% (greedy), 30.1% (top-p 0.9), captions 66.1%; on the held-out
-test compositions: 0.2%, 0.5% and 0.0% (VQGAN reconstructions of the test images: 87.5%).
+loss 1.323 at step 500, 1.012 at 1000, 0.758 at 2000 and 0.633 at 3000. eval_shapes on the
+validation split: text->image 46.0% (greedy), 29.3% (top-p 0.9), captions 68.2%; on the held-out
+test compositions: 0.4%, 0.4% and 0.0% (VQGAN reconstructions of the test images: 87.5%).
 """
 
 from cm3jax.config import base_config
