@@ -9,8 +9,8 @@ the train, validation and test images into codes, train a 320-piece sentencepiec
 the captions, then train this model with the CM3 objective; half the documents get one span
 that is their whole caption or image (cm3.whole_segment_rate), which teaches captioning and the
 unconditional stream of guidance.
-Expected: 1.18M parameters. Measured on a 2-core CPU from a fresh clone: 28 min 59 s in all
-(VQGAN 6 min 53 s, 31.6 dB; codes 24 s; this model about 21 min at 9.7k tokens/s); validation
+Expected: 1.18M parameters. Measured on a 2-core CPU from a fresh clone: 27 min 45 s in all
+(VQGAN 7 min 31 s, 31.6 dB; codes 23 s; this model about 20 min at 10.6k tokens/s); validation
 loss 1.323 at step 500, 1.012 at 1000, 0.758 at 2000 and 0.633 at 3000. eval_shapes on the
 validation split: text->image 46.0% (greedy), 29.3% (top-p 0.9), captions 68.2%; on the held-out
 test compositions: 0.4%, 0.4% and 0.0% (VQGAN reconstructions of the test images: 87.5%).
