@@ -179,7 +179,7 @@ def h100():
 def main(_):
   if "auto" in train_step._ATTENTION.value:
     raise SystemExit("--attention=auto picks XLA's attention on a machine without a GPU: "
-                         "name it, e.g. --attention=cudnn")
+                     "name it, e.g. --attention=cudnn")
   devices = h100()
   print(f"target: {devices[0].device_kind} (compiled here, nothing run); jax {jax.__version__}; "
         f"roofline at {HBM_BYTES_PER_S / 1e12:.1f} TB/s and "
