@@ -15,7 +15,7 @@ On one H100 (benchmarks/train_step.py, synthetic batches of 8 x 4096, GELU, the 
 the head, layers unrolled, no remat: --config.model.scan_layers=False
 --config.model.remat_policy=none): 150.9k tokens/s, 54% of the measured bf16 ceiling, 1.40x the
 PyTorch peer measured beside it (benchmarks/RESULTS.md). That was before three changes that cut
-its HBM traffic; compiled for an H100 without one, they are estimated at 1.53 to 1.57x, not yet
+its HBM traffic; compiled for an H100 without one, they are estimated at 1.45 to 1.57x, not yet
 measured (benchmarks/gpu_compile.py).
 """
 
