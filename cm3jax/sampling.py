@@ -187,7 +187,10 @@ class Sampler:
                         f"model's context of {self.cfg.max_seq_len}")
     # Left padding takes cache slots but no positions, so it may go past the context.
     tokens, valid = _left_pad(cond + uncond, -(-longest // 16) * 16)  # fewer compilations
-    keys = jnp.stack([r.key for r in requests] + [jax.random.PRNGKey(0)] * pad_rows)
+    # One transfer, then one host array: jnp.stack of many keys compiles an N-operand
+    # concatenation (44 s for 8,000 keys on the CPU).
+    keys = np.stack(jax.device_get([r.key for r in requests]
+                                   + [jax.random.PRNGKey(0)] * pad_rows))
     alpha = np.array([r.guidance for r in requests] + [1.0] * pad_rows, np.float32)
     valid = np.concatenate([valid, np.ones((len(valid), num_new), bool)], 1)
     with sharding.use_mesh(self.mesh):

@@ -45,6 +45,7 @@ class Setup:
   batch_sharding: jax.sharding.NamedSharding
   init_state: Callable  # rng -> TrainState, created already sharded.
   train_step: Callable  # (state, batch) -> (state, metrics); the state is donated.
+  gradients: Callable  # (params, batch) -> (gradients of the mean loss, loss sums).
   eval_step: Callable  # (params, batch) -> loss sums.
 
 
@@ -79,23 +80,28 @@ def setup(config, devices=None) -> Setup:
     (_, sums), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, sums
 
-  def train_step(state, batch):
+  def gradients(params, batch):
+    """Gradients of the batch's mean loss per weighted target, and the loss sums."""
     accum = config.grad_accum_steps
     if accum == 1:
-      grads, sums = loss_and_grads(state.params, batch)
+      grads, sums = loss_and_grads(params, batch)
     else:
       # Microbatch i takes rows i, i+accum, ...: every device keeps its share of each microbatch.
       micro = jax.tree.map(lambda x: x.reshape(-1, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
       def add_microbatch(total, mb):
         mb = nn.with_logical_constraint(mb, sharding.BATCH_AXES)
-        return jax.tree.map(jnp.add, total, loss_and_grads(state.params, mb)), None
+        return jax.tree.map(jnp.add, total, loss_and_grads(params, mb)), None
 
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
-          loss_and_grads, state.params, jax.tree.map(lambda x: x[0], micro)))
+          loss_and_grads, params, jax.tree.map(lambda x: x[0], micro)))
       (grads, sums), _ = jax.lax.scan(add_microbatch, zeros, micro)
     weight = jnp.maximum(sums["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
+    return jax.tree.map(lambda g: g / weight, grads), sums
+
+  def train_step(state, batch):
+    grads, sums = gradients(state.params, batch)
+    weight = jnp.maximum(sums["weight"], 1.0)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight,
                "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
@@ -116,6 +122,8 @@ def setup(config, devices=None) -> Setup:
       init_state=jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding),
       train_step=jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                          out_shardings=(state_sharding, replicated), donate_argnums=0),
+      gradients=jax.jit(gradients, in_shardings=(state_sharding.params, batch_sharding),
+                        out_shardings=(state_sharding.params, replicated)),
       eval_step=jax.jit(eval_step, in_shardings=(state_sharding.params, batch_sharding),
                         out_shardings=replicated),
   )

@@ -1,12 +1,15 @@
 """Ahead-of-time compilation for TPU topologies on this CPU machine, through libtpu."""
 
+import os
+import subprocess
+import sys
+
+import libtpu  # noqa: F401  (requirements-test.txt installs it: a missing one fails, not skips)
 import pytest
 
 from cm3jax import hardware, train
 from cm3jax.config import ConfigError
-from tests.conftest import tiny_config
-
-pytest.importorskip("libtpu", reason="requirements-test.txt installs libtpu")
+from tests.conftest import REPO, tiny_config
 
 
 def test_compile_only_reports_memory_and_flops(capsys):
@@ -24,6 +27,21 @@ def test_compile_only_reports_a_step_that_does_not_fit(capsys):
   config = tiny_config(global_batch_size=2**19, seq_len=32)
   assert not train.compile_only(config, "v5e:2x2")
   assert "the train step DOES NOT FIT v5e:2x2" in capsys.readouterr().out
+
+
+def test_the_command_exits_1_when_the_step_does_not_fit():
+  def compile_only(batch):
+    return subprocess.run(
+        [sys.executable, "-m", "cm3jax.train", "--config=configs/tiny.py", "--compile_only",
+         "--topology=v5e:2x2", "--config.data=synthetic", "--config.seq_len=32",
+         f"--config.global_batch_size={batch}"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+        timeout=300)
+  too_big = compile_only(2**19)
+  assert too_big.returncode == 1, too_big.stderr[-2000:]
+  assert "the train step DOES NOT FIT v5e:2x2" in too_big.stdout
+  fits = compile_only(16)
+  assert fits.returncode == 0 and "16.0 GiB HBM: fits" in fits.stdout, fits.stderr[-2000:]
 
 
 def test_tensor_parallel_mesh_on_a_pod():

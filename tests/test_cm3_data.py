@@ -7,11 +7,10 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 
-tf = pytest.importorskip("tensorflow")
-
-from cm3jax import train_tokenizer  # noqa: E402
+from cm3jax import train_tokenizer
 from cm3jax.config import ConfigError  # noqa: E402
 from cm3jax.data import cm3, code_shards, shapes  # noqa: E402
 from cm3jax.vocab import EOS, Vocab  # noqa: E402
@@ -191,13 +190,36 @@ def test_document_attention_restarts_positions_at_every_document(vocab, tmp_path
   assert "positions" not in next(stream(tmp_path, vocab))
 
 
-def test_resume_mid_epoch_continues_with_identical_batches(vocab, tmp_path):
-  write_shards(tmp_path, "train", random_records(60))  # 2 shards; 12 batches cross 2 epochs
-  first = stream(tmp_path, vocab)
+def record_keys(records) -> list[bytes]:
+  spec = {"key": tf.io.FixedLenFeature([], tf.string)}
+  return [tf.io.parse_single_example(r, spec)["key"].numpy() for r in records]
+
+
+@pytest.mark.parametrize("num_hosts", [2, 3])
+def test_the_hosts_of_a_run_partition_every_epoch(tmp_path, num_hosts):
+  records = random_records(61)
+  write_shards(tmp_path, "train", records, shard_size=9)  # 7 files, the last of 7 records
+  paths = code_shards.shard_paths(str(tmp_path), "train")
+  every = sorted(f"{i}".encode() for i in range(len(records)))
+  orders = []
+  for epoch in range(3):
+    shares = [record_keys(cm3.epoch_records(paths, epoch, (0, 1), "train", host, num_hosts, 100))
+              for host in range(num_hosts)]
+    assert sorted(sum(shares, [])) == every  # each record once, on one host
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    orders.append(shares[0])
+  assert orders[0] != orders[1] != orders[2]  # every epoch is shuffled anew
+
+
+@pytest.mark.parametrize("host, num_hosts", [(0, 1), (1, 2), (2, 3)])
+def test_resume_mid_epoch_continues_with_identical_batches(vocab, tmp_path, host, num_hosts):
+  write_shards(tmp_path, "train", random_records(60), shard_size=20)  # 12 batches cross epochs
+  first = stream(tmp_path, vocab, host=host, num_hosts=num_hosts)
   batches = [next(first) for _ in range(12)]
   assert batches[-1]["position"][-1][0] >= 1
   for k in (3, 7):
-    resumed = stream(tmp_path, vocab, position=cm3.Position(*batches[k]["position"][0]))
+    resumed = stream(tmp_path, vocab, host=host, num_hosts=num_hosts,
+                     position=cm3.Position(*batches[k]["position"][0]))
     for want in batches[k:]:
       got = next(resumed)
       for key in want:

@@ -4,6 +4,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from cm3jax import checkpoint, export, sampling, sharding, train, train_tokenizer
 from cm3jax import model as model_lib
@@ -19,9 +22,6 @@ from cm3jax.data import shapes
 from cm3jax.vocab import EOS, PAD, Vocab
 from tests.conftest import REPO, tiny_config
 from tests.test_model import nontrivial
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
@@ -94,16 +94,32 @@ def test_transformers_logits_and_greedy_tokens_equal_cm3jax(activation, scan, vo
     np.testing.assert_array_equal(theirs, row)
 
 
-def test_jax_to_pytorch_to_jax_is_bitwise(vocab, vqgan_workdir, tmp_path):
+@pytest.mark.parametrize("dtype, saved_as", [("float32", "model.safetensors"),
+                                             ("bfloat16", "pytorch_model.bin")])
+def test_jax_to_pytorch_to_jax_through_torch(vocab, vqgan_workdir, tmp_path, dtype, saved_as):
+  """The export loaded by transformers, saved by torch (save_pretrained, or its state_dict as
+  pytorch_model.bin) and imported: the parameters come back bitwise, rounded to `dtype`."""
   _, params = make_workdir(tmp_path / "run", vocab, vqgan_workdir)
-  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
-  export.import_opt(out, str(tmp_path / "back"), tiny_config(data="cm3"))
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"), dtype=dtype)
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  hf = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch_dtype)
+  saved = tmp_path / "torch"
+  if saved_as == "model.safetensors":
+    hf.save_pretrained(saved)
+  else:
+    saved.mkdir()
+    torch.save(hf.state_dict(), saved / "pytorch_model.bin")
+    shutil.copy(os.path.join(out, "config.json"), saved)
+  assert sorted(f for f in os.listdir(saved) if f.startswith(("model", "pytorch"))) == [saved_as]
+  shutil.copytree(os.path.join(out, "tokenizer"), saved / "tokenizer")
+  export.import_opt(str(saved), str(tmp_path / "back"), tiny_config(data="cm3"))
   step = checkpoint.latest_step(str(tmp_path / "back"))
   config = checkpoint.saved_config(str(tmp_path / "back"), step)
   cfg = model_lib.ModelConfig.from_dict(config["model"])
   again = checkpoint.restore_params(str(tmp_path / "back"), step,
                                     sampling.abstract_params(cfg, sampling.default_mesh()))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), params)
+  rounded = jax.tree.map(lambda p: np.asarray(jnp.asarray(p).astype(dtype), np.float32), params)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), rounded)
   assert checkpoint.load_vocab(str(tmp_path / "back"), step) == vocab
 
 

@@ -10,8 +10,6 @@ import pytest
 
 from tests.conftest import REPO
 
-pytest.importorskip("tensorflow_datasets")
-
 
 def run(module, *args):
   return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,

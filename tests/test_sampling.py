@@ -6,12 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from cm3jax import model as model_lib
-from cm3jax import sampling, train_tokenizer
+from cm3jax import sampling, sharding, train, train_tokenizer
 from cm3jax.config import ConfigError
 from cm3jax.data import shapes
 from cm3jax.vocab import EOS, PAD, Vocab
+from tests.conftest import tiny_config
 from tests.test_model import nontrivial
 
 CODES = 64
@@ -92,10 +94,83 @@ def test_guidance_and_contrastive_top_k_match_numpy():
                                rtol=1e-5, atol=1e-5)
 
 
+def last_token_sampler(vocab, logits_after: dict[int, np.ndarray]) -> sampling.Sampler:
+  """A sampler whose model's next-token logits depend on the last token alone: `logits_after[t]`
+  after token t. The attention and MLP outputs are zero (zero_init_residual) and positions are
+  0, so the final hidden state is LayerNorm(embed[t]); each given t gets its own orthogonal,
+  zero-mean, unit-variance embedding and the head maps it to its logits."""
+  cfg = model_config(vocab)
+  params = flax.linen.unbox(model_lib.Decoder(cfg).init(jax.random.PRNGKey(0),
+                                                        jnp.zeros((1, 4), jnp.int32))["params"])
+  D = cfg.d_model
+  embed, head = np.zeros((cfg.vocab_size, D), np.float32), np.zeros((D, cfg.vocab_size), np.float32)
+  for i, (token, logits) in enumerate(logits_after.items()):
+    u = np.zeros(D, np.float32)
+    u[2 * i], u[2 * i + 1] = np.sqrt(D / 2), -np.sqrt(D / 2)
+    embed[token] = u
+    head += np.outer(u, logits) / D
+  params = dict(params, embed=jnp.asarray(embed), lm_head=jnp.asarray(head),
+                pos_embed=jnp.zeros_like(params["pos_embed"]))
+  return sampling.Sampler(cfg, params, vocab)
+
+
+def image_logits(vocab, size, **codes) -> np.ndarray:
+  """Logits over `size` ids: -30 everywhere but at the named image codes (c5=2.0: code 5)."""
+  logits = np.full(size, -30.0, np.float32)
+  for name, value in codes.items():
+    logits[vocab.image_offset + int(name[1:])] = value
+  return logits
+
+
+COND_TOKEN, UNCOND_TOKEN = 10, 11  # the last tokens of the two streams' prompts
+
+
+def test_guidance_moves_probability_toward_the_conditional_stream(vocab):
+  """The first image code under guidance alpha, drawn 2,000 times per alpha: alpha = 1 samples
+  the conditional stream and alpha = 0 the unconditional one (each checked against its own
+  softmax, not against the guidance formula); alpha > 1 goes beyond the conditional stream in
+  the direction it differs from the unconditional one, and alpha < 1 falls back toward it."""
+  size = model_config(vocab).vocab_size
+  cond = image_logits(vocab, size, c1=1.0, c2=0.0, c3=0.0)
+  uncond = image_logits(vocab, size, c1=0.0, c2=1.0, c3=0.0)
+  s = last_token_sampler(vocab, {COND_TOKEN: cond, UNCOND_TOKEN: uncond})
+  alphas, n = (0.0, 0.5, 1.0, 3.0), 2000
+  keys = jax.random.split(jax.random.PRNGKey(0), len(alphas) * n)
+  requests = [sampling.Request(np.array([EOS, COND_TOKEN]), keys[i * n + j],
+                               np.array([EOS, UNCOND_TOKEN]), alpha)
+              for i, alpha in enumerate(alphas) for j in range(n)]
+  first = s.generate(requests, 1, "image")[:, 0].reshape(len(alphas), n)
+  assert np.all(vocab.is_image(first))
+  share = {a: float(np.mean(row == vocab.image_offset + 1)) for a, row in zip(alphas, first)}
+  softmax = lambda l: np.exp(l - l.max()) / np.exp(l - l.max()).sum()
+  tolerance = 0.045  # > 4 standard errors of a share of 2,000 draws
+  assert abs(share[1.0] - softmax(cond)[vocab.image_offset + 1]) < tolerance, share
+  assert abs(share[0.0] - softmax(uncond)[vocab.image_offset + 1]) < tolerance, share
+  assert share[0.0] + 0.1 < share[0.5] < share[1.0] - 0.1 < share[3.0] - 0.3, share
+
+
+def test_contrastive_top_k_takes_its_candidates_from_the_conditional_stream(vocab):
+  """Conditional: codes 1 and 2 plausible, 3 not; unconditional: only code 1. CD-K (k=1, alpha
+  0.1) keeps {1, 2} and prefers 2, which the conditional stream favours most over the
+  unconditional one. Code 3 has the largest ratio of all, but is not plausible."""
+  size = model_config(vocab).vocab_size
+  cond = image_logits(vocab, size, c1=5.0, c2=4.0, c3=-5.0)
+  uncond = image_logits(vocab, size, c1=5.0, c2=0.0, c3=-20.0)
+  s = last_token_sampler(vocab, {COND_TOKEN: cond, UNCOND_TOKEN: uncond})
+  keys = jax.random.split(jax.random.PRNGKey(1), 500)
+  requests = [sampling.Request(np.array([EOS, COND_TOKEN]), k, np.array([EOS, UNCOND_TOKEN]))
+              for k in keys]
+  cd_k = dict(cd_k=1, cd_alpha=0.1)
+  greedy = s.generate(requests[:1], 1, "image", sampling.SamplingConfig(greedy=True, **cd_k))
+  assert greedy[0, 0] == vocab.image_offset + 2
+  drawn = s.generate(requests, 1, "image", sampling.SamplingConfig(**cd_k))[:, 0]
+  codes, counts = np.unique(drawn - vocab.image_offset, return_counts=True)
+  assert set(codes) <= {1, 2} and counts[list(codes).index(2)] > 400, (codes, counts)
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [
     (1.0, 0, 0.9), (0.7, 10, 1.0), (1.3, 20, 0.5), (1.0, 3, 0.95), (0.5, 0, 0.3)])
 def test_warpers_match_transformers(temperature, top_k, top_p):
-  torch = pytest.importorskip("torch")
   from transformers.generation import logits_process as lp
   scores = np.random.default_rng(2).permutation(np.linspace(-6, 6, 4 * 64)).reshape(4, 64)
   scores = scores.astype(np.float32)  # distinct values: no ties
@@ -152,18 +227,21 @@ def test_same_key_same_sample_whatever_the_batch(sampler, vocab):
 
 
 def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
+  """Prompts of 5 to 40 tokens, batched (left-padded to 48) and one at a time (padded to 16,
+  32 or 48): the same greedy tokens, in both modes."""
   greedy = sampling.SamplingConfig(greedy=True)
-  prompts = [sampling.image_prompt(vocab, c) for c in
-             ("a red circle in the center", "a small purple triangle to the right of a large "
-              "orange square", "a large yellow diamond at the bottom")]
+  rng = np.random.default_rng(4)
+  prompts = [np.concatenate([[EOS], rng.integers(4, vocab.text_size, n - 1)]).astype(np.int32)
+             for n in (5, 40, 17, 29)]
   key = jax.random.PRNGKey(0)
-  batched = sampler.generate([sampling.Request(p, key) for p in prompts], 10, "image", greedy)
-  for p, row in zip(prompts, batched):
-    np.testing.assert_array_equal(sampler.generate([sampling.Request(p, key)], 10, "image",
-                                                   greedy)[0], row)
+  for mode in ("image", "text"):
+    batched = sampler.generate([sampling.Request(p, key) for p in prompts], 10, mode, greedy)
+    alone = [sampler.generate([sampling.Request(p, key)], 10, mode, greedy)[0] for p in prompts]
+    np.testing.assert_array_equal(np.stack(alone), batched)
+    assert len({tuple(row) for row in batched}) == len(prompts)  # the prompts matter
 
 
-def test_tasks(sampler, vocab):
+def test_tasks(sampler, vocab, monkeypatch):
   key = jax.random.PRNGKey(3)
   codes = sampling.text_to_image(sampler, ["a red circle in the center", "a blue square"], 3, 16,
                                  key, guidance=2.0)
@@ -171,11 +249,72 @@ def test_tasks(sampler, vocab):
   captions = sampling.caption_images(sampler, codes[0], key)
   assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
   assert len(sampling.continue_text(sampler, ["a red"], key)) == 1
+
+  asked = []
+  generate = sampler.generate
+  monkeypatch.setattr(sampler, "generate", lambda requests, *a: asked.append(
+      (requests, a)) or generate(requests, *a))
   original = np.arange(16) % CODES
   filled = sampling.infill_image(sampler, "a red circle", original, 4, 9, key)
+  (request,), (num_new, mode, _) = asked[0]
+  s0, image = vocab.sentinel(0), original + vocab.image_offset
+  # The prompt is the document with the region cut out, then the sentinel that asks for it.
+  want = [EOS, *vocab.encode_text("a red circle"), vocab.break_id, *image[:4], s0, *image[9:], s0]
+  np.testing.assert_array_equal(request.prompt, want)
+  assert (num_new, mode) == (5, "image")
   assert filled.shape == (16,)
   np.testing.assert_array_equal(filled[:4], original[:4])
   np.testing.assert_array_equal(filled[9:], original[9:])
+
+
+def memorised_documents(vocab, captions, codes, region):
+  """One row per document: each image drawn from its caption, captioned by infilling, and its
+  codes `region` infilled, as the CM3 stream writes them (cm3jax/data/cm3.py)."""
+  s0, start, end = vocab.sentinel(0), *region
+  docs = []
+  for caption, image in zip(captions, codes):
+    text, image = vocab.encode_text(caption), vocab.image_tokens(image).tolist()
+    docs += [[EOS, *text, vocab.break_id, *image],
+             [EOS, s0, vocab.break_id, *image, s0, *text, vocab.eoss_id],
+             [EOS, *text, vocab.break_id, *image[:start], s0, *image[end:], s0,
+              *image[start:end], vocab.eoss_id]]
+  return docs
+
+
+def test_tasks_of_a_model_that_memorised_its_documents(vocab):
+  """A small model trained on eight image-caption pairs until it knows them: the tasks'
+  prompts are the ones it learnt, so it draws each caption's codes, names each image and fills
+  in each region exactly."""
+  captions = [shapes.scene("train", i).caption() for i in range(8)]
+  codes = np.random.default_rng(5).integers(0, CODES, (8, 16))
+  docs = memorised_documents(vocab, captions, codes, (5, 11))
+  L = 64
+  tokens = np.full((len(docs), L + 1), PAD, np.int32)
+  for row, doc in enumerate(docs):
+    tokens[row, :len(doc)] = doc
+  targets = tokens[:, 1:]
+  weights = ((targets != PAD) & ~vocab.is_sentinel(targets)).astype(np.float32)
+  config = tiny_config(seq_len=L, global_batch_size=len(docs), num_train_steps=400, **{
+      "model.vocab_size": vocab.size, "model.max_seq_len": L, "model.d_model": 64,
+      "model.num_heads": 4, "model.mlp_dim": 256, "model.num_layers": 2,
+      "optimizer.peak_lr": 3e-3, "optimizer.warmup_steps": 20, "optimizer.weight_decay": 0.0})
+  s = train.setup(config, jax.devices()[:1])
+  host_batch = {"inputs": tokens[:, :-1], "targets": targets, "weights": weights}
+  with sharding.use_mesh(s.mesh):
+    state = s.init_state(jax.random.PRNGKey(0))
+    batch = train.device_batch(host_batch, s.batch_sharding)
+    for _ in range(config.num_train_steps):
+      state, _ = s.train_step(state, batch)
+  sampler = sampling.Sampler(s.model_cfg, state.params, vocab, s.mesh)
+  greedy, key = sampling.SamplingConfig(greedy=True), jax.random.PRNGKey(0)
+  assert sampling.caption_images(sampler, codes, key) == captions
+  drawn = sampling.text_to_image(sampler, captions, 1, 16, key, sampling=greedy)[:, 0]
+  np.testing.assert_array_equal(drawn, codes)
+  for caption, image in zip(captions[:3], codes):
+    damaged = image.copy()
+    damaged[5:11] = (damaged[5:11] + 1) % CODES
+    np.testing.assert_array_equal(
+        sampling.infill_image(sampler, caption, damaged, 5, 11, key, greedy), image)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -1,3 +1,4 @@
+import flax
 import jax
 import ml_collections
 import numpy as np
@@ -43,25 +44,40 @@ def test_parameters_and_batches_are_sharded_by_the_table():
   assert s.batch_sharding.spec == P(("data", "fsdp"), None)
 
 
-def _one_step(config, devices):
+def _trajectory(config, devices, steps=3):
+  """Losses of `steps` train steps on one batch, and the gradients of every parameter before the
+  first step and after the last."""
   s = train.setup(config, devices)
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     host = next(data.synthetic.batches(config, "train", 0, (0, 0), slice(None)))
     batch = train.device_batch(host, s.batch_sharding)
-    first = jax.device_get(s.eval_step(state.params, batch))
-    state, metrics = s.train_step(state, batch)
-    second = jax.device_get(s.eval_step(state.params, batch))
-  return first, jax.device_get(metrics), second, jax.device_get(state.params)
+    grads = [s.gradients(state.params, batch)[0]]
+    losses = []
+    for _ in range(steps):
+      state, metrics = s.train_step(state, batch)
+      losses.append(metrics["loss"])
+    grads.append(s.gradients(state.params, batch)[0])
+  return jax.device_get(losses), jax.device_get(grads), jax.device_get(state.params)
 
 
-def test_2x2x2_mesh_matches_a_single_device():
-  config = tiny_config(**{"model.zero_init_residual": False})
-  single = _one_step(config, jax.devices()[:1])
+@pytest.mark.parametrize("zero_init_residual", [False, True])
+def test_2x2x2_mesh_matches_a_single_device(zero_init_residual):
+  """Losses, every parameter's gradient before the first step and after the third, and the
+  parameters then. The LM head (and, with zero_init_residual, the output projections) start at
+  zero, so the first gradients reach the head alone; after three steps they reach every weight."""
+  config = tiny_config(**{"model.zero_init_residual": zero_init_residual,
+                          "model.num_layers": 2})
+  single = _trajectory(config, jax.devices()[:1])
   config.mesh.update(data=2, fsdp=2, tensor=2)
-  meshed = _one_step(config, jax.devices())
-  for a, b in zip(single[:3], meshed[:3]):
-    for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
+  meshed = _trajectory(config, jax.devices())
+  np.testing.assert_allclose(single[0], meshed[0], rtol=2e-5)
+  for want, got in zip(single[1], meshed[1]):
+    flat = flax.traverse_util.flatten_dict(want)
+    for path, g in flax.traverse_util.flatten_dict(got).items():
+      scale = np.abs(flat[path]).max()
+      np.testing.assert_allclose(g, flat[path], rtol=0, atol=1e-4 * scale + 1e-12,
+                                 err_msg="/".join(path))
+  assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(single[1][1]))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
-               single[3], meshed[3])
+               single[2], meshed[2])

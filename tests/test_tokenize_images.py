@@ -6,13 +6,13 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow as tf
+from PIL import Image
 
 from cm3jax import tokenize_images
 from cm3jax.config import ConfigError
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
-tf = pytest.importorskip("tensorflow")
-from PIL import Image  # noqa: E402
 
 
 def png(array) -> bytes:

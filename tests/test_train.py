@@ -118,6 +118,20 @@ def test_weight_decay_skips_embeddings_unless_asked(decay_embeddings):
   assert bool(jnp.any(updates["pos_embed"] != 0)) == decay_embeddings
 
 
+@pytest.mark.parametrize("clip_norm, scale", [(1.0, 0.1), (100.0, 1.0), (0.0, 1.0)])
+def test_gradients_are_clipped_to_the_global_norm(clip_norm, scale):
+  """A gradient of global norm 10 reaches Adam's first moment as (1 - b1) * g * scale."""
+  config = tiny_config(**{"optimizer.clip_norm": clip_norm})
+  tx, _ = optimizer.make_optimizer(config.optimizer, 10)
+  params = {"a": jnp.zeros((3,)), "b": jnp.zeros((2, 2))}
+  grads = {"a": jnp.array([6.0, 0.0, 0.0]), "b": jnp.array([[0.0, 8.0], [0.0, 0.0]])}  # norm 10
+  _, state = tx.update(grads, tx.init(params), params)
+  mu = state[1][0].mu
+  b1 = config.optimizer.b1
+  for k in grads:
+    np.testing.assert_allclose(mu[k], (1 - b1) * grads[k] * scale, rtol=1e-6, err_msg=k)
+
+
 def _run_steps(config, batches, steps, devices=None):
   s = train.setup(config, devices)
   with sharding.use_mesh(s.mesh):
@@ -187,6 +201,42 @@ def test_resume_continues_exactly(tmp_path):
   train_losses = lambda h: [(x["step"], x["loss"]) for x in h if "loss" in x]
   assert train_losses(resumed) == train_losses(uninterrupted)[3:]
   assert [step for step, _ in train_losses(resumed)] == [4, 5, 6]
+
+
+def test_resume_is_refused_on_another_number_of_hosts(tmp_path):
+  config = tiny_config(num_train_steps=3)
+  train.train(config, str(tmp_path))
+  metadata = tmp_path / "checkpoints" / "3" / "data" / "metadata"
+  saved = json.loads(metadata.read_text())
+  assert saved == {"positions": [[3]]}
+  metadata.write_text(json.dumps({"positions": [[3], [3]]}))  # as a 2-host run writes it
+  config.num_train_steps = 6
+  with pytest.raises(ConfigError, match="holds the data positions of 2 hosts; resume it on 2 "
+                     "hosts, not 1"):
+    train.train(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+
+
+def test_resume_is_refused_with_another_vocabulary(tmp_path):
+  from cm3jax import train_tokenizer
+  from cm3jax.data import shapes
+  from cm3jax.vocab import Vocab
+  spm = train_tokenizer.train([shapes.scene("train", i).caption() for i in range(200)], 300)
+  vocab, other = Vocab(spm, 4, 16), Vocab(spm, 4, 24)
+  config = tiny_config()
+  s = train.setup(config, jax.devices()[:1])
+  with sharding.use_mesh(s.mesh):
+    ckpts = train.checkpoints(str(tmp_path), config, vocab)
+    ckpts.save(1, s.init_state(jax.random.PRNGKey(0)))
+    ckpts.wait()
+    ckpts.close()
+    again = train.checkpoints(str(tmp_path), config, vocab)
+    assert again.restore(s.abstract_state) is not None
+    again.close()
+    refused = train.checkpoints(str(tmp_path), config, other)
+    with pytest.raises(ConfigError, match="was trained with another vocabulary .*24 image codes"):
+      refused.restore(s.abstract_state)
+    refused.close()
 
 
 def _cli(tmp_path, *args):

@@ -12,8 +12,6 @@ from cm3jax.config import ConfigError
 from cm3jax.vqgan.model import VQGANConfig
 from tests.conftest import vqgan_config
 
-pytest.importorskip("tensorflow_datasets")
-
 
 def test_batch_indices_are_seeded_epochs():
   rows = [train_vqgan.batch_indices(0, step, 3, 10) for step in range(10)]

@@ -4,13 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
 from cm3jax.config import ConfigError
 from cm3jax.vqgan import torch_io
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, images_to_model_input, model_output_to_images
 
-torch = pytest.importorskip("torch")
-from tests import torch_vqgan  # noqa: E402
+from tests import torch_vqgan
 
 SMALL = VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                     attn_resolutions=(16,), z_channels=16, embed_dim=16, n_embed=512)

@@ -1,6 +1,7 @@
 """The CM3 training stream (DESIGN §2-§3) as a tf.data pipeline on the host CPU.
 
-  code shards (cm3jax.tokenize_images) -> this host's records, shuffled per epoch
+  code shards (cm3jax.tokenize_images) -> this host's share of each epoch's records (the hosts
+     of a run partition every epoch; `epoch_records`), shuffled per epoch
   -> documents `</s> caption <break> image` (the next document's `</s>` closes each one)
   -> CM3 causal masking in tf ops, seeded per (run, split, host, epoch, record)
   -> packed end to end into windows of seq_len + 1 tokens (no token dropped or repeated)
@@ -128,9 +129,37 @@ def _skip(reason: str) -> np.ndarray:
   return np.zeros(0, np.int32)
 
 
-def stream_seed(seed: Sequence[int], split: str, host: int) -> int:
-  """One int64 per (run seed, split, host) for the per-record masking seeds."""
-  return int(np.random.default_rng([*seed, SPLIT_IDS[split], host]).integers(2**62))
+def stream_seed(seed: Sequence[int], split: str, host: Optional[int] = None) -> int:
+  """One int64 per (run seed, split) and, with `host`, per host: without it, the seed every host
+  shares (the order that decides which host reads which record); with it, this host's own (its
+  record shuffle and masking seeds)."""
+  scope = [SPLIT_IDS[split]] + ([] if host is None else [host])
+  return int(np.random.default_rng([*seed, *scope]).integers(2**62))
+
+
+def epoch_records(paths: Sequence[str], epoch, seed: Sequence[int], split: str, host: int,
+                  num_hosts: int, shuffle_buffer: int):
+  """This host's serialised records of one pass, as a tf.data.Dataset.
+
+  Every host puts the files in the same order (for train, shuffled by the shared seed of the
+  epoch) and reads them into the same sequence of records, of which host h takes records h,
+  h + num_hosts, ...: the hosts partition each epoch exactly. Only then does each host shuffle
+  its share (train), with its own seed."""
+  tf = tf_cpu.tensorflow()
+  shuffle = split == "train"
+  files = tf.constant(list(paths))
+  if shuffle:
+    files = tf.random.experimental.stateless_shuffle(
+        files, tf.stack([tf.constant(stream_seed(seed, split), tf.int64),
+                         tf.cast(epoch, tf.int64)]))
+  records = tf.data.Dataset.from_tensor_slices(files).interleave(
+      tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
+      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  records = records.shard(num_hosts, host)
+  if shuffle:
+    records = records.shuffle(shuffle_buffer, seed=stream_seed(seed, split, host) + epoch,
+                              reshuffle_each_iteration=False)
+  return records
 
 
 def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
@@ -155,25 +184,14 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
   parse = code_shards.parser(manifest["tokens_per_image"])
   make_document = document_fn(vocab, max_length)
   base_seed = stream_seed(seed, split, host)
-  shuffle = split == "train"
   AUTOTUNE = tf.data.AUTOTUNE
 
-  def epoch_records(epoch):
-    files = tf.constant(paths)
-    if shuffle:
-      files = tf.random.experimental.stateless_shuffle(files, tf.stack([base_seed, epoch]))
-    records = tf.data.Dataset.from_tensor_slices(files).interleave(
-        tf.data.TFRecordDataset, cycle_length=min(len(paths), 8), num_parallel_calls=AUTOTUNE,
-        deterministic=True)
-    records = records.shard(num_hosts, host)
-    if shuffle:
-      records = records.shuffle(shuffle_buffer, seed=base_seed + epoch,
-                                reshuffle_each_iteration=False)
-    records = records.enumerate()
-    return records.map(lambda index, record: (epoch, index, record))
+  def numbered_records(epoch):
+    records = epoch_records(paths, epoch, seed, split, host, num_hosts, shuffle_buffer)
+    return records.enumerate().map(lambda index, record: (epoch, index, record))
 
   epochs = tf.data.Dataset.range(position.epoch, 2**62 if repeat else position.epoch + 1)
-  records = epochs.flat_map(epoch_records).skip(position.index)
+  records = epochs.flat_map(numbered_records).skip(position.index)
 
   def to_document(epoch, index, record):
     ex = parse(record)
