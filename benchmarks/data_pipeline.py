@@ -1,6 +1,6 @@
 r"""Throughput of the CM3 tf.data pipeline, beside what the tiny train step consumes; prints a table.
 
-  python benchmarks/data_pipeline.py
+  python -m benchmarks.data_pipeline
 
 Writes code shards of random codes with shapes captions into a temporary directory (no VQGAN
 needed), then times the pipeline from shard reading to numpy batches, for CM3Leon-shaped
@@ -10,19 +10,17 @@ seq 256). The last row times the tiny config's jitted train step on the same mac
 
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from benchmarks import train_step  # noqa: E402
-from cm3jax import train_tokenizer  # noqa: E402
-from cm3jax.config import load_config_file  # noqa: E402
-from cm3jax.data import cm3, code_shards, shapes, tf_cpu  # noqa: E402
-from cm3jax.vocab import Vocab  # noqa: E402
+from benchmarks import train_step
+from cm3jax import train_tokenizer
+from cm3jax.config import load_config_file
+from cm3jax.data import cm3, code_shards, shapes, tf_cpu
+from cm3jax.vocab import Vocab
 
 _BATCHES = flags.DEFINE_integer("batches", 30, "Timed batches per row, after 3 warm-up batches.")
 

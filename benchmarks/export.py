@@ -1,6 +1,6 @@
 r"""Time and peak host memory of `python -m cm3jax.export` on a random-weight checkpoint.
 
-  python benchmarks/export.py --config=configs/350m.py --dtype=float32
+  python -m benchmarks.export --config=configs/350m.py --dtype=float32
 
 Writes a step-0 checkpoint of the config (random weights, a 320-piece vocabulary with 8,192 image
 codes, a random shapes VQGAN) into a temporary directory, then runs the export command and
@@ -18,12 +18,11 @@ import time
 import jax
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from cm3jax import checkpoint, sharding, train, train_tokenizer, train_vqgan  # noqa: E402
-from cm3jax import model as model_lib  # noqa: E402
-from cm3jax.config import load_config_file  # noqa: E402
-from cm3jax.data import shapes  # noqa: E402
-from cm3jax.vocab import Vocab  # noqa: E402
+from cm3jax import checkpoint, sharding, train, train_tokenizer, train_vqgan, trainer
+from cm3jax import model as model_lib
+from cm3jax.config import load_config_file
+from cm3jax.data import shapes
+from cm3jax.vocab import Vocab
 
 _CONFIG = flags.DEFINE_string("config", "configs/350m.py", "The token model's config.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Export dtype.")
@@ -45,7 +44,7 @@ def random_checkpoint(workdir: str, vqgan_workdir: str) -> int:
   config.data = "cm3"
   config.cm3.vqgan_workdir = vqgan_workdir
   spm = train_tokenizer.train([shapes.scene("train", i).caption() for i in range(2000)], 320)
-  s = train.setup(config)
+  s = trainer.setup(config)
   ckpts = train.checkpoints(workdir, config, Vocab(spm, 16, 8192))
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))

@@ -1,7 +1,7 @@
 r"""The training step compiled for an H100 on a machine without one; prints a table of what the
 compiled step holds and moves through memory.
 
-  JAX_PLATFORMS=cpu python benchmarks/gpu_compile.py --sizes=350m --batch=8 --remat=none \
+  JAX_PLATFORMS=cpu python -m benchmarks.gpu_compile --sizes=350m --batch=8 --remat=none \
       --attention=cudnn --scan=false --ce_chunk=1024 --top=12
 
 Needs jax's CUDA plugin (the GPU install in the README, or only jax-cuda13-plugin,
@@ -20,14 +20,12 @@ is a lower bound, not a measurement. --top lists the largest groups of memory-bo
 import collections
 import math
 import re
-import sys
 
 import jax
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from benchmarks import train_step  # noqa: E402  (its grid flags)
-from cm3jax import sharding, train  # noqa: E402
+from benchmarks import train_step  # its grid flags
+from cm3jax import sharding, trainer
 
 _TOP = flags.DEFINE_integer("top", 0, "List this many of the largest memory-bound kernel groups.")
 
@@ -188,10 +186,10 @@ def main(_):
         "GiB moved: matmuls | attention | other | TFLOP | roofline ms |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
   for row, config in train_step.settings():
-    s = train.setup(config, devices)
+    s = trainer.setup(config, devices)
     with sharding.use_mesh(s.mesh):
       compiled = s.train_step.lower(
-          s.abstract_state, train.abstract_batch(config, s.batch_sharding)).compile()
+          s.abstract_state, trainer.abstract_batch(config, s.batch_sharding)).compile()
     mem = compiled.memory_analysis()
     kernels = list(Module(compiled.as_text()).kernels())
     moved = collections.Counter()

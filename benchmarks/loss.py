@@ -1,8 +1,8 @@
 r"""The training loss over the vocabulary alone: plain logits against the loss fused with the
 LM head, by chunk size; prints a table.
 
-  python benchmarks/loss.py --batch=8 --chunks=0,1024,2048          # timed on this device
-  python benchmarks/loss.py --batch=8 --chunks=0,1024 --topology=v5e:2x2   # compiled for a TPU
+  python -m benchmarks.loss --batch=8 --chunks=0,1024,2048          # timed on this device
+  python -m benchmarks.loss --batch=8 --chunks=0,1024 --topology=v5e:2x2   # compiled for a TPU
 
 Value and gradients (in the final hidden states and in the head) of the objective with a z-loss,
 bf16 operands, shaped like 350m's last layer by default (d_model 1024, vocabulary 65,536,
@@ -12,15 +12,13 @@ chunk's (of batch x chunk positions); temporaries are for the whole call. With -
 runs: the call is compiled for one chip of that TPU topology (needs libtpu), and not timed.
 """
 
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from cm3jax import hardware, loss  # noqa: E402
+from cm3jax import hardware, loss
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Positions per row.")

@@ -1,6 +1,6 @@
 r"""Wall time of text->image sampling with classifier-free guidance; prints a table.
 
-  python benchmarks/sample.py --config=configs/350m.py --images=16 --tokens=1024
+  python -m benchmarks.sample --config=configs/350m.py --images=16 --tokens=1024
 
 Random weights of the config's model (bf16), a vocabulary with 8,192 image codes, 16 requests
 for one caption with CFG 3 (32 rows: conditional and unconditional), 1,024 image codes each with
@@ -9,7 +9,6 @@ weights plus the KV cache at its average length, over the device-to-device copy 
 measured here.
 """
 
-import sys
 import time
 
 import jax
@@ -17,11 +16,10 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-sys.path.insert(0, ".")
-from cm3jax import model as model_lib  # noqa: E402
-from cm3jax import sampling, train_tokenizer  # noqa: E402
-from cm3jax.data import shapes  # noqa: E402
-from cm3jax.vocab import Vocab  # noqa: E402
+from cm3jax import model as model_lib
+from cm3jax import sampling, train_tokenizer
+from cm3jax.data import shapes
+from cm3jax.vocab import Vocab
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/350m.py", "Model config.")
 _IMAGES = flags.DEFINE_integer("images", 16, "Images (requests), each with guidance.")

@@ -1,6 +1,6 @@
 r"""Training-step throughput on synthetic batches, over a grid of settings; prints a markdown table.
 
-  python benchmarks/train_step.py --sizes=350m --batch=4 --remat=none,nothing_saveable \
+  python -m benchmarks.train_step --sizes=350m --batch=4 --remat=none,nothing_saveable \
       --attention=cudnn --scan=true,false --ce_chunk=0,1024 --results=RESULTS.md
 
 Sizes name configs/*.py (350m, 760m, 7b; tiny for a quick check on a CPU); 1.3b is the 350m
@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from cm3jax import model as model_lib, sharding, train  # noqa: E402
-from cm3jax.config import load_config_file  # noqa: E402
-from cm3jax.data import synthetic  # noqa: E402
+from cm3jax import model as model_lib, sharding, trainer
+from cm3jax.config import load_config_file
+from cm3jax.data import synthetic
 
 _SIZES = flags.DEFINE_list("sizes", ["350m"], "Names of configs/*.py (350m, 760m, 7b, tiny) or 1.3b.")
 _BATCH = flags.DEFINE_list("batch", ["4"], "Rows per step (each of seq_len tokens).")
@@ -57,11 +56,11 @@ def matmul_tflops(n=8192, reps=10):
 
 
 def run(config, steps):
-  s = train.setup(config)
+  s = trainer.setup(config)
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     host = next(synthetic.batches(config, "train", 0, (0, 0), slice(None)))
-    batch = train.device_batch(host, s.batch_sharding)
+    batch = trainer.device_batch(host, s.batch_sharding)
     step = s.train_step.lower(state, batch).compile()
     mem = step.memory_analysis()
     for _ in range(2):

@@ -1,21 +1,19 @@
 r"""VQGAN encode and decode throughput (images/s) with random weights; prints a markdown table.
 
-  python benchmarks/vqgan_encode.py --batch=64 --configs=shapes,chameleon
+  python -m benchmarks.vqgan_encode --batch=64 --configs=shapes,chameleon
 
 `shapes` is configs/vqgan_shapes.py's tokenizer (32x32 -> 64 codes of 1024); `chameleon` the
 Chameleon-shaped one (512x512 -> 1024 codes of 8192).
 """
 
 import importlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-sys.path.insert(0, ".")
-from cm3jax.vqgan.model import VQGAN, VQGANConfig  # noqa: E402
+from cm3jax.vqgan.model import VQGAN, VQGANConfig
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Images per call.")
 _CONFIGS = flags.DEFINE_list("configs", ["shapes", "chameleon"], "Tokenizers to time.")

@@ -102,12 +102,17 @@ def _holds(checkpoints_dir: str, step: int, item: str) -> bool:
   return os.path.isdir(os.path.join(checkpoints_dir, str(step), item))
 
 
+def newest_step(workdir: str) -> Optional[int]:
+  """The step of the newest checkpoint in a workdir, or None."""
+  if not os.path.isdir(directory(workdir)):
+    return None
+  with ocp.CheckpointManager(directory(workdir), item_names=ITEMS) as manager:
+    return manager.latest_step()
+
+
 def latest_step(workdir: str) -> int:
   """The step of the newest checkpoint of a `cm3jax.train` workdir, or a ConfigError."""
-  step = None
-  if os.path.isdir(directory(workdir)):
-    with ocp.CheckpointManager(directory(workdir), item_names=ITEMS) as manager:
-      step = manager.latest_step()
+  step = newest_step(workdir)
   if step is None:
     raise ConfigError(f"no checkpoints in {workdir}: train one with python -m cm3jax.train")
   return step

@@ -1,25 +1,50 @@
-"""What every cm3jax command line shares: no stray arguments, quiet libraries, one-line errors."""
+"""What every cm3jax command line shares: one flags parser, quiet libraries, one-line errors.
+
+Each command module ends with `cli.run("NAME", _define_flags, main)`: a bad flag, a config file
+that does not load, an override of a field the config lacks, a stray argument and every
+ConfigError exit with status 1 and one line, `cm3jax.NAME: error: ...`, instead of a traceback.
+"""
 
 import functools
 import sys
+from typing import Callable
 
 from absl import app, flags, logging
 
 from cm3jax.config import ConfigError
 
 
-def command(name: str):
-  """Makes `body(FLAGS)` an absl main for `python -m cm3jax.NAME`: a ConfigError exits with
-  `cm3jax.NAME: error: ...` and status 1 instead of a traceback."""
-  def wrap(body):
-    @functools.wraps(body)
-    def main(argv):
-      if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-      logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO.
-      try:
-        body(flags.FLAGS)
-      except ConfigError as e:
-        sys.exit(f"cm3jax.{name}: error: {e}")
-    return main
-  return wrap
+def run(name: str, define_flags: Callable[[], None], body: Callable):
+  """Defines the command's flags and runs `body(FLAGS)` as `python -m cm3jax.NAME`."""
+  define_flags()
+  app.run(functools.partial(_main, name, body), flags_parser=functools.partial(_parse, name))
+
+
+def _main(name: str, body: Callable, argv):
+  if len(argv) > 1:
+    _fail(name, f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO.
+  try:
+    body(flags.FLAGS)
+  except ConfigError as e:
+    _fail(name, str(e))
+
+
+def _parse(name: str, argv):
+  try:
+    argv = flags.FLAGS(argv)
+    config = flags.FLAGS.config if "config" in flags.FLAGS else None
+    if hasattr(config, "to_dict"):
+      config.to_dict()  # config_flags defers a config file's load error to first use.
+    return argv
+  except flags.Error as e:
+    _fail(name, str(e))
+  except (AttributeError, KeyError) as e:  # an override names a field the config lacks
+    field = str(e).strip("\"'")
+    _fail(name, f"the config has no field {field!r} (see cm3jax/config.py)")
+  except (OSError, TypeError, ValueError) as e:
+    _fail(name, f"bad --config: {str(e).strip().splitlines()[-1].strip()}")
+
+
+def _fail(name: str, message: str):
+  sys.exit(f"cm3jax.{name}: error: {message}")

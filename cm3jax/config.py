@@ -55,16 +55,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpointing = True
 
-  # The cm3 source: the CM3 stream over image-code shards; cm3jax/prepare.py makes what is missing.
+  # The cm3 source: the CM3 stream over image-code shards and a text tokenizer, which
+  # cm3jax.train reads and cm3jax.pipeline makes where missing (its stages 1 to 3).
   c.cm3 = ml_collections.ConfigDict(dict(
-      dataset="shapes",  # What to tokenize if codes_dir lacks codes: shapes, a TFDS name, tsv:, coco:
+      dataset="",  # What the pipeline encodes: shapes, a TFDS name, tsv:PATH, coco:PATH.
       data_dir=os.path.expanduser("~/tensorflow_datasets"),
-      splits="train,validation",  # Splits to tokenize.
-      vqgan_config="configs/vqgan_shapes.py",  # Trained into vqgan_workdir if it has no checkpoint.
+      splits="train,validation",  # Splits to encode.
+      vqgan_config="configs/vqgan_shapes.py",  # What the pipeline trains (on shapes data only).
       vqgan_workdir="",  # "" = WORKDIR/vqgan
       codes_dir="",  # "" = WORKDIR/codes
-      tokenizer="",  # A sentencepiece model; "" = WORKDIR/tokenizer.model, trained if missing.
-      text_vocab_size=56320,  # Pieces of a tokenizer trained here (4 specials included).
+      tokenizer="",  # A sentencepiece model; "" = WORKDIR/tokenizer.model.
+      text_vocab_size=56320,  # Pieces of a tokenizer trained by the pipeline (4 specials included).
       max_spans=16,  # Sentinels in the vocabulary, and the most spans masked in one document.
       span_rate=1.0,  # Poisson rate of the number of masked spans per document.
       # Documents whose one span is a whole caption or image: they train captioning by infilling
@@ -75,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
       # one document); False: metaseq's stream, attention across packed documents.
       document_attention=False,
   ))
+
+  c.report_examples = 1000  # The pipeline's last stage: eval_shapes examples per split.
 
   # Devices per mesh axis; -1 takes the devices the other axes leave.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -16,12 +16,14 @@ import os
 import time
 from typing import Optional
 
+import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from cm3jax import cli
+from cm3jax import checkpoint, cli, data, sampling
 from cm3jax.config import ConfigError
-from cm3jax.data import shapes
+from cm3jax.data import code_shards, shapes
+from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 PALETTE = np.array(list(shapes.BACKGROUNDS) + list(shapes.COLOURS.values()), np.float32)
 COLOUR_NAMES = list(shapes.COLOURS)
@@ -133,18 +135,16 @@ SETTINGS = {  # name -> (guidance, SamplingConfig fields)
 def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed: int = 0,
              settings: Optional[dict] = None, split: str = "test") -> dict:
   """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
-  held-out compositions; validation: compositions seen in training)."""
-  import jax
-  from cm3jax import prepare, sampling
-  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  held-out compositions; validation: compositions seen in training), of the workdir's newest
+  checkpoint."""
+  step = checkpoint.latest_step(workdir)
   sampler, config = sampling.load(workdir)
-  vqgan_workdir, codes_dir, _ = prepare.input_paths(config["cm3"], workdir)
-  vqgan = ImageTokenizer.load(vqgan_workdir)
-  from cm3jax.data import code_shards
-  codes, captions = code_shards.read_split(codes_dir, split, num_examples)
+  paths = data.input_paths(config["cm3"], workdir)
+  vqgan = ImageTokenizer.load(paths.vqgan_workdir)
+  codes, captions = code_shards.read_split(paths.codes_dir, split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
-  results = {"split": split, "examples": len(captions)}
+  results = {"split": split, "step": step, "examples": len(captions)}
   # The ceiling of text->image: how many of the split's own codes decode to a readable image.
   readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
                  for start in range(0, len(captions), batch_size))
@@ -184,26 +184,46 @@ def _define_flags():
                     "validation: compositions seen in training.")
 
 
-@cli.command("eval_shapes")
+def report_path(workdir: str, split: str) -> str:
+  return os.path.join(workdir, f"eval_shapes_{split}.json")
+
+
+def report(workdir: str, split: str, num_examples: int, batch_size: int = 128,
+           seed: int = 0) -> dict:
+  """`evaluate`, written to WORKDIR/eval_shapes_SPLIT.json."""
+  results = evaluate(workdir, num_examples, batch_size, seed, split=split)
+  with open(report_path(workdir, split), "w") as f:
+    json.dump(results, f, indent=1)
+  return results
+
+
+def saved_step(workdir: str, split: str) -> Optional[int]:
+  """The checkpoint step the saved report of `split` scored, or None."""
+  try:
+    with open(report_path(workdir, split)) as f:
+      return json.load(f).get("step")
+  except (OSError, json.JSONDecodeError):
+    return None
+
+
+def table(results: dict) -> list[str]:
+  """The lines that show `results`: a markdown table, then example captions."""
+  kind = "held-out compositions" if results["split"] == "test" else "compositions seen in training"
+  lines = [f"shapes {results['split']} split, {kind}: {results['examples']} examples, "
+           f"step {results['step']}", "| task, sampling | accuracy |", "|---|---|"]
+  lines += [f"| {name} | {value:.1%} |" for name, value in results.items()
+            if isinstance(value, float)]
+  return lines + [f"  caption {line}" for line in results["caption examples"]]
+
+
 def main(FLAGS):
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required")
   t = time.perf_counter()
-  results = evaluate(FLAGS.workdir, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
-                     split=FLAGS.split)
-  kind = "held-out compositions" if FLAGS.split == "test" else "compositions seen in training"
-  print(f"shapes {FLAGS.split} split, {kind}: {results['examples']} examples, "
-        f"{time.perf_counter() - t:.0f}s")
-  print("| task, sampling | accuracy |\n|---|---|")
-  for name, value in results.items():
-    if isinstance(value, float):
-      print(f"| {name} | {value:.1%} |")
-  for line in results["caption examples"]:
-    print("  caption", line)
-  with open(os.path.join(FLAGS.workdir, f"eval_shapes_{FLAGS.split}.json"), "w") as f:
-    json.dump(results, f, indent=1)
+  results = report(FLAGS.workdir, FLAGS.split, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
+  print("\n".join(table(results)))
+  print(f"{time.perf_counter() - t:.0f}s; written to {report_path(FLAGS.workdir, FLAGS.split)}")
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run("eval_shapes", _define_flags, main)

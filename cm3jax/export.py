@@ -1,4 +1,5 @@
-"""Export a cm3jax checkpoint to PyTorch, and import an OPT checkpoint into cm3jax (DESIGN §6).
+"""Export a cm3jax checkpoint to PyTorch, and import an OPT checkpoint into cm3jax
+(docs/design.md, "Export").
 
   python -m cm3jax.export --workdir=workdirs/tiny --out=exported/tiny [--dtype=bfloat16]
   python -m cm3jax.export --import_from=exported/tiny --workdir=workdirs/imported \
@@ -26,11 +27,13 @@ from typing import Callable, Iterator
 import jax
 import ml_dtypes
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from cm3jax import checkpoint, cli
+from cm3jax import checkpoint, cli, data, sampling, sharding, train, trainer
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError, load_config_file
+from cm3jax.vqgan import torch_io
+from cm3jax.vqgan.tokenizer import ImageTokenizer
 from cm3jax.vocab import BOS, EOS, PAD, Vocab
 
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -172,13 +175,10 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   config = checkpoint.saved_config(workdir, step)
   vocab = checkpoint.load_vocab(workdir, step)
   cfg = model_lib.ModelConfig.from_dict(config["model"])
-  if vocab.size > cfg.vocab_size:
-    raise ConfigError(f"the vocabulary has {vocab.size} ids but the model only {cfg.vocab_size}")
-  from cm3jax import sampling
+  vocab.check_fits(cfg.vocab_size)
   params = checkpoint.restore_params(workdir, step, sampling.abstract_params(
       cfg, sampling.default_mesh()), host=True)
-  from cm3jax import prepare
-  vqgan_dir = prepare.input_paths(config["cm3"], workdir)[0]
+  vqgan_dir = data.input_paths(config["cm3"], workdir).vqgan_workdir
 
   os.makedirs(os.path.dirname(out), exist_ok=True)
   staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export-")
@@ -207,8 +207,6 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
 
 
 def _export_vqgan(vqgan_workdir: str, directory: str):
-  from cm3jax.vqgan import torch_io
-  from cm3jax.vqgan.tokenizer import ImageTokenizer
   tokenizer = ImageTokenizer.load(vqgan_workdir)
   torch_io.export_torch_vqgan(tokenizer.params, tokenizer.cfg, directory)
 
@@ -275,12 +273,9 @@ def import_opt(source: str, workdir: str, config) -> int:
   vocab_path = os.path.join(source, "tokenizer", "vocab.json")
   if os.path.exists(vocab_path):
     vocab = Vocab.load(vocab_path)
-    if vocab.size > config.model.vocab_size:
-      raise ConfigError(f"{vocab_path} has {vocab.size} ids but the model only "
-                        f"{config.model.vocab_size}")
-  from cm3jax import sharding, train
+    vocab.check_fits(config.model.vocab_size, vocab_path)
   workdir = checkpoint.prepare_workdir(workdir)
-  s = train.setup(config)
+  s = trainer.setup(config)
   params = params_from_opt(read_opt_tensors(source), s.model_cfg)
   ckpts = train.checkpoints(workdir, config, vocab)
   try:
@@ -306,7 +301,6 @@ def _define_flags():
                       "config replaces (configs/*.py).")
 
 
-@cli.command("export")
 def main(FLAGS):
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required")
@@ -328,5 +322,4 @@ def main(FLAGS):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run("export", _define_flags, main)

@@ -1,5 +1,5 @@
 """Facts about accelerators: peak bf16 FLOP/s for MFU, and TPU topologies for ahead-of-time
-compilation on a machine without TPUs (DESIGN §7)."""
+compilation on a machine without TPUs (README, "Compiling for a TPU pod without one")."""
 
 import math
 import os

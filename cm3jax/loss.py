@@ -1,4 +1,5 @@
-"""Weighted next-token cross entropy (DESIGN §3): sums, so microbatches and hosts add up exactly.
+"""Weighted next-token cross entropy (docs/design.md, "Objective"): sums, so microbatches and
+hosts add up exactly.
 
 Two ways to the same sums: from logits (`cross_entropy_sums`), or fused with the LM head
 (`head_cross_entropy`), which never holds the [tokens, vocab] logits: it scans over chunks of

@@ -4,16 +4,16 @@ Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_di
 T cache slots. Every parameter and the main activations carry logical axis names;
 `cm3jax.sharding` maps them onto the device mesh.
 
-Training may pass segment ids: then attention stays inside each segment (a packed document).
-Decoding passes a KV cache (`init_cache`): keys and values of every layer at T slots, which slots
-hold real tokens (prompts are left-padded), and the slot the next tokens go to. The call writes
-the new keys and values there and returns the updated cache with the logits.
+`Decoder` has three entry points, each with one return type: logits (training and evaluation),
+the final hidden states with the LM head (a loss fused with the head), and `decode`, which takes
+and returns a typed `KVCache` (docs/design.md, "Token model").
 """
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,16 +119,42 @@ def _residual_out_init(cfg: ModelConfig):
 
 
 ACT_HEADS = ("act_batch", "act_len", "act_heads", "act_kv")
+CACHE_AXES = ("layers", "act_batch", "act_len", "act_heads", "act_kv")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """What decoding keeps between steps: the keys and values of every layer at T slots (in the
+  compute dtype; one [layers, B, T, H, K] array each for scanned layers, else a tuple of
+  [B, T, H, K] arrays, one per layer, which decoding updates in place), which slots of each row
+  hold real tokens (False for left padding), and the slot the next tokens go to."""
+  k: Any
+  v: Any
+  valid_BxT: jax.Array
+  index: jax.Array
+
+
+def init_cache(cfg: ModelConfig, valid_BxT: jax.Array) -> KVCache:
+  """An empty KV cache of T = valid_BxT.shape[1] slots; valid_BxT[b, t] says whether slot t of row
+  b will hold a real token."""
+  B, T = valid_BxT.shape
+  shape = (B, T, cfg.num_heads, cfg.head_dim)
+  zeros = lambda axes, shape: nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), axes)
+  if cfg.scan_layers:
+    kv = [zeros(CACHE_AXES, (cfg.num_layers, *shape)) for _ in "kv"]
+  else:
+    kv = [tuple(zeros(CACHE_AXES[1:], shape) for _ in range(cfg.num_layers)) for _ in "kv"]
+  return KVCache(k=kv[0], v=kv[1], valid_BxT=valid_BxT, index=jnp.zeros((), jnp.int32))
 
 
 class Attention(nn.Module):
-  """Causal self-attention. `context` is None, {"segments": [B, L]} (attend within a segment
-  only), or, with `kv` (this layer's cache), {"valid": [B, T], "index": []}: the keys and values
-  of x go into the cache at `index` and the queries attend to the valid slots."""
+  """Causal self-attention. Training passes nothing more, or `segments_BxL` (attend within a
+  segment only); decoding passes this layer's (keys, values) cache `kv`, which slots are valid
+  and the slot `index` the keys and values of x go to, and attends to the valid slots."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, kv=None, context=None):
+  def __call__(self, x_BxLxD, kv=None, segments_BxL=None, valid_BxT=None, index=None):
     cfg = self.cfg
     D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
     init = truncated_normal(cfg.init_std)
@@ -138,18 +164,16 @@ class Attention(nn.Module):
       return nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK), ACT_HEADS)
 
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
-    if kv is None and context is None:
+    if kv is None and segments_BxL is None:
       o_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, is_causal=True, implementation=cfg.attention_impl())
     elif kv is None:
-      segments_BxL = context["segments"]
       same_BxLxL = segments_BxL[:, :, None] == segments_BxL[:, None, :]
       o_BxLxHxK = jax.nn.dot_product_attention(
           q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, mask=same_BxLxL[:, None], is_causal=True,
           implementation="xla")
     else:
       k_BxTxHxK, v_BxTxHxK = kv
-      valid_BxT, index = context["valid"], context["index"]
       # The cache holds the compute dtype (init_cache), as the keys and values do.
       k_BxTxHxK = jax.lax.dynamic_update_slice(k_BxTxHxK, k_BxLxHxK, (0, index, 0, 0))
       v_BxTxHxK = jax.lax.dynamic_update_slice(v_BxTxHxK, v_BxLxHxK, (0, index, 0, 0))
@@ -185,97 +209,99 @@ RESIDUAL_AXES = ("act_batch", "act_len", "act_embed")
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer layer. (x, this layer's kv cache, shared context) -> (x, kv): the
-  carry / scanned-input signature that nn.scan stacks (see Attention for kv and context)."""
+  """Pre-LayerNorm transformer layer: (x, this layer's kv cache, what attention may see) ->
+  (x, kv), the carry / scanned-input signature that nn.scan stacks (see Attention)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, kv, context):
-    h_BxLxD, kv = Attention(self.cfg, name="attn")(layer_norm(x_BxLxD), kv, context)
+  def __call__(self, x_BxLxD, kv, segments_BxL, valid_BxT, index):
+    h_BxLxD, kv = Attention(self.cfg, name="attn")(layer_norm(x_BxLxD), kv, segments_BxL,
+                                                   valid_BxT, index)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, RESIDUAL_AXES)
     x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(layer_norm(x_BxLxD))
     return nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES), kv
 
 
 class Decoder(nn.Module):
-  """Tokens [B, L] -> float32 logits [B, L, V]; with a cache -> (logits, updated cache), and
-  with `last_only` the logits of the last position only, [B, V]; with `hidden_only` the final
-  hidden states [B, L, D] and the LM head [D, V] (for a loss fused with the head). Segment ids
-  [B, L] keep attention inside each segment."""
+  """The token model. Three entry points, each with one return type:
+
+    model.apply(v, tokens_BxL)                    float32 logits [B, L, V] (training, evaluation)
+    model.apply(v, tokens_BxL, method="hidden")   final hidden states [B, L, D] and the LM head
+                                                  [D, V], for a loss fused with the head
+    model.apply(v, tokens_BxL, positions_BxL, cache, method="decode")
+                                                  logits of the last position [B, V] and the
+                                                  updated KVCache
+
+  Training may pass positions and segment ids [B, L]: attention then stays inside each segment
+  (a packed document)."""
   cfg: ModelConfig
 
-  @nn.compact
-  def __call__(self, tokens_BxL, positions_BxL: Optional[jax.Array] = None,
-               cache: Optional[dict] = None, last_only: bool = False,
-               segments_BxL: Optional[jax.Array] = None, hidden_only: bool = False):
+  def setup(self):
     cfg = self.cfg
     D, V = cfg.d_model, cfg.vocab_size
-    embed_VxD = self.param("embed", nn.with_logical_partitioning(
+    self.embed = self.param("embed", nn.with_logical_partitioning(
         truncated_normal(cfg.init_std), ("vocab", "embed")), (V, D), jnp.float32)
-    pos_PxD = self.param("pos_embed", nn.with_logical_partitioning(
+    self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
         truncated_normal(cfg.pos_init_std), ("pos", "embed")), (cfg.max_seq_len, D), jnp.float32)
-    if positions_BxL is None:
-      positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
-    x_BxLxD = (jnp.take(embed_VxD, tokens_BxL, axis=0)
-               + jnp.take(pos_PxD, positions_BxL, axis=0)).astype(cfg.compute_dtype)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
-
-    kv = None if cache is None else (cache["k"], cache["v"])
-    if cache is not None:
-      context = {"valid": cache["valid"], "index": cache["index"]}
-    else:
-      context = None if segments_BxL is None else {"segments": segments_BxL}
+    self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
+        nn.initializers.zeros, ("embed", "vocab")), (D, V), jnp.float32)
     block = Block
-    if cfg.remat_policy != "none" and cache is None:
+    if cfg.remat_policy != "none":  # affects differentiation only, so decoding is unchanged
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                      in_axes=(0, nn.broadcast), length=cfg.num_layers,
-                      metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, kv = stack(cfg, name="layers")(x_BxLxD, kv, context)
+      self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                            length=cfg.num_layers,
+                            metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     else:
-      per_layer = []
-      for i in range(cfg.num_layers):
-        layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BxLxD, layer_kv = block(cfg, name=f"layers_{i}")(x_BxLxD, layer_kv, context)
-        per_layer.append(layer_kv)
-      if kv is not None:  # one array per layer, each updated in place
-        kv = tuple(tuple(layer[j] for layer in per_layer) for j in (0, 1))
+      self.layers = [block(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
 
-    if last_only:
-      x_BxLxD = x_BxLxD[:, -1:]
-    x_BxLxD = layer_norm(x_BxLxD)
-    head_DxV = _weight(self, "lm_head", (D, V), ("embed", "vocab"), nn.initializers.zeros)
-    if hidden_only:
-      return x_BxLxD, head_DxV
+  def _trunk(self, tokens_BxL, positions_BxL, kv, segments_BxL=None, valid_BxT=None, index=None):
+    """Embeddings, then every layer: the residual stream [B, L, D] and the updated (k, v)."""
+    cfg = self.cfg
+    if positions_BxL is None:
+      positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
+    x_BxLxD = (jnp.take(self.embed, tokens_BxL, axis=0)
+               + jnp.take(self.pos_embed, positions_BxL, axis=0)).astype(cfg.compute_dtype)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
+    if cfg.scan_layers:
+      return self.layers(x_BxLxD, kv, segments_BxL, valid_BxT, index)
+    per_layer = []
+    for i, layer in enumerate(self.layers):
+      layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+      x_BxLxD, layer_kv = layer(x_BxLxD, layer_kv, segments_BxL, valid_BxT, index)
+      per_layer.append(layer_kv)
+    if kv is None:
+      return x_BxLxD, None
+    return x_BxLxD, tuple(tuple(layer[j] for layer in per_layer) for j in (0, 1))
+
+  def _head(self):
+    return self.lm_head.astype(self.cfg.compute_dtype)
+
+  def _logits(self, x_BxLxD):
     # bf16 operands, float32 result: the softmax over V needs more than bf16's 8 mantissa bits.
-    logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, head_DxV, preferred_element_type=jnp.float32)
-    logits_BxLxV = nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
-    if last_only:
-      logits_BxLxV = logits_BxLxV[:, 0]
-    if cache is None:
-      return logits_BxLxV
-    index = cache["index"] + tokens_BxL.shape[1]
-    return logits_BxLxV, dict(cache, k=kv[0], v=kv[1], index=index)
+    logits_BxLxV = jnp.einsum("bld,dv->blv", layer_norm(x_BxLxD), self._head(),
+                              preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
 
+  def __call__(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
+    """float32 logits [B, L, V]."""
+    x_BxLxD, _ = self._trunk(tokens_BxL, positions_BxL, None, segments_BxL)
+    return self._logits(x_BxLxD)
 
-CACHE_AXES = ("layers", "act_batch", "act_len", "act_heads", "act_kv")
+  def hidden(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
+    """The final (normalised) hidden states [B, L, D] and the LM head [D, V]."""
+    x_BxLxD, _ = self._trunk(tokens_BxL, positions_BxL, None, segments_BxL)
+    return layer_norm(x_BxLxD), self._head()
 
-
-def init_cache(cfg: ModelConfig, valid_BxT: jax.Array) -> dict:
-  """An empty KV cache of T = valid_BxT.shape[1] slots; valid_BxT[b, t] says whether slot t of row
-  b will hold a real token (False for left padding). Keys and values are in the compute dtype:
-  one [layers, B, T, H, K] array each for scanned layers, else a tuple of [B, T, H, K] arrays,
-  one per layer, which decoding updates in place (nothing re-stacks the whole cache per step)."""
-  B, T = valid_BxT.shape
-  shape = (B, T, cfg.num_heads, cfg.head_dim)
-  zeros = lambda axes, shape: nn.with_logical_constraint(jnp.zeros(shape, cfg.compute_dtype), axes)
-  if cfg.scan_layers:
-    kv = [zeros(CACHE_AXES, (cfg.num_layers, *shape)) for _ in "kv"]
-  else:
-    kv = [tuple(zeros(CACHE_AXES[1:], shape) for _ in range(cfg.num_layers)) for _ in "kv"]
-  return {"k": kv[0], "v": kv[1], "valid": valid_BxT, "index": jnp.zeros((), jnp.int32)}
+  def decode(self, tokens_BxL, positions_BxL, cache: KVCache):
+    """Writes the tokens' keys and values at cache.index: (logits [B, V] of the last position,
+    the updated cache)."""
+    x_BxLxD, (k, v) = self._trunk(tokens_BxL, positions_BxL, (cache.k, cache.v),
+                                  valid_BxT=cache.valid_BxT, index=cache.index)
+    logits_BxV = self._logits(x_BxLxD[:, -1:])[:, 0]
+    return logits_BxV, cache.replace(k=k, v=v, index=cache.index + tokens_BxL.shape[1])
 
 
 def unstack_layers(params: dict, num_layers: int) -> dict:

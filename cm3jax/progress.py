@@ -1,11 +1,65 @@
 """Progress output of a training run: a progress bar on terminals, one line per logged step,
-TensorBoard scalars and images in the workdir, and the logged values for the caller."""
+TensorBoard scalars and images in the workdir, and the logged values for the caller; and the
+cadence every trainer's loop shares (which steps log, evaluate and checkpoint, and the metrics
+of the steps since the last log line)."""
 
+import dataclasses
 import os
 import sys
+import time
 
+import jax
 import numpy as np
 import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+  """Every `*_every` steps (0: only at the last step), and always at the last step."""
+  total: int
+  log_every: int
+  eval_every: int
+  checkpoint_every: int
+
+  @classmethod
+  def of(cls, config) -> "Cadence":
+    return cls(config.num_train_steps, config.log_every, config.eval_every,
+               config.checkpoint_every)
+
+  def _due(self, done: int, every: int) -> bool:
+    return done == self.total or (every > 0 and done % every == 0)
+
+  def logs(self, done: int) -> bool:
+    return self._due(done, self.log_every)
+
+  def evaluates(self, done: int) -> bool:
+    return self._due(done, self.eval_every)
+
+  def checkpoints(self, done: int) -> bool:
+    return self._due(done, self.checkpoint_every)
+
+
+class Window:
+  """The device metrics of the steps since the last log line, and the seconds they took
+  (evaluations excluded: `restart` after one)."""
+
+  def __init__(self):
+    self.restart()
+
+  def restart(self):
+    self.pending, self.start = [], time.perf_counter()
+
+  def add(self, metrics: dict):
+    self.pending.append(metrics)
+
+  def take(self) -> tuple[dict[str, float], int, float]:
+    """(the mean of each metric over the window, its steps, its seconds), and a new window. A
+    metric some steps lack (a GAN loss before the GAN starts) is averaged where present."""
+    pending = jax.device_get(self.pending)
+    seconds = time.perf_counter() - self.start
+    means = {k: float(np.mean([m[k] for m in pending if k in m])) for k in pending[-1]}
+    self.restart()
+    return means, len(pending), seconds
 
 
 class Progress:

@@ -11,13 +11,17 @@ contrastive top-k. Captions are greedy unless --num_captions > 1.
 
 import os
 
+import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from cm3jax import cli
+from cm3jax import cli, data, sampling, tokenize_images
 from cm3jax.config import ConfigError
+from cm3jax.data import code_shards
+from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 GRID_COLUMNS = 8
+SAMPLE_FILES = ("samples.png", "captions.txt")  # what write_samples writes
 
 
 def grid(images: np.ndarray, scale: int = 1) -> np.ndarray:
@@ -38,22 +42,21 @@ def save_png(image: np.ndarray, path: str):
   Image.fromarray(image).save(path)
 
 
-def write_samples(sampler, vqgan, codes_dir: str, out_dir: str, seed: int = 0) -> list[str]:
-  """samples.png (4 images for each of 4 validation captions, top-p 0.9 without guidance, which
-  small models draw better) and captions.txt (greedy captions of 8 validation images) in
-  out_dir; returns the lines written."""
-  import jax
-  from cm3jax import sampling
-  from cm3jax.data import code_shards
+def write_samples(sampler: sampling.Sampler, vqgan: ImageTokenizer, codes_dir: str, out_dir: str,
+                  seed: int = 0) -> list[str]:
+  """SAMPLE_FILES in out_dir: 4 images for each of 4 validation captions (top-p 0.9 without
+  guidance, which small models draw better) and greedy captions of 8 validation images; returns
+  the lines of captions.txt."""
   codes, captions = code_shards.read_split(codes_dir, "validation", 8)
   key = jax.random.PRNGKey(seed)
   made = sampling.text_to_image(sampler, captions[:4], 4, vqgan.cfg.tokens_per_image, key, 1.0,
                                 sampling.SamplingConfig(top_p=0.9))
-  save_png(grid(vqgan.decode(made.reshape(16, -1)), scale=4), os.path.join(out_dir, "samples.png"))
+  grid_path, captions_path = (os.path.join(out_dir, f) for f in SAMPLE_FILES)
+  save_png(grid(vqgan.decode(made.reshape(16, -1)), scale=4), grid_path)
   lines = [f"{c}  (row {i + 1} of samples.png)" for i, c in enumerate(captions[:4])]
   generated = sampling.caption_images(sampler, codes, jax.random.fold_in(key, 1))
   lines += [f"image of {want!r}: {got!r}" for got, want in zip(generated, captions)]
-  with open(os.path.join(out_dir, "captions.txt"), "w") as f:
+  with open(captions_path, "w") as f:
     f.write("\n".join(lines) + "\n")
   return lines
 
@@ -76,19 +79,15 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-@cli.command("sample")
 def main(FLAGS):
   if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image):
     raise ConfigError("--workdir and one of --prompt or --image are required")
   if FLAGS.num_images < 1 or FLAGS.num_captions < 1:
     raise ConfigError("--num_images and --num_captions must be at least 1")
-  import jax
-  from cm3jax import prepare, sampling
-  from cm3jax.vqgan.tokenizer import ImageTokenizer
   cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
                                 FLAGS.cd_k, FLAGS.cd_alpha)
   sampler, config = sampling.load(FLAGS.workdir)
-  vqgan = ImageTokenizer.load(prepare.input_paths(config["cm3"], FLAGS.workdir)[0])
+  vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   key = jax.random.PRNGKey(FLAGS.seed)
   if FLAGS.prompt:
     codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
@@ -96,10 +95,9 @@ def main(FLAGS):
     save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
     print(f"wrote {FLAGS.num_images} images of {FLAGS.prompt!r} to {FLAGS.out}")
   if FLAGS.image:
-    from cm3jax.tokenize_images import decode_image
     try:
       with open(FLAGS.image, "rb") as f:
-        pixels = decode_image(f.read(), vqgan.cfg.resolution)
+        pixels = tokenize_images.decode_image(f.read(), vqgan.cfg.resolution)
     except OSError as e:
       raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
     codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
@@ -112,5 +110,4 @@ def main(FLAGS):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run("sample", _define_flags, main)

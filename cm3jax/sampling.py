@@ -1,5 +1,5 @@
-"""On-device sampling (DESIGN §4): a prefill, then one jitted `lax.scan` with a static trip count
-over a KV cache that is sharded like the model and donated.
+"""On-device sampling (docs/design.md, "Decoding"): a prefill, then one jitted `lax.scan` with a
+static trip count over a KV cache that is sharded like the model and donated.
 
 Requests are rows. Prompts of different lengths are left-padded into one prefill, so every row
 writes the same cache slot at each step, and positions count real tokens only. Each step turns
@@ -137,18 +137,16 @@ class Sampler:
   the layers unrolled, so that each layer's cache is its own buffer, updated in place."""
 
   def __init__(self, model_cfg: model_lib.ModelConfig, params, vocab: Vocab, mesh=None):
-    if vocab.size > model_cfg.vocab_size:
-      raise ConfigError(f"the vocabulary has {vocab.size} ids but the model only "
-                        f"{model_cfg.vocab_size}")
+    vocab.check_fits(model_cfg.vocab_size)
     self.vocab = vocab
     self.mesh = mesh or default_mesh()
     self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     shapes = abstract_params(model_cfg, self.mesh)
-    params = jax.device_put(nn.unbox(params), jax.tree.map(lambda s: s.sharding, shapes))
+    params = jax.device_put(nn.unbox(params), sharding.shardings_of(shapes))
     params = jax.tree.map(lambda p: p.astype(model_cfg.compute_dtype), params)
     if model_cfg.scan_layers:
       params = model_lib.unstack_layers(params, model_cfg.num_layers)
-    self.cfg = dataclasses.replace(model_cfg, scan_layers=False)
+    self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat_policy="none")
     self.model = model_lib.Decoder(self.cfg)
     self.params = params
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -212,11 +210,12 @@ class Sampler:
                      sampling, guided):
     R, P = tokens_RxP.shape
     B = keys_Bx2.shape[0]
-    valid_RxP = cache["valid"][:, :P]
+    valid_RxP = cache.valid_BxT[:, :P]
     lengths_R = valid_RxP.sum(-1)
     positions_RxP = jnp.maximum(jnp.cumsum(valid_RxP, -1) - 1, 0)
-    apply = lambda tok, pos, c, last: self.model.apply({"params": params}, tok, pos, c, last)
-    logits_RxV, cache = apply(tokens_RxP, positions_RxP, cache, True)
+    decode = lambda tok, pos, c: self.model.apply({"params": params}, tok, pos, c,
+                                                  method="decode")
+    logits_RxV, cache = decode(tokens_RxP, positions_RxP, cache)
     allowed_V = jnp.asarray(allowed_tokens(self.vocab, mode, self.cfg.vocab_size))
     stops = jnp.array([EOS, self.vocab.eoss_id])
 
@@ -233,7 +232,7 @@ class Sampler:
         done_B = done_B | jnp.isin(token_B, stops)
       token_R = jnp.tile(token_B, R // B)  # the same token goes to both streams
       position_R = lengths_R + i
-      logits_RxV, cache = apply(token_R[:, None], position_R[:, None], cache, True)
+      logits_RxV, cache = decode(token_R[:, None], position_R[:, None], cache)
       return (logits_RxV, cache, done_B), token_B
 
     done_B = jnp.zeros((B,), bool)
@@ -243,16 +242,15 @@ class Sampler:
 
 
 def default_mesh():
-  return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+  """This process's devices: on several hosts, each samples on its own (the pipeline's report
+  stage runs on process 0 alone)."""
+  return sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
 
 
 def abstract_params(model_cfg: model_lib.ModelConfig, mesh):
   """ShapeDtypeStructs of the parameters, sharded on `mesh` by the logical-axis table."""
-  boxed = jax.eval_shape(lambda: model_lib.Decoder(model_cfg).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-  shardings = sharding.logical_sharding(nn.get_partition_spec(boxed), mesh)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      nn.unbox(boxed), shardings)
+  return sharding.sharded_shapes(lambda: model_lib.Decoder(model_cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"], mesh)
 
 
 def load(workdir: str, mesh=None) -> tuple[Sampler, dict]:
@@ -284,12 +282,12 @@ def image_prompt(vocab: Vocab, caption: str) -> np.ndarray:
 
 
 def unconditional_image_prompt(vocab: Vocab) -> np.ndarray:
-  """`</s> <sentinel:0> <break>`: the caption masked out (DESIGN §4)."""
+  """`</s> <sentinel:0> <break>`: the caption masked out."""
   return np.array([EOS, vocab.sentinel(0), vocab.break_id], np.int32)
 
 
 def caption_prompt(vocab: Vocab, codes) -> np.ndarray:
-  """`</s> <sentinel:0> <break> image <sentinel:0>`: captioning is infilling (DESIGN §3)."""
+  """`</s> <sentinel:0> <break> image <sentinel:0>`: captioning is infilling."""
   s0 = vocab.sentinel(0)
   return np.concatenate([[EOS, s0, vocab.break_id], vocab.image_tokens(codes), [s0]]).astype(np.int32)
 

@@ -1,8 +1,8 @@
-"""The device mesh and the one table that places logical axes on it (DESIGN §7)."""
+"""The device mesh and the one table that places logical axes on it (docs/design.md, "Sharding")."""
 
 import contextlib
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -68,6 +68,22 @@ def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
 def logical_sharding(logical_specs, mesh: Mesh):
   """A tree of logical PartitionSpecs -> the same tree of NamedShardings on `mesh`."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def sharded_shapes(init_fn: Callable, mesh: Mesh, *args):
+  """ShapeDtypeStructs of what `init_fn(*args)` returns, each carrying its sharding on `mesh`:
+  values boxed with logical axis names (nn.with_logical_partitioning) are placed by the table,
+  the others replicated. Nothing is computed; `jax.jit(init_fn, out_shardings=...)` with these
+  shardings then creates the values already sharded."""
+  boxed = jax.eval_shape(init_fn, *args)
+  shardings = logical_sharding(nn.get_partition_spec(boxed), mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      nn.unbox(boxed), shardings)
+
+
+def shardings_of(shapes):
+  """The shardings of a tree of sharded ShapeDtypeStructs (or arrays)."""
+  return jax.tree.map(lambda s: s.sharding, shapes)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
@@ -148,7 +148,6 @@ def _define_flags():
   flags.DEFINE_integer("shard_size", 4096, "Records per output shard.")
 
 
-@cli.command("tokenize_images")
 def main(FLAGS):
   if not FLAGS.vqgan_workdir or not FLAGS.out:
     raise ConfigError("--vqgan_workdir and --out are required")
@@ -161,5 +160,4 @@ def main(FLAGS):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run("tokenize_images", _define_flags, main)

@@ -1,4 +1,5 @@
-"""Train the sentencepiece text tokenizer of the multimodal vocabulary (DESIGN §2).
+"""Train the sentencepiece text tokenizer of the multimodal vocabulary (docs/design.md,
+"Vocabulary").
 
   python -m cm3jax.train_tokenizer --input=corpus/*.txt --vocab_size=56320 --out=tokenizer.model
   python -m cm3jax.train_tokenizer --input=tfds:shapes:caption --vocab_size=320 --out=spm.model
@@ -18,7 +19,7 @@ import io
 import os
 from typing import Iterable, Iterator
 
-from absl import app, flags
+from absl import flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
@@ -93,7 +94,6 @@ def _define_flags():
                       "TFDS data_dir for tfds: inputs.")
 
 
-@cli.command("train_tokenizer")
 def main(FLAGS):
   if not FLAGS.input or not FLAGS.out or not FLAGS.vocab_size:
     raise ConfigError("--input, --vocab_size and --out are required")
@@ -119,5 +119,4 @@ def write_atomically(path: str, content: bytes):
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run("train_tokenizer", _define_flags, main)

@@ -11,7 +11,6 @@ checkpoint in --workdir.
 import contextlib
 import dataclasses
 import functools
-import time
 from typing import Any, Callable
 
 import flax
@@ -19,12 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from cm3jax import checkpoint, cli, sharding
 from cm3jax.config import ConfigError
-from cm3jax.progress import Progress
+from cm3jax.progress import Cadence, Progress, Window
 from cm3jax.vqgan import losses
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, model_output_to_images
 
@@ -150,11 +149,9 @@ def setup(config) -> Setup:
     recon, codes, _, _ = model.apply({"params": params}, images)
     return jnp.clip(recon, -1.0, 1.0), codes
 
-  boxed = jax.eval_shape(init_state, jax.random.PRNGKey(0))
+  abstract_state = sharding.sharded_shapes(init_state, mesh, jax.random.PRNGKey(0))  # replicated
+  state_sharding = sharding.shardings_of(abstract_state)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state_sharding = jax.tree.map(lambda _: replicated, boxed)
-  abstract_state = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), boxed)
   images_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   step_fns = {use_gan: jax.jit(functools.partial(train_step, use_gan=use_gan),
@@ -231,27 +228,24 @@ def train(config, workdir: str) -> list[dict[str, float]]:
             + (f"resumed from step {start}" if resumed else "new run") + f"; workdir {workdir}",
             flush=True)
     progress = Progress(workdir, config.num_train_steps, start, chief)
-    pending, t = [], time.perf_counter()
+    cadence, window = Cadence.of(config), Window()
     for step in range(start, config.num_train_steps):
       rows = batch_indices(config.seed, step, config.batch_size, len(train_images))
       images = jnp.asarray(train_images[rows], jnp.float32) / 127.5 - 1.0
       state, metrics = s.train_step(state, jax.device_put(images, s.batch_sharding), step)
-      pending.append(metrics)
+      window.add(metrics)
       progress.step()
       done = step + 1
-      last = done == config.num_train_steps
-      if done % config.log_every == 0 or last:
-        pending = jax.device_get(pending)
-        summary = {k: float(np.mean([m[k] for m in pending if k in m])) for k in pending[-1]}
-        summary["images_per_s"] = len(pending) * config.batch_size / (time.perf_counter() - t)
+      if cadence.logs(done):
+        summary, steps, seconds = window.take()
+        summary["images_per_s"] = steps * config.batch_size / seconds
         progress.log(done, "train", summary)
-        pending, t = [], time.perf_counter()
-      if last or done % config.eval_every == 0:
+      if cadence.evaluates(done):
         eval_summary, grid = evaluate(s, state.params, eval_images, config.batch_size)
         progress.log(done, "eval", eval_summary)
         progress.image(done, "eval/reconstructions", grid)
-        t = time.perf_counter()
-      if last or done % config.checkpoint_every == 0:
+        window.restart()
+      if cadence.checkpoints(done):
         ckpts.save(done, state)
     progress.close()
     ckpts.wait()
@@ -265,11 +259,9 @@ def _define_flags():
   flags.mark_flag_as_required("config")
 
 
-@cli.command("train_vqgan")
 def main(FLAGS):
   train(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  _define_flags()
-  app.run(main)
+  cli.run("train_vqgan", _define_flags, main)

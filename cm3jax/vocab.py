@@ -1,4 +1,5 @@
-"""The multimodal vocabulary (DESIGN §2): one id space for text, specials, sentinels and image codes.
+"""The multimodal vocabulary (docs/design.md, "Vocabulary"): one id space for text, specials,
+sentinels and image codes.
 
   [<s>=0 <pad>=1 </s>=2 <unk>=3] [sentencepiece pieces] [<break> <eoss> <sentinel:0..S-1>]
   [image codes 0..C-1] [padding to a multiple of 128]
@@ -146,6 +147,13 @@ class Vocab:
         segments.append(self.decode_text(part))
       start = end + 1
     return segments
+
+  def check_fits(self, model_vocab_size: int, source: str = "the vocabulary"):
+    """A ConfigError unless a model with `model_vocab_size` embedding rows has an id for each of
+    this vocabulary's."""
+    if self.size > model_vocab_size:
+      raise ConfigError(f"model.vocab_size={model_vocab_size} is smaller than {source} "
+                        f"({self.describe()})")
 
   def describe(self) -> str:
     return (f"{self.size} ids: {self.text_size - len(SPECIALS)} text pieces, 4 specials, <break>, "

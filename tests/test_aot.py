@@ -1,42 +1,41 @@
 """Ahead-of-time compilation for TPU topologies on this CPU machine, through libtpu."""
 
-import os
-import subprocess
-import sys
-
 import libtpu  # noqa: F401  (requirements-test.txt installs it: a missing one fails, not skips)
 import pytest
 
-from cm3jax import hardware, train
+from cm3jax import aot, hardware
 from cm3jax.config import ConfigError
-from tests.conftest import REPO, tiny_config
+from tests.helpers import run_module, tiny_config
 
 
-def test_compile_only_reports_memory_and_flops(capsys):
+def test_compile_only_reports_memory_and_flops():
   config = tiny_config(grad_accum_steps=2, **{"model.dtype": "bfloat16",
                                               "model.remat_policy": "nothing_saveable"})
-  assert train.compile_only(config, "v5e:2x2")
-  out = capsys.readouterr().out
-  assert "compiled the train step for v5e:2x2: 4 x TPU v5 lite, mesh data=1 fsdp=4 tensor=1" in out
-  assert "per-device memory: arguments" in out and "temporaries" in out
-  assert "of 16.0 GiB HBM: fits" in out
-  assert "model FLOPs per step" in out and "compiled FLOPs per step" in out
+  report = aot.compile_train_step(config, "v5e:2x2")
+  assert report.fits and report.num_devices == 4 and report.hbm_bytes == 16 * 2**30
+  assert report.target == "v5e:2x2: 4 x TPU v5 lite, mesh data=1 fsdp=4 tensor=1"
+  assert set(report.memory) == {"arguments", "outputs", "aliased", "temporaries", "code"}
+  assert 0 < report.memory["arguments"] < report.total_bytes < report.hbm_bytes
+  assert report.compiled_flops > 0 and report.model_flops > 0
+  lines = "\n".join(report.lines())
+  assert "compiled the train step for v5e:2x2: 4 x TPU v5 lite, mesh data=1 fsdp=4 tensor=1" in lines
+  assert "per-device memory: arguments" in lines and "temporaries" in lines
+  assert "of 16.0 GiB HBM: fits" in lines
+  assert "model FLOPs per step" in lines and "compiled FLOPs per step" in lines
 
 
-def test_compile_only_reports_a_step_that_does_not_fit(capsys):
-  config = tiny_config(global_batch_size=2**19, seq_len=32)
-  assert not train.compile_only(config, "v5e:2x2")
-  assert "the train step DOES NOT FIT v5e:2x2" in capsys.readouterr().out
+def test_compile_only_reports_a_step_that_does_not_fit():
+  report = aot.compile_train_step(tiny_config(global_batch_size=2**19, seq_len=32), "v5e:2x2")
+  assert not report.fits and report.memory is None and report.error
+  assert report.lines()[0].startswith("the train step DOES NOT FIT v5e:2x2")
 
 
+@pytest.mark.slow
 def test_the_command_exits_1_when_the_step_does_not_fit():
   def compile_only(batch):
-    return subprocess.run(
-        [sys.executable, "-m", "cm3jax.train", "--config=configs/tiny.py", "--compile_only",
-         "--topology=v5e:2x2", "--config.data=synthetic", "--config.seq_len=32",
-         f"--config.global_batch_size={batch}"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-        timeout=300)
+    return run_module("cm3jax.train", "--config=configs/tiny.py", "--compile_only",
+                      "--topology=v5e:2x2", "--config.data=synthetic", "--config.seq_len=32",
+                      f"--config.global_batch_size={batch}", timeout=300)
   too_big = compile_only(2**19)
   assert too_big.returncode == 1, too_big.stderr[-2000:]
   assert "the train step DOES NOT FIT v5e:2x2" in too_big.stdout
@@ -48,7 +47,7 @@ def test_tensor_parallel_mesh_on_a_pod():
   devices, hbm = hardware.tpu_topology("v5p:2x2x2")
   assert len(devices) == 8 and hbm == 95 * 2**30
   config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  assert train.compile_only(config, "v5p:2x2x2")
+  assert aot.compile_train_step(config, "v5p:2x2x2").fits
 
 
 @pytest.mark.parametrize("topology, message", [
@@ -64,4 +63,4 @@ def test_bad_topology(topology, message):
 
 def test_compile_only_needs_a_topology():
   with pytest.raises(ConfigError, match="--compile_only needs --topology"):
-    train.compile_only(tiny_config(), None)
+    aot.compile_train_step(tiny_config(), None)

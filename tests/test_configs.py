@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from cm3jax import model as model_lib
-from tests.conftest import REPO, load_config
+from tests.helpers import REPO, load_config
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
                  if "vqgan" not in os.path.basename(p))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import gpu_compile
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def kernels(f, *args):
@@ -45,11 +45,12 @@ def test_a_loop_body_counts_once_per_trip():
 
 
 def run_script(*args):
-  return subprocess.run([sys.executable, "benchmarks/gpu_compile.py", "--sizes=tiny", *args],
+  return subprocess.run([sys.executable, "-m", "benchmarks.gpu_compile", "--sizes=tiny", *args],
                         cwd=REPO, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu",
                                                                        "PATH": "/usr/bin:/bin"})
 
 
+@pytest.mark.slow
 def test_automatic_attention_is_refused():
   result = run_script("--attention=auto")
   assert result.returncode != 0
@@ -63,6 +64,7 @@ def cuda_plugin_installed():
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cuda_plugin_installed(), reason="jax's CUDA plugin is installed")
 def test_without_the_cuda_plugin_it_says_what_is_missing():
   result = run_script("--attention=cudnn")

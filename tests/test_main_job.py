@@ -1,83 +1,93 @@
-"""The README's main job on shapes/small: every stage from the command line, reuse on a re-run,
-then the sample and eval_shapes commands on what it trained."""
+"""The README's main job on shapes/small: every stage of the pipeline from the command line,
+reuse and resumption on a re-run, then the sample and eval_shapes commands on what it trained,
+and the one-line refusals of cm3jax.train and cm3jax.pipeline when an input is missing."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import assert_one_line_error, run_module
+
+pytestmark = pytest.mark.slow
 
 
-def run(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-                        timeout=600)
-
-
-def train(workdir, data_dir, vqgan_workdir, steps, *extra):
-  return run("cm3jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-             "--config.cm3.dataset=shapes/small", f"--config.cm3.data_dir={data_dir}",
-             f"--config.cm3.vqgan_workdir={vqgan_workdir}", f"--config.num_train_steps={steps}",
-             "--config.log_every=10", "--config.eval_every=20", "--config.checkpoint_every=20",
-             "--config.eval_steps=2", "--config.optimizer.warmup_steps=5", *extra)
+def pipeline(workdir, data_dir, vqgan_workdir, steps, *extra):
+  return run_module("cm3jax.pipeline", "--config=configs/tiny.py", f"--workdir={workdir}",
+                    "--config.cm3.dataset=shapes/small", f"--config.cm3.data_dir={data_dir}",
+                    f"--config.cm3.vqgan_workdir={vqgan_workdir}",
+                    f"--config.num_train_steps={steps}", "--config.log_every=10",
+                    "--config.eval_every=20", "--config.checkpoint_every=20",
+                    "--config.eval_steps=2", "--config.optimizer.warmup_steps=5",
+                    "--config.report_examples=16", *extra)
 
 
 @pytest.fixture(scope="module")
 def main_job(shapes_data_dir, vqgan_workdir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny")
-  first = train(workdir, shapes_data_dir, vqgan_workdir, 40)
+  first = pipeline(workdir, shapes_data_dir, vqgan_workdir, 40)
   assert first.returncode == 0, first.stderr[-3000:]
   return workdir, first.stdout
 
 
-def test_every_stage_runs_and_the_validation_loss_falls(main_job):
+def test_every_stage_runs_and_the_validation_loss_falls(main_job, vqgan_workdir):
   workdir, out = main_job
-  for line in ("[data 1/3] image tokenizer: found", "[data 2/3] image codes: train: 512 records",
-               "[data 2/3] image codes: test: 128 records",
-               "[data 3/3] text tokenizer: trained", "[data 3/3] vocabulary:",
-               "train step 40: loss", "samples:"):
+  for line in (f"[1/5] image tokenizer: reusing ({vqgan_workdir} at step 6 of 6)",
+               f"[2/5] image codes: making (0 of 3 splits in {workdir}/codes)",
+               "train: 512 records", "test: 128 records", "[3/5] text tokenizer: making",
+               "[3/5] text tokenizer: done", "[4/5] token model: making",
+               "train step 40: loss", "[4/5] token model: done", "[5/5] report: making",
+               "| text_to_image, greedy, no guidance |", "[5/5] report: done"):
     assert line in out, out
   evals = [float(l.split("loss ")[1].split()[0]) for l in out.splitlines()
            if l.startswith("eval step")]
   assert len(evals) == 2 and evals[1] < evals[0]
   assert os.path.getsize(workdir / "samples.png") > 0
   assert len((workdir / "captions.txt").read_text().splitlines()) == 12
+  for split in ("validation", "test"):
+    report = json.load(open(workdir / f"eval_shapes_{split}.json"))
+    assert report["step"] == 40 and report["examples"] == 16 and report["split"] == split
   assert os.path.isdir(workdir / "checkpoints" / "40" / "vocab")
   assert json.load(open(workdir / "checkpoints" / "40" / "data" / "metadata"))["positions"]
 
 
-def test_a_rerun_reuses_every_stage_and_resumes(main_job, shapes_data_dir, vqgan_workdir):
+def test_a_rerun_resumes_what_is_partial_and_reuses_the_rest(main_job, shapes_data_dir,
+                                                             vqgan_workdir):
   workdir, _ = main_job
-  again = train(workdir, shapes_data_dir, vqgan_workdir, 50)
+  again = pipeline(workdir, shapes_data_dir, vqgan_workdir, 50)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert "[data 2/3] image codes: found" in again.stdout
-  assert "[data 3/3] text tokenizer: found" in again.stdout
-  assert "resumed from step 40" in again.stdout and "train step 50: loss" in again.stdout
+  for line in ("[1/5] image tokenizer: reusing", "[2/5] image codes: reusing",
+               "[3/5] text tokenizer: reusing", "[4/5] token model: resuming (step 40 of 50)",
+               "resumed from step 40", "train step 50: loss", "[5/5] report: making"):
+    assert line in again.stdout, again.stdout
+  assert json.load(open(workdir / "eval_shapes_test.json"))["step"] == 50
+  done = pipeline(workdir, shapes_data_dir, vqgan_workdir, 50)
+  assert done.returncode == 0, done.stderr[-3000:]
+  statuses = [l for l in done.stdout.splitlines() if l.startswith("[")]
+  assert len(statuses) == 5 and all(": reusing (" in l for l in statuses), done.stdout
 
 
 def test_sample_writes_a_grid_and_captions_an_image(main_job, tmp_path):
   workdir, _ = main_job
   out = tmp_path / "grid.png"
-  result = run("cm3jax.sample", f"--workdir={workdir}", "--prompt=a red circle in the center",
-               "--num_images=3", "--cfg=2.0", f"--out={out}", "--scale=2")
+  result = run_module("cm3jax.sample", f"--workdir={workdir}",
+                      "--prompt=a red circle in the center", "--num_images=3", "--cfg=2.0",
+                      f"--out={out}", "--scale=2")
   assert result.returncode == 0, result.stderr[-3000:]
   from PIL import Image
   assert Image.open(out).size == ((3 * 34 - 2) * 2, 32 * 2)
 
   from cm3jax.data import shapes
   Image.fromarray(shapes.example("test", 0)["image"]).save(tmp_path / "image.png")
-  result = run("cm3jax.sample", f"--workdir={workdir}", f"--image={tmp_path}/image.png",
-               "--num_captions=2", "--cd_k=0")
+  result = run_module("cm3jax.sample", f"--workdir={workdir}", f"--image={tmp_path}/image.png",
+                      "--num_captions=2", "--cd_k=0")
   assert result.returncode == 0, result.stderr[-3000:]
   assert len(result.stdout.strip().splitlines()) == 2
 
 
-def test_eval_shapes_scores_the_test_split(main_job):
+def test_eval_shapes_scores_the_test_split(main_job, tmp_path):
   workdir, _ = main_job
-  result = run("cm3jax.eval_shapes", f"--workdir={workdir}", "--num_examples=16")
+  result = run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--num_examples=16")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| text_to_image, top-p 0.9, CFG 3 |" in result.stdout
   saved = json.load(open(workdir / "eval_shapes_test.json"))
@@ -88,26 +98,47 @@ def test_eval_shapes_scores_the_test_split(main_job):
           "image_to_text, greedy"} <= set(saved)
 
 
-def _one_line_error(result, tool, message):
-  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-  errors = [l for l in result.stderr.splitlines() if l.startswith(f"{tool}: error:")]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
-
-
-def test_bad_input_to_the_commands(main_job, tmp_path, shapes_data_dir, vqgan_workdir):
+def test_bad_input_to_the_commands(main_job, tmp_path):
   workdir, _ = main_job
-  _one_line_error(run("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a"), "cm3jax.sample",
-                  "no checkpoints in")
-  _one_line_error(run("cm3jax.sample", f"--workdir={workdir}", f"--image={tmp_path}/none.png"),
-                  "cm3jax.sample", "cannot read")
-  _one_line_error(run("cm3jax.sample", f"--workdir={workdir}", "--prompt=a", "--top_p=1.5"),
-                  "cm3jax.sample", "top_p must be in (0, 1]")
-  _one_line_error(run("cm3jax.sample", f"--workdir={workdir}"), "cm3jax.sample",
-                  "--workdir and one of --prompt or --image are required")
-  _one_line_error(run("cm3jax.eval_shapes", f"--workdir={tmp_path}"), "cm3jax.eval_shapes",
-                  "no checkpoints in")
-  _one_line_error(train(tmp_path / "small", shapes_data_dir, vqgan_workdir, 2,
-                        f"--config.cm3.codes_dir={workdir}/codes",
-                        f"--config.cm3.tokenizer={workdir}/tokenizer.model",
-                        "--config.model.vocab_size=256"),
-                  "cm3jax.train", "model.vocab_size=256 is smaller than the vocabulary")
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a"),
+                        "cm3jax.sample", "no checkpoints in")
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}",
+                                   f"--image={tmp_path}/none.png"), "cm3jax.sample", "cannot read")
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a",
+                                   "--top_p=1.5"), "cm3jax.sample", "top_p must be in (0, 1]")
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}"), "cm3jax.sample",
+                        "--workdir and one of --prompt or --image are required")
+  assert_one_line_error(run_module("cm3jax.eval_shapes", f"--workdir={tmp_path}"),
+                        "cm3jax.eval_shapes", "no checkpoints in")
+  assert_one_line_error(
+      run_module("cm3jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}/small",
+                 f"--config.cm3.codes_dir={workdir}/codes",
+                 f"--config.cm3.tokenizer={workdir}/tokenizer.model",
+                 "--config.model.vocab_size=256"),
+      "cm3jax.train", "model.vocab_size=256 is smaller than the vocabulary")
+
+
+def test_train_refuses_missing_inputs_and_names_the_command_that_makes_them(tmp_path):
+  """cm3jax.train trains the token model only: it makes no input, and a paper config pointed at
+  real data with no codes yet trains nothing (no shapes VQGAN behind the user's back)."""
+  assert_one_line_error(
+      run_module("cm3jax.train", "--config=configs/350m.py", "--config.data=cm3",
+                 "--config.cm3.dataset=coco:captions_{split}2017.json", f"--workdir={tmp_path}"),
+      "cm3jax.train", f"no complete train split of image codes in {tmp_path}/codes "
+      "(cm3.codes_dir): make them with python -m cm3jax.tokenize_images")
+  assert os.listdir(tmp_path) == []
+  assert_one_line_error(
+      run_module("cm3jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}"),
+      "cm3jax.train", "or run every stage with python -m cm3jax.pipeline")
+
+
+def test_the_pipeline_trains_a_vqgan_on_shapes_only(tmp_path):
+  assert_one_line_error(
+      run_module("cm3jax.pipeline", "--config=configs/350m.py", "--config.data=cm3",
+                 "--config.cm3.dataset=coco:captions_{split}2017.json", f"--workdir={tmp_path}"),
+      "cm3jax.pipeline", "the pipeline trains one on the shapes data only "
+      "(cm3.dataset='coco:captions_{split}2017.json'): train one with python -m cm3jax.train_vqgan")
+  assert os.listdir(tmp_path) == []
+  assert_one_line_error(
+      run_module("cm3jax.pipeline", "--config=configs/350m.py", f"--workdir={tmp_path}"),
+      "cm3jax.pipeline", "the pipeline makes the inputs of data='cm3'")

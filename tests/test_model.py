@@ -6,6 +6,7 @@ import pytest
 
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from tests.helpers import nontrivial
 
 CFG = dict(vocab_size=96, num_layers=3, d_model=32, num_heads=4, mlp_dim=64, max_seq_len=16,
            dtype="float32", remat_policy="none")
@@ -18,13 +19,6 @@ def make(**overrides):
 
 def init(model, seed=0, length=16):
   return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, length), jnp.int32))["params"]
-
-
-def nontrivial(params, seed=1):
-  """Replace every parameter by N(0, 0.1): the zero-initialised ones would hide bugs."""
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten([0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
 def tokens(shape, seed=0, vocab=CFG["vocab_size"]):

@@ -6,11 +6,12 @@ import os
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch, capsys):
   cells = [c for c in json.load(open(path))["cells"] if c["cell_type"] == "code"]

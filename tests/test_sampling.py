@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from cm3jax import model as model_lib
-from cm3jax import sampling, sharding, train, train_tokenizer
+from cm3jax import sampling, sharding, train_tokenizer, trainer
 from cm3jax.config import ConfigError
 from cm3jax.data import shapes
 from cm3jax.vocab import EOS, PAD, Vocab
-from tests.conftest import tiny_config
-from tests.test_model import nontrivial
+from tests.helpers import nontrivial, tiny_config
 
 CODES = 64
 
@@ -61,13 +60,15 @@ def test_cached_decoding_equals_the_full_forward(vocab, scan_layers):
   lengths = valid[:, :P].sum(1)
   positions = np.maximum(np.cumsum(valid[:, :P], 1) - 1, 0)
   cache = model_lib.init_cache(cfg, jnp.asarray(valid))
+  assert isinstance(cache, model_lib.KVCache)
   logits, cache = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
-                              cache)
-  got = [logits[:, -1]]
+                              cache, method="decode")
+  got = [logits]
   for i in range(steps - 1):
     step = np.array([s[lengths[b] + i] for b, s in enumerate(seqs)], np.int32)[:, None]
     logits, cache = model.apply({"params": params}, jnp.asarray(step),
-                                jnp.asarray(lengths[:, None] + i), cache, True)
+                                jnp.asarray(lengths[:, None] + i), cache, method="decode")
+    assert isinstance(cache, model_lib.KVCache) and int(cache.index) == P + i + 1
     got.append(logits)
   for b, s in enumerate(seqs):
     full = model.apply({"params": params}, jnp.asarray(s[None, :lengths[b] + steps - 1]))[0]
@@ -298,11 +299,11 @@ def test_tasks_of_a_model_that_memorised_its_documents(vocab):
       "model.vocab_size": vocab.size, "model.max_seq_len": L, "model.d_model": 64,
       "model.num_heads": 4, "model.mlp_dim": 256, "model.num_layers": 2,
       "optimizer.peak_lr": 3e-3, "optimizer.warmup_steps": 20, "optimizer.weight_decay": 0.0})
-  s = train.setup(config, jax.devices()[:1])
+  s = trainer.setup(config, jax.devices()[:1])
   host_batch = {"inputs": tokens[:, :-1], "targets": targets, "weights": weights}
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
-    batch = train.device_batch(host_batch, s.batch_sharding)
+    batch = trainer.device_batch(host_batch, s.batch_sharding)
     for _ in range(config.num_train_steps):
       state, _ = s.train_step(state, batch)
   sampler = sampling.Sampler(s.model_cfg, state.params, vocab, s.mesh)

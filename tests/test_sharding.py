@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cm3jax import data, sharding, train
+from cm3jax import data, sharding, trainer
 from cm3jax.config import ConfigError
-from tests.conftest import tiny_config
+from tests.helpers import tiny_config
 
 
 def mesh_config(data=1, fsdp=-1, tensor=1):
@@ -33,7 +33,7 @@ def test_bad_mesh(sizes, message):
 
 def test_parameters_and_batches_are_sharded_by_the_table():
   config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
-  s = train.setup(config)
+  s = trainer.setup(config)
   layers = s.abstract_state.params["layers"]
   assert layers["attn"]["query"].sharding.spec == P(None, "fsdp", "tensor", None)
   assert layers["mlp"]["wo"].sharding.spec == P(None, "tensor", "fsdp")
@@ -47,11 +47,11 @@ def test_parameters_and_batches_are_sharded_by_the_table():
 def _trajectory(config, devices, steps=3):
   """Losses of `steps` train steps on one batch, and the gradients of every parameter before the
   first step and after the last."""
-  s = train.setup(config, devices)
+  s = trainer.setup(config, devices)
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     host = next(data.synthetic.batches(config, "train", 0, (0, 0), slice(None)))
-    batch = train.device_batch(host, s.batch_sharding)
+    batch = trainer.device_batch(host, s.batch_sharding)
     grads = [s.gradients(state.params, batch)[0]]
     losses = []
     for _ in range(steps):

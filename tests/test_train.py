@@ -1,17 +1,15 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax import data, loss, optimizer, sharding, train
+from cm3jax import data, loss, optimizer, sharding, train, trainer
 from cm3jax.config import ConfigError
-from tests.conftest import REPO, tiny_config
+from tests.helpers import assert_one_line_error, run_module, tiny_config
 
 
 def test_cross_entropy_sums_match_numpy():
@@ -88,7 +86,7 @@ def test_fused_train_steps_equal_plain_ones_on_a_mesh():
       np.testing.assert_allclose(a[k], b[k], rtol=2e-5, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), *params)
   with pytest.raises(ConfigError, match="cross_entropy_chunk=5 does not divide seq_len=32"):
-    train.setup(tiny_config(cross_entropy_chunk=5))
+    trainer.setup(tiny_config(cross_entropy_chunk=5))
 
 
 def test_learning_rate_schedule():
@@ -133,12 +131,12 @@ def test_gradients_are_clipped_to_the_global_norm(clip_norm, scale):
 
 
 def _run_steps(config, batches, steps, devices=None):
-  s = train.setup(config, devices)
+  s = trainer.setup(config, devices)
   with sharding.use_mesh(s.mesh):
     state = s.init_state(jax.random.PRNGKey(0))
     history = []
     for _ in range(steps):
-      batch = train.device_batch(next(batches), s.batch_sharding)
+      batch = trainer.device_batch(next(batches), s.batch_sharding)
       state, metrics = s.train_step(state, batch)
       history.append(jax.device_get(metrics))
   return state, history
@@ -224,7 +222,7 @@ def test_resume_is_refused_with_another_vocabulary(tmp_path):
   spm = train_tokenizer.train([shapes.scene("train", i).caption() for i in range(200)], 300)
   vocab, other = Vocab(spm, 4, 16), Vocab(spm, 4, 24)
   config = tiny_config()
-  s = train.setup(config, jax.devices()[:1])
+  s = trainer.setup(config, jax.devices()[:1])
   with sharding.use_mesh(s.mesh):
     ckpts = train.checkpoints(str(tmp_path), config, vocab)
     ckpts.save(1, s.init_state(jax.random.PRNGKey(0)))
@@ -239,17 +237,15 @@ def test_resume_is_refused_with_another_vocabulary(tmp_path):
     refused.close()
 
 
-def _cli(tmp_path, *args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "cm3jax.train", "--config=configs/tiny.py",
-                         "--config.data=synthetic", "--config.num_train_steps=2",
-                         "--config.log_every=1",
-                         "--config.seq_len=32", "--config.global_batch_size=8", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def _cli(*args):
+  return run_module("cm3jax.train", "--config=configs/tiny.py", "--config.data=synthetic",
+                    "--config.num_train_steps=2", "--config.log_every=1", "--config.seq_len=32",
+                    "--config.global_batch_size=8", *args, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_trains_with_overrides(tmp_path):
-  result = _cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_layers=1",
+  result = _cli(f"--workdir={tmp_path}", "--config.model.num_layers=1",
                 "--config.model.d_model=64")
   assert result.returncode == 0, result.stderr
   # 1 layer of d64 (MLP 512) over 1,408 tokens and 256 positions: 278,528 parameters.
@@ -260,34 +256,35 @@ def test_cli_trains_with_overrides(tmp_path):
 
 
 def _assert_one_line_error(result, message):
-  assert result.returncode != 0
-  assert "Traceback" not in result.stderr, result.stderr
-  errors = [l for l in result.stderr.splitlines() if l.startswith("cm3jax.train: error:")]
-  assert len(errors) == 1 and message in errors[0], result.stderr
+  assert_one_line_error(result, "cm3jax.train", message)
 
 
+@pytest.mark.slow
 def test_cli_bad_heads(tmp_path):
-  _assert_one_line_error(_cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_heads=3"),
+  _assert_one_line_error(_cli(f"--workdir={tmp_path}", "--config.model.num_heads=3"),
                          "model.num_heads=3 does not divide model.d_model=128")
 
 
+@pytest.mark.slow
 def test_cli_bad_mesh(tmp_path):
-  _assert_one_line_error(_cli(tmp_path, f"--workdir={tmp_path}", "--config.mesh.data=3"),
+  _assert_one_line_error(_cli(f"--workdir={tmp_path}", "--config.mesh.data=3"),
                          "mesh data=3, fsdp=-1, tensor=1: 8 devices do not divide by 3")
 
 
+@pytest.mark.slow
 def test_cli_unwritable_workdir(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")
-  _assert_one_line_error(_cli(tmp_path, f"--workdir={blocker}/run"),
+  _assert_one_line_error(_cli(f"--workdir={blocker}/run"),
                          f"workdir {blocker}/run is not writable")
 
 
+@pytest.mark.slow
 def test_cli_incompatible_checkpoint(tmp_path):
-  assert _cli(tmp_path, f"--workdir={tmp_path}").returncode == 0
+  assert _cli(f"--workdir={tmp_path}").returncode == 0
   before = sorted(os.listdir(tmp_path / "checkpoints"))
   _assert_one_line_error(
-      _cli(tmp_path, f"--workdir={tmp_path}", "--config.model.num_layers=3",
+      _cli(f"--workdir={tmp_path}", "--config.model.num_layers=3",
            "--config.num_train_steps=4"),
       "was written by another model: model.num_layers=4 (this config: 3)")
   assert sorted(os.listdir(tmp_path / "checkpoints")) == before
@@ -296,9 +293,9 @@ def test_cli_incompatible_checkpoint(tmp_path):
 def test_batch_that_does_not_divide_over_the_mesh():
   with pytest.raises(ConfigError, match="a microbatch of 3 rows .* does not divide over the "
                      "data x fsdp = 2 devices"):
-    train.setup(tiny_config(global_batch_size=6, grad_accum_steps=2), jax.devices()[:2])
+    trainer.setup(tiny_config(global_batch_size=6, grad_accum_steps=2), jax.devices()[:2])
   with pytest.raises(ConfigError, match="seq_len=64 exceeds model.max_seq_len=32"):
-    train.setup(tiny_config(seq_len=64))
+    trainer.setup(tiny_config(seq_len=64))
 
 
 def test_unknown_data_source(tmp_path):
@@ -306,10 +303,11 @@ def test_unknown_data_source(tmp_path):
     data.source(tiny_config(data="laion"), str(tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--config.model.depth=3"], "the config has no field 'depth'"),
     (["--config.model.num_layers=two"], "flag --config.model.num_layers=two: invalid literal"),
     (["--config=configs/missing.py"], "bad --config: [Errno 2] No such file or directory"),
 ])
 def test_cli_bad_flags(tmp_path, args, message):
-  _assert_one_line_error(_cli(tmp_path, f"--workdir={tmp_path}", *args), message)
+  _assert_one_line_error(_cli(f"--workdir={tmp_path}", *args), message)

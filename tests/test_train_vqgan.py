@@ -10,7 +10,7 @@ import pytest
 from cm3jax import train_vqgan
 from cm3jax.config import ConfigError
 from cm3jax.vqgan.model import VQGANConfig
-from tests.conftest import vqgan_config
+from tests.helpers import vqgan_config
 
 
 def test_batch_indices_are_seeded_epochs():

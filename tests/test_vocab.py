@@ -1,7 +1,3 @@
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -10,7 +6,7 @@ from cm3jax import train_tokenizer
 from cm3jax.config import ConfigError
 from cm3jax.data import shapes
 from cm3jax.vocab import Vocab
-from tests.conftest import REPO
+from tests.helpers import run_module
 
 CORPUS = ([shapes.scene("train", i).caption() for i in range(2000)]
           + ["Ünïcödé, emoji 🙂 and 中文 text", "numbers 12345 and  double  spaces "])
@@ -90,20 +86,21 @@ def test_foreign_sentencepiece_model_is_refused():
 
 
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "cm3jax.train_tokenizer", *args], cwd=REPO,
-                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, timeout=300)
+  return run_module("cm3jax.train_tokenizer", *args, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_trains_on_text_files_and_counts_bad_lines(tmp_path):
   corpus = tmp_path / "corpus.txt"
   corpus.write_bytes(("\n".join(CORPUS) + "\n\n").encode() + b"caf\xe9 latin-1\n")
   out = tmp_path / "spm.model"
   result = _cli(f"--input={tmp_path}/*.txt", "--vocab_size=300", f"--out={out}")
-  assert result.returncode == 0, result.stderr.decode()
-  assert b"wrote" in result.stdout and b"300 pieces; skipped lines: 1 empty, 1 not UTF-8" in result.stdout
+  assert result.returncode == 0, result.stderr
+  assert "wrote" in result.stdout and "300 pieces; skipped lines: 1 empty, 1 not UTF-8" in result.stdout
   assert Vocab.from_spm_file(str(out), 16, 1024).text_size == 300
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--input=/nonexistent/*.txt", "--vocab_size=300", "--out=x.model"],
      "--input=/nonexistent/*.txt matches no file"),
@@ -113,5 +110,5 @@ def test_cli_trains_on_text_files_and_counts_bad_lines(tmp_path):
 ])
 def test_cli_bad_input(args, message):
   result = _cli(*args)
-  assert result.returncode == 1 and b"Traceback" not in result.stderr
-  assert result.stderr.decode().strip() == f"cm3jax.train_tokenizer: error: {message}"
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert result.stderr.strip() == f"cm3jax.train_tokenizer: error: {message}"

@@ -6,29 +6,46 @@ started at a saved position continues exactly, so a resumed run sees the batches
 seen.
 
   synthetic  random walks on a graph (cm3jax/data/synthetic.py); position = (step,)
-  cm3        the CM3 stream over image-code shards (cm3jax/data/cm3.py), prepared by
-             cm3jax/prepare.py; position = (epoch, index, offset)
+  cm3        the CM3 stream over image-code shards (cm3jax/data/cm3.py); position = (epoch,
+             index, offset). Its inputs (code shards and a text tokenizer) must exist: the
+             pipeline makes them (python -m cm3jax.pipeline), or tokenize_images and
+             train_tokenizer do, one command each.
 """
 
 import dataclasses
-from typing import Iterator, Optional, Sequence
+import os
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.data import synthetic
+from cm3jax.data import code_shards, synthetic
 from cm3jax.vocab import Vocab
 
 SOURCES = ("synthetic", "cm3")
 SPLITS = ("train", "validation")
 
 
+class InputPaths(NamedTuple):
+  """Where a run's CM3 inputs live."""
+  vqgan_workdir: str  # the image tokenizer (a cm3jax.train_vqgan workdir)
+  codes_dir: str  # the image-code shards (cm3jax.tokenize_images)
+  tokenizer: str  # the sentencepiece model (cm3jax.train_tokenizer)
+
+
+def input_paths(cm3, workdir: str) -> InputPaths:
+  """The inputs of a run's `cm3` config section (the live ConfigDict or the JSON saved with a
+  checkpoint); empty paths are WORKDIR/vqgan, WORKDIR/codes and WORKDIR/tokenizer.model."""
+  return InputPaths(cm3["vqgan_workdir"] or os.path.join(workdir, "vqgan"),
+                    cm3["codes_dir"] or os.path.join(workdir, "codes"),
+                    cm3["tokenizer"] or os.path.join(workdir, "tokenizer.model"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Source:
   config: object
   vocab: Optional[Vocab] = None  # The cm3 source's vocabulary,
-  codes_dir: Optional[str] = None  # its image-code shards,
-  vqgan_workdir: Optional[str] = None  # and the VQGAN that made them.
+  codes_dir: Optional[str] = None  # and its image-code shards.
 
   def batches(self, split: str, seed: Sequence[int], position: Optional[Sequence[int]] = None,
               host: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
@@ -57,11 +74,28 @@ class Source:
     return dict(cm3.SKIPPED)
 
 
+MAKE_THEM = "or run every stage with python -m cm3jax.pipeline --config=CONFIG --workdir=WORKDIR"
+
+
 def source(config, workdir: str) -> Source:
-  """The source `config.data` names; for cm3, its inputs are made first where missing."""
+  """The source `config.data` names. For cm3 its inputs must exist: a missing one is a
+  ConfigError naming the command that makes it."""
   if config.data not in SOURCES:
     raise ConfigError(f"data={config.data!r} is not one of {list(SOURCES)}")
   if config.data == "synthetic":
     return Source(config)
-  from cm3jax import prepare
-  return Source(config, *prepare.cm3_inputs(config, workdir))
+  paths = input_paths(config.cm3, workdir)
+  for split in SPLITS:
+    if not os.path.exists(code_shards.manifest_path(paths.codes_dir, split)):
+      raise ConfigError(
+          f"no complete {split} split of image codes in {paths.codes_dir} (cm3.codes_dir): make "
+          f"them with python -m cm3jax.tokenize_images --vqgan_workdir={paths.vqgan_workdir} "
+          f"--out={paths.codes_dir} --dataset=DATASET, {MAKE_THEM}")
+  if not os.path.exists(paths.tokenizer):
+    raise ConfigError(
+        f"no text tokenizer {paths.tokenizer} (cm3.tokenizer): train one with python -m "
+        f"cm3jax.train_tokenizer --input={paths.codes_dir} --vocab_size="
+        f"{config.cm3.text_vocab_size} --out={paths.tokenizer}, {MAKE_THEM}")
+  manifest = code_shards.read_manifest(paths.codes_dir, "train")
+  vocab = Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans, manifest["codebook_size"])
+  return Source(config, vocab, paths.codes_dir)

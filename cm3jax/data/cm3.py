@@ -1,4 +1,5 @@
-"""The CM3 training stream (DESIGN §2-§3) as a tf.data pipeline on the host CPU.
+"""The CM3 training stream as a tf.data pipeline on the host CPU (docs/design.md, "Objective" and
+"Data across hosts").
 
   code shards (cm3jax.tokenize_images) -> this host's share of each epoch's records (the hosts
      of a run partition every epoch; `epoch_records`), shuffled per epoch

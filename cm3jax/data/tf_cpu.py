@@ -1,5 +1,5 @@
 """TensorFlow for input pipelines only: imported on first use and kept off the accelerators, so
-that it never competes with JAX for device memory (DESIGN §7)."""
+that it never competes with JAX for device memory (docs/design.md, "Sharding")."""
 
 import functools
 

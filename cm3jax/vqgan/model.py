@@ -1,4 +1,5 @@
-"""A VQGAN image tokenizer in the taming-transformers / Chameleon layout (DESIGN §2), in Flax.
+"""A VQGAN image tokenizer in the taming-transformers / Chameleon layout (docs/design.md,
+"Export"), in Flax.
 
 Images are NHWC in [-1, 1]. Module and parameter names follow the PyTorch state_dict keys
 (`encoder.down.0.block.1.conv1.weight` is `encoder/down_0/block_1/conv1/kernel`), so weights move

@@ -27,11 +27,12 @@ def progress(vqgan_workdir: str) -> Optional[tuple[int, int]]:
 
 
 class ImageTokenizer:
-  """A trained VQGAN, jitted over all devices, with checked inputs."""
+  """A trained VQGAN, jitted over this process's devices, with checked inputs."""
 
   def __init__(self, cfg: VQGANConfig, params, step: int = 0):
     self.cfg, self.params, self.step = cfg, params, step
-    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    # This process's devices: on several hosts the codes stage runs on process 0 alone.
+    mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
     self.devices = mesh.size
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     model = VQGAN(cfg)

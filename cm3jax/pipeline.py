@@ -1,0 +1,220 @@
+"""The whole job, stage by stage, in one workdir.
+
+  python -m cm3jax.pipeline --config=configs/tiny.py --workdir=workdirs/tiny
+
+  1. image tokenizer   a VQGAN (cm3.vqgan_config) trained on the shapes data into cm3.vqgan_workdir
+  2. image codes       every split of cm3.splits encoded into shards in cm3.codes_dir
+  3. text tokenizer    a sentencepiece model of cm3.text_vocab_size pieces on the train captions
+  4. token model       the config's CM3 model (what python -m cm3jax.train runs)
+  5. report            samples.png and captions.txt from validation data and, on the shapes data,
+                       eval_shapes_{validation,test}.json with the table of cm3jax.eval_shapes
+
+Each stage looks at what the workdir holds and prints one line: it reuses a complete output,
+resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan, WORKDIR/codes
+and WORKDIR/tokenizer.model; a path that names existing inputs (a VQGAN trained elsewhere, codes
+of your own data) is reused as it is. On several hosts (--multihost) a stage that is not sharded
+runs on process 0 while the others wait; sharded stages (the two trainers) run on every host.
+The stages are the rows of `STAGES`.
+"""
+
+import collections
+import dataclasses
+import os
+import time
+from typing import Callable, Sequence
+
+import jax
+from absl import flags
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from cm3jax import checkpoint, cli, data, eval_shapes, sample, sampling, tokenize_images
+from cm3jax import train, train_tokenizer, train_vqgan
+from cm3jax.config import ConfigError, load_config_file
+from cm3jax.data import code_shards
+from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
+
+COMPLETE, PARTIAL, MISSING = "complete", "partial", "missing"
+VERBS = {COMPLETE: "reusing", PARTIAL: "resuming", MISSING: "making"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  config: object
+  workdir: str
+
+  @property
+  def paths(self) -> data.InputPaths:
+    return data.input_paths(self.config.cm3, self.workdir)
+
+  @property
+  def splits(self) -> list[str]:
+    return [s.strip() for s in self.config.cm3.splits.split(",") if s.strip()]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  name: str
+  sharded: bool  # runs on every host; otherwise on process 0 while the others wait
+  status: Callable[[Job], tuple[str, str]]  # (COMPLETE | PARTIAL | MISSING, what is there)
+  make: Callable[[Job], str]  # makes or resumes the output; returns what it made, in words
+
+
+# 1. Image tokenizer.
+
+def vqgan_status(job: Job) -> tuple[str, str]:
+  where = job.paths.vqgan_workdir
+  saved = progress(where)
+  if saved is None:
+    return MISSING, f"no checkpoint in {where}"
+  step, total = saved
+  return (COMPLETE if step >= total else PARTIAL), f"{where} at step {step} of {total}"
+
+
+def make_vqgan(job: Job) -> str:
+  c = job.config.cm3
+  if c.dataset.split("/")[0] != "shapes":
+    raise ConfigError(f"no finished VQGAN in {job.paths.vqgan_workdir}, and the pipeline trains "
+                      f"one on the shapes data only (cm3.dataset={c.dataset!r}): train one with "
+                      "python -m cm3jax.train_vqgan, or set cm3.vqgan_workdir to one")
+  vq_config = load_config_file(c.vqgan_config)
+  vq_config.data, vq_config.data_dir = c.dataset, c.data_dir
+  evals = [h for h in train_vqgan.train(vq_config, job.paths.vqgan_workdir) if "eval_psnr" in h]
+  return (f"validation PSNR {evals[-1]['eval_psnr']:.1f} dB, "
+          f"{evals[-1]['eval_codebook_usage']:.0%} of the codebook in use")
+
+
+# 2. Image codes.
+
+def codes_status(job: Job) -> tuple[str, str]:
+  where = job.paths.codes_dir
+  done = [s for s in job.splits if os.path.exists(code_shards.manifest_path(where, s))]
+  if len(done) == len(job.splits):
+    return COMPLETE, f"{', '.join(done)} in {where}"
+  started = os.path.isdir(where) and any(f.endswith(".tfrecord") for f in os.listdir(where))
+  return (PARTIAL if started else MISSING), f"{len(done)} of {len(job.splits)} splits in {where}"
+
+
+def make_codes(job: Job) -> str:
+  c = job.config.cm3
+  if "train" not in job.splits or "validation" not in job.splits:
+    raise ConfigError(f"cm3.splits={c.splits!r} must include train and validation")
+  if not c.dataset:
+    raise ConfigError("cm3.dataset is empty: name the image-caption data to encode (shapes, a "
+                      "TFDS name, tsv:PATH or coco:PATH), or set cm3.codes_dir to code shards")
+  tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
+  return "; ".join(
+      tokenize_images.describe(tokenize_images.tokenize_split(
+          tokenizer, c.dataset, split, job.paths.codes_dir, c.data_dir))
+      for split in job.splits)
+
+
+# 3. Text tokenizer.
+
+def tokenizer_status(job: Job) -> tuple[str, str]:
+  where = job.paths.tokenizer
+  return (COMPLETE, where) if os.path.exists(where) else (MISSING, f"no {where}")
+
+
+def make_tokenizer(job: Job) -> str:
+  skipped = collections.Counter()
+  model = train_tokenizer.train(train_tokenizer.read_sentences(job.paths.codes_dir, skipped),
+                                job.config.cm3.text_vocab_size)
+  train_tokenizer.write_atomically(job.paths.tokenizer, model)
+  left_out = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
+  return (f"{train_tokenizer.num_pieces(model)} pieces from the train captions of "
+          f"{job.paths.codes_dir} in {job.paths.tokenizer}; captions left out: {left_out}")
+
+
+# 4. Token model.
+
+def model_status(job: Job) -> tuple[str, str]:
+  step = checkpoint.newest_step(job.workdir)
+  total = job.config.num_train_steps
+  if step is None:
+    return MISSING, f"no checkpoint in {checkpoint.directory(job.workdir)}"
+  return (COMPLETE if step >= total else PARTIAL), f"step {step} of {total}"
+
+
+def make_model(job: Job) -> str:
+  evals = [h for h in train.train(job.config, job.workdir) if "eval_loss" in h]
+  return f"validation loss {evals[-1]['eval_loss']:.3f}" if evals else "trained"
+
+
+# 5. Report.
+
+def report_splits(job: Job) -> list[str]:
+  """The splits eval_shapes scores: shapes data only."""
+  if job.config.cm3.dataset.split("/")[0] != "shapes":
+    return []
+  return [s for s in ("validation", "test") if s in job.splits]
+
+
+def report_status(job: Job) -> tuple[str, str]:
+  step = checkpoint.newest_step(job.workdir)
+  files = [os.path.join(job.workdir, f) for f in sample.SAMPLE_FILES]
+  made = [eval_shapes.saved_step(job.workdir, s) for s in report_splits(job)]
+  if all(os.path.exists(f) for f in files) and all(m == step for m in made):
+    return COMPLETE, f"samples and {len(made)} eval_shapes reports of step {step}"
+  return MISSING, f"nothing for step {step}"
+
+
+def make_report(job: Job) -> str:
+  sampler, _ = sampling.load(job.workdir)
+  vqgan = ImageTokenizer.load(job.paths.vqgan_workdir)
+  lines = sample.write_samples(sampler, vqgan, job.paths.codes_dir, job.workdir)
+  for split in report_splits(job):
+    results = eval_shapes.report(job.workdir, split, job.config.report_examples)
+    lines += eval_shapes.table(results)
+  print("\n".join(f"  {line}" for line in lines))
+  return f"{', '.join(sample.SAMPLE_FILES)} and {len(report_splits(job))} eval_shapes reports"
+
+
+STAGES = (
+    Stage("image tokenizer", True, vqgan_status, make_vqgan),
+    Stage("image codes", False, codes_status, make_codes),
+    Stage("text tokenizer", False, tokenizer_status, make_tokenizer),
+    Stage("token model", True, model_status, make_model),
+    Stage("report", False, report_status, make_report),
+)
+
+
+def run(job: Job, stages: Sequence[Stage] = STAGES):
+  """Runs each stage that is not complete: a sharded one on every process, any other on
+  process 0 only, the others waiting for it."""
+  chief = jax.process_index() == 0
+  for i, stage in enumerate(stages, 1):
+    if stage.sharded or chief:
+      state, found = stage.status(job)
+      if chief:
+        print(f"[{i}/{len(stages)}] {stage.name}: {VERBS[state]} ({found})", flush=True)
+      if state != COMPLETE:
+        t = time.perf_counter()
+        made = stage.make(job)
+        if chief:
+          print(f"[{i}/{len(stages)}] {stage.name}: done in {time.perf_counter() - t:.0f}s: "
+                f"{made}", flush=True)
+    if not stage.sharded and jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"cm3jax.pipeline: {stage.name}")
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Every stage's output goes here (see the module doc).")
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
+  flags.mark_flag_as_required("config")
+
+
+def main(FLAGS):
+  if FLAGS.multihost:
+    jax.distributed.initialize()
+  config = FLAGS.config
+  if config.data != "cm3":
+    raise ConfigError(f"the pipeline makes the inputs of data='cm3'; this config has "
+                      f"data={config.data!r}: train it with python -m cm3jax.train")
+  run(Job(config, checkpoint.prepare_workdir(FLAGS.workdir)))
+
+
+if __name__ == "__main__":
+  cli.run("pipeline", _define_flags, main)

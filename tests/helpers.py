@@ -1,0 +1,85 @@
+"""What several test modules share: the repository's configs shrunk for tests, parameters that
+hide no bug, and running a command line as a user does."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(filename: str):
+  """The module of configs/FILENAME."""
+  path = os.path.join(REPO, "configs", filename)
+  spec = importlib.util.spec_from_file_location(filename[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def override(c, overrides: dict):
+  """`c` with `overrides` (dotted names, as on the command line) applied."""
+  for name, value in overrides.items():
+    target = c
+    *path, last = name.split(".")
+    for p in path:
+      target = target[p]
+    target[last] = value
+  return c
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py on the synthetic stream, shrunk for fast tests; `overrides` use dotted names."""
+  c = load_config("tiny.py").get_config()
+  c.data = "synthetic"
+  c.seq_len = 32
+  c.global_batch_size = 8
+  c.num_train_steps = 6
+  c.log_every = 1
+  c.eval_every = 0
+  c.eval_steps = 1
+  c.checkpoint_every = 3
+  c.async_checkpointing = False
+  c.model.update(vocab_size=128, d_model=32, num_heads=2, mlp_dim=64, max_seq_len=32)
+  return override(c, overrides)
+
+
+def vqgan_config(data_dir, **overrides):
+  """configs/vqgan_shapes.py on shapes/small, shrunk for fast tests."""
+  c = load_config("vqgan_shapes.py").get_config()
+  c.data, c.data_dir = "shapes/small", data_dir
+  c.batch_size = 8
+  c.num_train_steps = 6
+  c.log_every = 2
+  c.eval_every = 6
+  c.eval_images = 16
+  c.checkpoint_every = 3
+  c.keep_checkpoints = 5
+  c.async_checkpointing = False
+  c.restart_every = 2
+  c.vqgan.update(ch=8, z_channels=8, embed_dim=8, n_embed=64, norm_groups=4)
+  return override(c, overrides)
+
+
+def nontrivial(params, seed=1):
+  """Replace every parameter by N(0, 0.1): the zero-initialised ones would hide bugs."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def run_module(module: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
+  """`python -m MODULE ARGS` from the repository's root, as the README runs it."""
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
+                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, tool: str, message: str):
+  """The command failed with status 1 and one line `TOOL: error: ...MESSAGE...`, no traceback."""
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith(f"{tool}: error:")]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
