@@ -9,7 +9,9 @@ import functools
 import sys
 from typing import Callable
 
+import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from cm3jax.config import ConfigError
 
@@ -20,10 +22,22 @@ def run(name: str, define_flags: Callable[[], None], body: Callable):
   app.run(functools.partial(_main, name, body), flags_parser=functools.partial(_parse, name))
 
 
+def define_run_flags(workdir_help: str):
+  """The flags of a command that runs a config: --config (a configs/*.py file; its fields are
+  overridden with --config.FIELD=VALUE), --workdir and --multihost."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.DEFINE_bool("multihost", False,
+                    "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
+  flags.mark_flag_as_required("config")
+
+
 def _main(name: str, body: Callable, argv):
   if len(argv) > 1:
     _fail(name, f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it touches at INFO.
+  if "multihost" in flags.FLAGS and flags.FLAGS.multihost:
+    jax.distributed.initialize()
   try:
     body(flags.FLAGS)
   except ConfigError as e:

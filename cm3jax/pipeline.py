@@ -24,9 +24,7 @@ import time
 from typing import Callable, Sequence
 
 import jax
-from absl import flags
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from cm3jax import checkpoint, cli, data, eval_shapes, sample, sampling, tokenize_images
 from cm3jax import train, train_tokenizer, train_vqgan
@@ -199,16 +197,10 @@ def run(job: Job, stages: Sequence[Stage] = STAGES):
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Every stage's output goes here (see the module doc).")
-  flags.DEFINE_bool("multihost", False,
-                    "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
-  flags.mark_flag_as_required("config")
+  cli.define_run_flags("Every stage's output goes here (see the module doc).")
 
 
 def main(FLAGS):
-  if FLAGS.multihost:
-    jax.distributed.initialize()
   config = FLAGS.config
   if config.data != "cm3":
     raise ConfigError(f"the pipeline makes the inputs of data='cm3'; this config has "

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
+from jax.experimental import multihost_utils
 
 from cm3jax import aot, checkpoint, cli, data, hardware, sharding
 from cm3jax import model as model_lib
@@ -39,7 +39,6 @@ def _data_positions(host_batch) -> list[list[int]]:
   """Every host's position of its next batch, for the checkpoint."""
   position = np.asarray(host_batch["position"][0], np.int64)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(position)).tolist()
   return [position.tolist()]
 
@@ -139,20 +138,13 @@ def evaluate(s: Setup, source: data.Source, params, config, seed) -> dict[str, f
 
 def _define_flags():
   """Flags of the command line only, so that tests and tools can import this module."""
-  config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard events go here; a run resumes "
-                      "from it.")
+  cli.define_run_flags("Checkpoints and TensorBoard events go here; a run resumes from it.")
   flags.DEFINE_bool("compile_only", False,
                     "Compile the train step for --topology, report memory and FLOPs, exit.")
   flags.DEFINE_string("topology", None, "TPU topology for --compile_only: v5p:4x4x4.")
-  flags.DEFINE_bool("multihost", False,
-                    "Call jax.distributed.initialize() first (TPU pods, multi-node GPUs).")
-  flags.mark_flag_as_required("config")
 
 
 def main(FLAGS):
-  if FLAGS.multihost:
-    jax.distributed.initialize()
   if FLAGS.compile_only:
     report = aot.compile_train_step(FLAGS.config, FLAGS.topology)
     print("\n".join(report.lines()))

@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
-from ml_collections import config_flags
 
 from cm3jax import checkpoint, cli, sharding
 from cm3jax.config import ConfigError
@@ -254,9 +252,7 @@ def train(config, workdir: str) -> list[dict[str, float]]:
 
 def _define_flags():
   """Flags of the command line only, so that tests and tools can import this module."""
-  config_flags.DEFINE_config_file("config", None, "A configs/vqgan_*.py file.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Checkpoints and TensorBoard events go here.")
-  flags.mark_flag_as_required("config")
+  cli.define_run_flags("Checkpoints and TensorBoard events go here; a run resumes from it.")
 
 
 def main(FLAGS):

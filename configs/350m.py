@@ -11,12 +11,10 @@ Measured: 39.4 GiB per chip on v5p:4x4x2, from a CPU machine with libtpu install
 
   python -m cm3jax.train --config=configs/350m.py --compile_only --topology=v5p:4x4x2
 
-On one H100 (benchmarks/train_step.py, synthetic batches of 8 x 4096, GELU, the loss fused with
-the head, layers unrolled, no remat: --config.model.scan_layers=False
---config.model.remat_policy=none): 150.9k tokens/s, 54% of the measured bf16 ceiling, 1.40x the
-PyTorch peer measured beside it (benchmarks/RESULTS.md). That was before three changes that cut
-its HBM traffic; compiled for an H100 without one, they are estimated at 1.45 to 1.57x, not yet
-measured (benchmarks/gpu_compile.py).
+On one H100, in this config's fastest setting (layers unrolled, no remat:
+--config.model.scan_layers=False --config.model.remat_policy=none): 1.40x the tokens/s of the
+PyTorch peer measured beside it, 54% of the measured bf16 ceiling (benchmarks/RESULTS.md, which
+also holds the estimate for the changes made since).
 """
 
 from cm3jax.config import paper_config

@@ -3,9 +3,8 @@ r"""VQGAN image tokenizer for the built-in shapes dataset: 32x32 images -> 8x8 =
   python -m cm3jax.train_vqgan --config=configs/vqgan_shapes.py --workdir=workdirs/vqgan
 
 Hardware: any; written for a 2-core CPU. Builds the shapes dataset under data_dir first (about
-20 s). Measured on a 2-core CPU: 8 min 55 s in all (about 170 images/s); validation PSNR 23.3 dB
-at step 1000, 27.1 at 2000, 29.3 at 3000, 30.7 at 4000 and 31.6 dB at 5000, with 98.4% of the
-1024 codes in use (code perplexity 618).
+20 s). Expected on a 2-core CPU: 8 to 9 minutes, validation PSNR about 31.6 dB with about 98% of
+the 1024 codes in use (the history by step: benchmarks/RESULTS.md, "The main job").
 """
 
 import os

@@ -10,7 +10,7 @@ import pytest
 from cm3jax import train_vqgan
 from cm3jax.config import ConfigError
 from cm3jax.vqgan.model import VQGANConfig
-from tests.helpers import vqgan_config
+from tests.helpers import assert_one_line_error, run_module, vqgan_config
 
 
 def test_batch_indices_are_seeded_epochs():
@@ -95,3 +95,18 @@ def test_bad_config(shapes_data_dir, overrides, message):
 def test_unknown_dataset(shapes_data_dir, tmp_path):
   with pytest.raises(ConfigError, match="data='cifar10': expected shapes or shapes/"):
     train_vqgan.train(vqgan_config(shapes_data_dir, data="cifar10"), str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, args, message", [
+    ("cm3jax.train_vqgan", ["--config=configs/vqgan_shapes.py", "--config.vqgan.depth=3"],
+     "the config has no field 'depth'"),
+    ("cm3jax.train_vqgan", ["--config=configs/vqgan_shapes.py", "--config.batch_size=two"],
+     "flag --config.batch_size=two"),
+    ("cm3jax.train_vqgan", ["--config=configs/vqgan_shapes.py", "stray"],
+     "unexpected arguments: ['stray']"),
+    ("cm3jax.pipeline", ["--config=configs/missing.py"], "bad --config: [Errno 2]"),
+    ("cm3jax.tokenize_images", ["--batch_size=many"], "flag --batch_size=many"),
+])
+def test_every_command_reports_bad_flags_in_one_line(command, args, message):
+  assert_one_line_error(run_module(command, *args, timeout=300), command, message)
