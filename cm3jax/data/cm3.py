@@ -133,7 +133,8 @@ def _skip(reason: str) -> np.ndarray:
 def stream_seed(seed: Sequence[int], split: str, host: Optional[int] = None) -> int:
   """One int64 per (run seed, split) and, with `host`, per host: without it, the seed every host
   shares (the order that decides which host reads which record); with it, this host's own (its
-  record shuffle and masking seeds)."""
+  record shuffle and masking seeds). Host 0's equals the shared one (SeedSequence ignores trailing
+  zeros), which is harmless: the two seed different operations."""
   scope = [SPLIT_IDS[split]] + ([] if host is None else [host])
   return int(np.random.default_rng([*seed, *scope]).integers(2**62))
 
