@@ -295,7 +295,7 @@ def test_tasks_of_a_model_that_memorised_its_documents(vocab):
     tokens[row, :len(doc)] = doc
   targets = tokens[:, 1:]
   weights = ((targets != PAD) & ~vocab.is_sentinel(targets)).astype(np.float32)
-  config = tiny_config(seq_len=L, global_batch_size=len(docs), num_train_steps=400, **{
+  config = tiny_config(seq_len=L, global_batch_size=len(docs), num_train_steps=250, **{
       "model.vocab_size": vocab.size, "model.max_seq_len": L, "model.d_model": 64,
       "model.num_heads": 4, "model.mlp_dim": 256, "model.num_layers": 2,
       "optimizer.peak_lr": 3e-3, "optimizer.warmup_steps": 20, "optimizer.weight_decay": 0.0})
