@@ -53,7 +53,8 @@ def write_samples(sampler: sampling.Sampler, vqgan: ImageTokenizer, codes_dir: s
                                 sampling.SamplingConfig(top_p=0.9))
   grid_path, captions_path = (os.path.join(out_dir, f) for f in SAMPLE_FILES)
   save_png(grid(vqgan.decode(made.reshape(16, -1)), scale=4), grid_path)
-  lines = [f"{c}  (row {i + 1} of samples.png)" for i, c in enumerate(captions[:4])]
+  lines = [f"{c}  (images {4 * i + 1} to {4 * i + 4} of samples.png)"
+           for i, c in enumerate(captions[:4])]
   generated = sampling.caption_images(sampler, codes, jax.random.fold_in(key, 1))
   lines += [f"image of {want!r}: {got!r}" for got, want in zip(generated, captions)]
   with open(captions_path, "w") as f:
