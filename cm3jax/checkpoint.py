@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state, with the run's config (and, for the token model, its
 vocabulary and every host's data position) saved beside each one."""
 
+import gc
 import json
 import os
+import shutil
+import sys
 import tempfile
 from typing import Any, Optional, Sequence
 
@@ -49,22 +52,54 @@ class Checkpoints:
     self.manager.save(step, force=True, args=ocp.args.Composite(**items))
 
   def restore(self, abstract_state) -> Optional[tuple[Any, Optional[list]]]:
-    """The latest train state, placed as `abstract_state`'s shardings say, and the saved data
-    positions (None if it has none); None if there is no checkpoint."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    saved = self.manager.restore(step, args=ocp.args.Composite(
-        **{name: ocp.args.JsonRestore() for name in ("config", "vocab", "data")
-           if _holds(self.directory, step, name)}))
+    """The newest checkpoint that restores whole: the train state, placed as `abstract_state`'s
+    shardings say, and the saved data positions (None if it was saved without them); None if
+    there is no checkpoint. A damaged one (an item or file missing, a file that does not read)
+    is moved to WORKDIR/damaged_checkpoints/STEP, said in one line, and the one before it is
+    tried; a checkpoint of another model or vocabulary is refused, not passed over."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      try:
+        return self._restore(step, abstract_state)
+      except DamagedCheckpoint as e:
+        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints", str(step))
+        if jax.process_index() == 0:
+          os.makedirs(os.path.dirname(aside), exist_ok=True)
+          shutil.move(os.path.join(self.directory, str(step)), aside)
+          print(f"checkpoint step {step} is damaged ({e}): moved to {aside}; trying the one "
+                "before it", flush=True)
+        self.manager.reload()
+    if steps:
+      raise ConfigError(f"no checkpoint in {self.directory} restores whole (each damaged one is in "
+                        f"{os.path.dirname(self.directory)}/damaged_checkpoints)")
+    return None
+
+  def _restore(self, step: int, abstract_state):
+    items = saved_items(self.directory, step)
+    if "config" not in items or "state" not in items:
+      raise DamagedCheckpoint("its config or state item is missing")
+    if self.vocab is not None and "vocab" not in items:
+      raise DamagedCheckpoint("its vocabulary item is missing")
+    try:
+      saved = self.manager.restore(step, args=ocp.args.Composite(
+          **{name: ocp.args.JsonRestore() for name in ("config", "vocab", "data") if name in items}))
+    except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+      raise DamagedCheckpoint(_first_line(e)) from None
     self._check_compatible(saved["config"], step)
     self._check_vocab(saved.get("vocab"), step)
+    if not os.path.exists(os.path.join(self.directory, str(step), "state", "_METADATA")):
+      raise DamagedCheckpoint("state/_METADATA is missing")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state)))
     except (ValueError, KeyError, TypeError) as e:
+      if "pytree structure" not in str(e) and "shape" not in str(e):
+        raise DamagedCheckpoint(_first_line(e)) from None
       raise ConfigError(f"checkpoint {self.directory} (step {step}) does not match this run's "
-                        f"train state (optimizer settings?): {str(e).splitlines()[0]}") from None
+                        f"train state (optimizer settings?): {_first_line(e)}") from None
+    except Exception as e:
+      _drop_failed_reads()
+      raise DamagedCheckpoint(_first_line(e)) from None
     data = saved.get("data")
     return restored["state"], (data["positions"] if data else None)
 
@@ -90,6 +125,46 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+class DamagedCheckpoint(Exception):
+  """A checkpoint that cannot be restored whole; says why in one line."""
+
+
+def _drop_failed_reads():
+  """From now on, drops the tracebacks of the reads orbax left pending when one of them failed:
+  each would print one when collected, at exit, of the damage already reported. Other
+  unraisable exceptions still reach the hook that was there."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_failed_reads", False):
+    return
+
+  def hook(unraisable):
+    if getattr(unraisable.object, "__name__", "") != "_read_array_index_and_device_put":
+      previous(unraisable)
+  hook.drops_failed_reads = True
+  sys.unraisablehook = hook
+  gc.collect()
+
+
+def _first_line(e: Exception) -> str:
+  line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+  return line.split(" See full TensorStore details")[0][:200]
+
+
+def saved_items(checkpoints_dir: str, step: int) -> set[str]:
+  """The items checkpoint `step` was saved with (its orbax metadata lists them) that are on
+  disk; a DamagedCheckpoint if the metadata is missing or a listed item is."""
+  path = os.path.join(checkpoints_dir, str(step), "_CHECKPOINT_METADATA")
+  try:
+    with open(path) as f:
+      listed = set(json.load(f)["item_handlers"])
+  except (OSError, ValueError, KeyError, TypeError):
+    raise DamagedCheckpoint("its _CHECKPOINT_METADATA is missing or unreadable") from None
+  missing = sorted(i for i in listed if not _holds(checkpoints_dir, step, i))
+  if missing:
+    raise DamagedCheckpoint(f"its {', '.join(missing)} item is missing")
+  return listed
 
 
 def directory(workdir: str) -> str:

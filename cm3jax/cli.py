@@ -13,6 +13,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cm3jax import faults
 from cm3jax.config import ConfigError
 
 
@@ -40,6 +41,9 @@ def _main(name: str, body: Callable, argv):
     jax.distributed.initialize()
   try:
     body(flags.FLAGS)
+  except faults.Preempted as e:
+    print(f"cm3jax.{name}: {e}", flush=True)
+    sys.exit(0)
   except ConfigError as e:
     _fail(name, str(e))
 

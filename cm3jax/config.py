@@ -27,6 +27,64 @@ def dataclass_from_dict(cls, fields: dict[str, Any], section: str):
   return cls(**fields)
 
 
+def _integer(low: int, high: float = float("inf")):
+  def ok(v):
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+  words = f"an integer >= {low}" if high == float("inf") else f"an integer in [{low}, {high:,.0f}]"
+  return ok, words
+
+
+def _number(low: float, high: float = float("inf"), low_open: bool = False,
+            high_open: bool = False):
+  def ok(v):
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (low < v if low_open else low <= v) and (v < high if high_open else v <= high))
+  left, right = "(" if low_open else "[", ")" if high_open else "]"
+  top = "inf" if high == float("inf") else f"{high:g}"
+  return ok, f"a number in {left}{low:g}, {top}{right}"
+
+
+MAX_STEPS = 10**8  # Far beyond any run: a typo (1e12), not a plan.
+# Every numeric field of either schema (base_config and configs/vqgan_*.py), by dotted path,
+# with the values it accepts. 0 means "off" where a comment in the schema says so.
+RANGES = {
+    "seq_len": _integer(1), "global_batch_size": _integer(1), "grad_accum_steps": _integer(1),
+    "num_train_steps": _integer(1, MAX_STEPS), "log_every": _integer(1),
+    "eval_every": _integer(0), "eval_steps": _integer(1), "checkpoint_every": _integer(1),
+    "keep_checkpoints": _integer(1), "report_examples": _integer(1),
+    "skip_nonfinite_steps": _integer(0), "z_loss": _number(0), "cross_entropy_chunk": _integer(0),
+    "cm3.text_vocab_size": _integer(5), "cm3.max_spans": _integer(1),
+    "cm3.span_rate": _number(0, low_open=True), "cm3.whole_segment_rate": _number(0, 1),
+    "cm3.shuffle_buffer": _integer(1),
+    "optimizer.peak_lr": _number(0, low_open=True), "optimizer.end_lr_ratio": _number(0, 1),
+    "optimizer.warmup_steps": _integer(0), "optimizer.b1": _number(0, 1, high_open=True),
+    "optimizer.b2": _number(0, 1, high_open=True), "optimizer.eps": _number(0, low_open=True),
+    "optimizer.weight_decay": _number(0), "optimizer.clip_norm": _number(0),
+    # configs/vqgan_*.py
+    "batch_size": _integer(1), "learning_rate": _number(0, low_open=True),
+    "warmup_steps": _integer(0), "end_lr_ratio": _number(0, 1),
+    "b1": _number(0, 1, high_open=True), "b2": _number(0, 1, high_open=True),
+    "perceptual_weight": _number(0), "disc_start": _integer(-1), "disc_weight": _number(0),
+    "disc_learning_rate": _number(0, low_open=True), "disc_ch": _integer(1),
+    "disc_layers": _integer(1), "usage_decay": _number(0, 1, high_open=True),
+    "restart_every": _integer(0), "restart_until": _integer(0),
+    "dead_code_threshold": _number(0), "eval_images": _integer(1),
+}
+
+
+def check_ranges(config):
+  """A ConfigError naming the first field of `config` (either schema) outside its range."""
+  for path, (ok, words) in RANGES.items():
+    node = config
+    for part in path.split("."):
+      if part not in node:
+        break
+      node = node[part]
+    else:
+      if not ok(node):
+        raise ConfigError(f"{path}={node!r} must be {words}")
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file; a relative path is looked up here, then in the repository."""
   found = next((p for p in (path, os.path.join(REPO, path)) if os.path.isfile(p)), None)
@@ -52,8 +110,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0  # 0: evaluate only at the end.
   c.eval_steps = 2
   c.checkpoint_every = 500
-  c.keep_checkpoints = 3
+  c.keep_checkpoints = 3  # The newest checkpoints kept; at least 1.
   c.async_checkpointing = True
+  # Non-finite loss or gradient norm: 0 stops the run at that step (no checkpoint of it is
+  # written); N > 0 skips the update of up to N such steps, counted in the log, then stops.
+  c.skip_nonfinite_steps = 0
 
   # The cm3 source: the CM3 stream over image-code shards and a text tokenizer, which
   # cm3jax.train reads and cm3jax.pipeline makes where missing (its stages 1 to 3).

@@ -219,6 +219,9 @@ def table(results: dict) -> list[str]:
 def main(FLAGS):
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required")
+  if FLAGS.num_examples < 1 or FLAGS.batch_size < 1:
+    raise ConfigError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} "
+                      "must be at least 1")
   t = time.perf_counter()
   results = report(FLAGS.workdir, FLAGS.split, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
   print("\n".join(table(results)))

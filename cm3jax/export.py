@@ -17,11 +17,13 @@ scales all 1 (anything else is refused), and writes a step-0 cm3jax checkpoint o
 the model section taken from the OPT config, ready to train and sample.
 """
 
+import glob
 import json
 import os
 import shutil
 import struct
 import tempfile
+import time
 from typing import Callable, Iterator
 
 import jax
@@ -29,7 +31,7 @@ import ml_dtypes
 import numpy as np
 from absl import flags
 
-from cm3jax import checkpoint, cli, data, sampling, sharding, train, trainer
+from cm3jax import checkpoint, cli, data, faults, sampling, sharding, train, trainer
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError, load_config_file
 from cm3jax.vqgan import torch_io
@@ -181,8 +183,11 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   vqgan_dir = data.input_paths(config["cm3"], workdir).vqgan_workdir
 
   os.makedirs(os.path.dirname(out), exist_ok=True)
-  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=".export-")
+  _remove_stale_staging(os.path.dirname(out))
+  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=STAGING_PREFIX)
   try:
+    with open(os.path.join(staging, STAGING_OWNER), "w") as f:
+      json.dump(faults.this_process("cm3jax.export"), f)
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(opt_config(cfg, dtype), f, indent=1)
     with open(os.path.join(staging, "generation_config.json"), "w") as f:
@@ -200,10 +205,29 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
           layers=cfg.num_layers, d_model=cfg.d_model, heads=cfg.num_heads,
           params=model_lib.num_params(params), dtype=dtype, step=step, out=out,
           caption="a red circle above a blue square"))
+    os.remove(os.path.join(staging, STAGING_OWNER))
     os.rename(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return out
+
+
+STAGING_PREFIX, STAGING_OWNER = ".export-", ".owner"
+STALE_UNOWNED_S = 3600  # a staging directory with no owner file yet, this old, is abandoned
+
+
+def _remove_stale_staging(parent: str):
+  """Removes the staging directories of exports whose process ended before finishing (a killed
+  export leaves the whole weights there)."""
+  for staging in glob.glob(os.path.join(parent, STAGING_PREFIX + "*")):
+    owner = faults.read_owner(os.path.join(staging, STAGING_OWNER))
+    if owner is None or owner == {}:  # written before its owner file: look at its age
+      stale = time.time() - os.path.getmtime(staging) > STALE_UNOWNED_S
+    else:
+      stale = faults.gone(owner)
+    if stale:
+      shutil.rmtree(staging, ignore_errors=True)
+      print(f"removed {staging}, left by an export that did not finish")
 
 
 def _export_vqgan(vqgan_workdir: str, directory: str):
@@ -214,15 +238,18 @@ def _export_vqgan(vqgan_workdir: str, directory: str):
 def read_opt_tensors(directory: str) -> dict[str, np.ndarray]:
   """float32 tensors of model.safetensors or pytorch_model.bin."""
   path = os.path.join(directory, "model.safetensors")
-  if os.path.exists(path):
-    from safetensors import safe_open
-    with safe_open(path, framework="flax") as f:
-      return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-  path = os.path.join(directory, "pytorch_model.bin")
-  if os.path.exists(path):
-    import torch
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
+  try:
+    if os.path.exists(path):
+      from safetensors import safe_open
+      with safe_open(path, framework="flax") as f:
+        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    path = os.path.join(directory, "pytorch_model.bin")
+    if os.path.exists(path):
+      import torch
+      state = torch.load(path, map_location="cpu", weights_only=True)
+      return {k: v.float().numpy() for k, v in state.items()}
+  except Exception as e:  # safetensors and torch raise their own types for damaged files
+    raise ConfigError(f"cannot read {path}: {str(e).strip().splitlines()[0][:200]}") from None
   raise ConfigError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
 
 
@@ -265,8 +292,11 @@ def import_opt(source: str, workdir: str, config) -> int:
   path = os.path.join(source, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{source} has no config.json")
-  with open(path) as f:
-    opt = json.load(f)
+  try:
+    with open(path) as f:
+      opt = json.load(f)
+  except ValueError as e:
+    raise ConfigError(f"{path} is not JSON: {e}") from None
   config = config.copy_and_resolve_references()
   config.model.update(model_config_from_opt(opt))
   vocab = None
@@ -274,21 +304,25 @@ def import_opt(source: str, workdir: str, config) -> int:
   if os.path.exists(vocab_path):
     vocab = Vocab.load(vocab_path)
     vocab.check_fits(config.model.vocab_size, vocab_path)
-  workdir = checkpoint.prepare_workdir(workdir)
   s = trainer.setup(config)
   params = params_from_opt(read_opt_tensors(source), s.model_cfg)
+  if checkpoint.newest_step(workdir) is not None:
+    raise ConfigError(f"{workdir} already holds checkpoints; import into a new --workdir")
+  made = not os.path.exists(workdir)
+  workdir = checkpoint.prepare_workdir(workdir)
   ckpts = train.checkpoints(workdir, config, vocab)
   try:
-    if ckpts.latest_step() is not None:
-      raise ConfigError(f"{workdir} already holds checkpoints; import into a new --workdir")
     with sharding.use_mesh(s.mesh):
       state = s.init_state(jax.random.PRNGKey(config.seed))
       state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding,
                                                                         state.params)))
       ckpts.save(0, state)
       ckpts.wait()
-  finally:
+  except BaseException:
     ckpts.close()
+    shutil.rmtree(workdir if made else checkpoint.directory(workdir), ignore_errors=True)
+    raise
+  ckpts.close()
   return model_lib.num_params(params)
 
 

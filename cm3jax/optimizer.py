@@ -46,8 +46,6 @@ def _decay_mask(decay_embeddings: bool):
 def make_optimizer(opt_config, num_steps: int):
   """Returns (optax transformation, learning-rate schedule)."""
   schedule = learning_rate_schedule(opt_config, num_steps)
-  if opt_config.clip_norm < 0:
-    raise ConfigError(f"optimizer.clip_norm must be >= 0, got {opt_config.clip_norm}")
   clip = (optax.clip_by_global_norm(opt_config.clip_norm) if opt_config.clip_norm
           else optax.identity())
   adamw = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,

@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from cm3jax import checkpoint, cli, data, eval_shapes, sample, sampling, tokenize_images
+from cm3jax import checkpoint, cli, data, eval_shapes, faults, sample, sampling, tokenize_images
 from cm3jax import train, train_tokenizer, train_vqgan
-from cm3jax.config import ConfigError, load_config_file
+from cm3jax.config import ConfigError, check_ranges, load_config_file
 from cm3jax.data import code_shards
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
@@ -202,10 +202,13 @@ def _define_flags():
 
 def main(FLAGS):
   config = FLAGS.config
+  check_ranges(config)
   if config.data != "cm3":
     raise ConfigError(f"the pipeline makes the inputs of data='cm3'; this config has "
                       f"data={config.data!r}: train it with python -m cm3jax.train")
-  run(Job(config, checkpoint.prepare_workdir(FLAGS.workdir)))
+  workdir = checkpoint.prepare_workdir(FLAGS.workdir)
+  with faults.workdir_lock(workdir, "cm3jax.pipeline"):
+    run(Job(config, workdir))
 
 
 if __name__ == "__main__":

@@ -40,24 +40,36 @@ class Cadence:
 
 
 class Window:
-  """The device metrics of the steps since the last log line, and the seconds they took
+  """The device metrics of the steps since the last log line, by step, and the seconds they took
   (evaluations excluded: `restart` after one)."""
 
   def __init__(self):
     self.restart()
 
   def restart(self):
-    self.pending, self.start = [], time.perf_counter()
+    self.pending, self.start, self._host = [], time.perf_counter(), None
 
-  def add(self, metrics: dict):
-    self.pending.append(metrics)
+  def add(self, step: int, metrics: dict):
+    self.pending.append((step, metrics))
+    self._host = None
+
+  def host(self) -> list[tuple[int, dict]]:
+    """(step, metrics) of the window, fetched from the devices once."""
+    if self._host is None:
+      self._host = jax.device_get(self.pending)
+    return self._host
 
   def take(self) -> tuple[dict[str, float], int, float]:
     """(the mean of each metric over the window, its steps, its seconds), and a new window. A
-    metric some steps lack (a GAN loss before the GAN starts) is averaged where present."""
-    pending = jax.device_get(self.pending)
+    metric some steps lack (a GAN loss before the GAN starts) or that is not finite in some (a
+    skipped step's loss) is averaged where present and finite."""
+    pending = [m for _, m in self.host()]
     seconds = time.perf_counter() - self.start
-    means = {k: float(np.mean([m[k] for m in pending if k in m])) for k in pending[-1]}
+
+    def mean(k):
+      values = [float(m[k]) for m in pending if k in m and np.isfinite(m[k])]
+      return float(np.mean(values)) if values else float("nan")
+    means = {k: mean(k) for k in pending[-1]}
     self.restart()
     return means, len(pending), seconds
 

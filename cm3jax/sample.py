@@ -101,6 +101,8 @@ def main(FLAGS):
         pixels = tokenize_images.decode_image(f.read(), vqgan.cfg.resolution)
     except OSError as e:
       raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
+    except Exception:  # PIL raises many types for data that is not an image
+      raise ConfigError(f"cannot read {FLAGS.image}: not an image PIL can decode") from None
     codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
     if FLAGS.num_captions == 1:
       captions = sampling.caption_images(sampler, codes, key)

@@ -66,12 +66,19 @@ def prepare(examples: Iterable[tuple[bytes, bytes, bytes]], resolution: int,
 
 def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes, bytes]], out: str,
                 split: str, batch_size: int, shard_size: int, total: Optional[int] = None,
-                skipped: Optional[collections.Counter] = None) -> dict:
+                skipped: Optional[collections.Counter] = None, allow_empty: bool = False) -> dict:
   """Encodes `examples` into shards of `shard_size` records, resuming after the whole shards
   already in `out`; returns (and writes to OUT/SPLIT.json) the counts. `skipped` may already
-  hold the rows the source could not read."""
+  hold the rows the source could not read. The settings that decide the shards' contents are
+  recorded in OUT/SPLIT.settings.json with the first shard, and a resume with other settings is
+  refused. A split with no usable example is an error unless `allow_empty`."""
+  if batch_size < 1 or shard_size < 1:
+    raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
   tf = tf_cpu.tensorflow()
-  os.makedirs(out, exist_ok=True)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
   manifest = code_shards.manifest_path(out, split)
   if os.path.exists(manifest):
     with open(manifest) as f:
@@ -79,6 +86,10 @@ def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes
   done_shards = 0
   while os.path.exists(code_shards.shard_path(out, split, done_shards)):
     done_shards += 1
+  settings = {"shard_size": shard_size, "vqgan_step": tokenizer.step,
+              "tokens_per_image": tokenizer.cfg.tokens_per_image,
+              "codebook_size": tokenizer.cfg.n_embed}
+  _check_settings(out, split, done_shards, settings)
   skip = done_shards * shard_size
   skipped = collections.Counter() if skipped is None else skipped
   usable = prepare(examples, tokenizer.cfg.resolution, skipped)
@@ -108,23 +119,45 @@ def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes
     written += len(records)
     shard += 1
   bar.close()
-  summary = {"split": split, "records": written, "shards": shard,
-             "tokens_per_image": tokenizer.cfg.tokens_per_image,
-             "codebook_size": tokenizer.cfg.n_embed, "vqgan_step": tokenizer.step,
+  if not written and not allow_empty:
+    raise ConfigError(f"split {split} has no usable example (skipped: {dict(skipped) or 'none'}); "
+                      "nothing written (--allow_empty_splits writes an empty split)")
+  summary = {"split": split, "records": written, "shards": shard, **settings,
              "skipped": dict(skipped)}
   with open(manifest, "w") as f:
     json.dump(summary, f, indent=1)
   return summary
 
 
+def _check_settings(out: str, split: str, done_shards: int, settings: dict):
+  """Records `settings` before the first shard; refuses to resume shards written with others."""
+  path = code_shards.settings_path(out, split)
+  if not done_shards:
+    with open(path, "w") as f:
+      json.dump(settings, f, indent=1)
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    raise ConfigError(f"{out} holds {done_shards} shards of {split} but not the settings they "
+                      f"were written with ({os.path.basename(path)}); use a new --out") from None
+  differs = [f"{k}={recorded.get(k)} (this run: {v})" for k, v in settings.items()
+             if recorded.get(k) != v]
+  if differs:
+    raise ConfigError(f"the {done_shards} shards of {split} in {out} were written with "
+                      + ", ".join(differs) + "; resume with the same settings, or use a new --out")
+
+
 def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str, data_dir: str = "",
                    image_dir: str = "", image_key: str = "image", caption_key: str = "caption",
-                   batch_size: int = 64, shard_size: int = 4096) -> dict:
+                   batch_size: int = 64, shard_size: int = 4096, allow_empty: bool = False) -> dict:
   """Encodes one split of `dataset` (see cm3jax/data/image_captions.py) into shards in `out`."""
   skipped: collections.Counter = collections.Counter()
   examples, total = image_captions.examples(dataset, split, skipped, data_dir, image_dir,
                                             image_key, caption_key)
-  return write_split(tokenizer, examples, out, split, batch_size, shard_size, total, skipped)
+  return write_split(tokenizer, examples, out, split, batch_size, shard_size, total, skipped,
+                     allow_empty)
 
 
 def describe(summary: dict) -> str:
@@ -146,6 +179,8 @@ def _define_flags():
   flags.DEFINE_string("caption_key", "caption", "Caption feature of the dataset.")
   flags.DEFINE_integer("batch_size", 64, "Images encoded per jitted call.")
   flags.DEFINE_integer("shard_size", 4096, "Records per output shard.")
+  flags.DEFINE_bool("allow_empty_splits", False, "Write a split with no usable example instead of "
+                    "stopping.")
 
 
 def main(FLAGS):
@@ -155,7 +190,7 @@ def main(FLAGS):
   for split in FLAGS.splits:
     summary = tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, FLAGS.data_dir,
                              FLAGS.image_dir, FLAGS.image_key, FLAGS.caption_key,
-                             FLAGS.batch_size, FLAGS.shard_size)
+                             FLAGS.batch_size, FLAGS.shard_size, FLAGS.allow_empty_splits)
     print(describe(summary))
 
 

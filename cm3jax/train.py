@@ -18,11 +18,14 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from cm3jax import aot, checkpoint, cli, data, hardware, sharding
+from cm3jax import aot, checkpoint, cli, data, faults, hardware, sharding
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
 from cm3jax.progress import Cadence, Progress, Window
 from cm3jax.trainer import Setup, device_batch, setup
+
+
+FINITE_METRICS = ("loss", "grad_norm")  # a step where either is not finite stops the run
 
 
 def checkpoints(workdir: str, config, vocab=None) -> checkpoint.Checkpoints:
@@ -53,8 +56,14 @@ def _restored_position(positions: Optional[list]) -> Optional[list[int]]:
 
 
 def train(config, workdir: str) -> list[dict[str, float]]:
-  """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics."""
+  """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics.
+  Raises NonFinite at a non-finite step and Preempted after saving on SIGTERM."""
   workdir = checkpoint.prepare_workdir(workdir)
+  with faults.workdir_lock(workdir, "cm3jax.train"):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> list[dict[str, float]]:
   s = setup(config)
   chief = jax.process_index() == 0
   say = print if chief else (lambda *a, **k: None)
@@ -93,26 +102,40 @@ def train(config, workdir: str) -> list[dict[str, float]]:
     peak = config.peak_tflops_per_device or hardware.peak_tflops(devices[0].device_kind)
     progress = Progress(workdir, config.num_train_steps, start, chief)
     cadence, window = Cadence.of(config), Window()
-    for step in range(start, config.num_train_steps):
-      state, metrics = train_step(state, batch)
-      host_batch = next(train_batches)  # made while the device runs the step
-      batch = device_batch(host_batch, s.batch_sharding)
-      window.add(metrics)
-      progress.step()
-      done = step + 1
-      if cadence.logs(done):
-        means, steps, seconds = window.take()
-        tflops = steps * flops_per_step / seconds / 1e12 / len(devices)
-        summary = {"loss": means["loss"], "perplexity": float(np.exp(means["loss"])), **means,
-                   "tokens_per_s": steps * tokens_per_step / seconds, "tflops_per_device": tflops}
-        if peak:
-          summary["mfu"] = tflops / peak
-        progress.log(done, "train", summary)
-      if cadence.evaluates(done):
-        progress.log(done, "eval", evaluate(s, source, state.params, config, seed))
-        window.restart()
-      if cadence.checkpoints(done):
-        ckpts.save(done, state, _data_positions(host_batch))
+    with faults.Preemption() as preemption:
+      for step in range(start, config.num_train_steps):
+        state, metrics = train_step(state, batch)
+        host_batch = next(train_batches)  # made while the device runs the step
+        batch = device_batch(host_batch, s.batch_sharding)
+        done = step + 1
+        window.add(done, metrics)
+        progress.step()
+        preempted = preemption.requested(done)
+        save = cadence.checkpoints(done) or preempted
+        if cadence.logs(done) or cadence.evaluates(done) or save:
+          faults.check_finite(window.host(), FINITE_METRICS, config.skip_nonfinite_steps)
+        if cadence.logs(done):
+          means, steps, seconds = window.take()
+          tflops = steps * flops_per_step / seconds / 1e12 / len(devices)
+          with np.errstate(over="ignore"):  # a diverging loss has an infinite perplexity
+            perplexity = float(np.exp(means["loss"]))
+          summary = {"loss": means["loss"], "perplexity": perplexity, **means,
+                     "tokens_per_s": steps * tokens_per_step / seconds,
+                     "tflops_per_device": tflops}
+          if peak:
+            summary["mfu"] = tflops / peak
+          if steps != config.log_every:  # after a resume, or at the last step
+            summary["window_steps"] = steps
+          progress.log(done, "train", summary)
+        if cadence.evaluates(done):
+          progress.log(done, "eval", evaluate(s, source, state.params, config, seed))
+          window.restart()
+        if save:
+          ckpts.save(done, state, _data_positions(host_batch))
+        if preempted:
+          ckpts.wait()
+          progress.close()
+          raise faults.Preempted(done, ckpts.directory)
     progress.close()
     ckpts.wait()
     skipped = source.skipped()

@@ -23,7 +23,7 @@ from absl import flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.vocab import BOS, EOS, PAD, UNK
+from cm3jax.vocab import BOS, EOS, PAD, SPECIALS, UNK
 
 
 def train(sentences: Iterable[str], vocab_size: int, model_type: str = "unigram") -> bytes:
@@ -95,8 +95,13 @@ def _define_flags():
 
 
 def main(FLAGS):
-  if not FLAGS.input or not FLAGS.out or not FLAGS.vocab_size:
+  if not FLAGS.input or not FLAGS.out or FLAGS.vocab_size is None:
     raise ConfigError("--input, --vocab_size and --out are required")
+  if FLAGS.vocab_size <= len(SPECIALS):
+    raise ConfigError(f"--vocab_size={FLAGS.vocab_size} must be more than the {len(SPECIALS)} "
+                      "special pieces")
+  if os.path.isdir(FLAGS.out):
+    raise ConfigError(f"--out={FLAGS.out} is a directory; name the model file to write")
   skipped = collections.Counter()
   model = train(read_sentences(FLAGS.input, skipped, FLAGS.data_dir), FLAGS.vocab_size,
                 FLAGS.model_type)

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cm3jax import checkpoint, cli, sharding
-from cm3jax.config import ConfigError
+from cm3jax import checkpoint, cli, faults, sharding
+from cm3jax.config import ConfigError, check_ranges
 from cm3jax.progress import Cadence, Progress, Window
 from cm3jax.vqgan import losses
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, model_output_to_images
@@ -67,6 +67,9 @@ class Setup:
 
 
 def setup(config) -> Setup:
+  if "vqgan" not in config:
+    raise ConfigError("this config has no vqgan section: train_vqgan takes configs/vqgan_*.py")
+  check_ranges(config)
   cfg = VQGANConfig.from_dict(config.vqgan.to_dict())
   mesh = sharding.make_mesh(config.mesh)
   batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -207,14 +210,24 @@ def evaluate(s: Setup, params, images_uint8: np.ndarray, batch_size: int) -> tup
           "code_perplexity": float(np.exp(-np.sum(nonzero * np.log(nonzero))))}, grid
 
 
+FINITE_METRICS = ("recon_loss", "vq_loss")  # a step where either is not finite stops the run
+
+
 def train(config, workdir: str) -> list[dict[str, float]]:
+  """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics.
+  Raises NonFinite at a non-finite step and Preempted after saving on SIGTERM."""
   workdir = checkpoint.prepare_workdir(workdir)
+  with faults.workdir_lock(workdir, "cm3jax.train_vqgan"):
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> list[dict[str, float]]:
   s = setup(config)
   chief = jax.process_index() == 0
   ckpts = checkpoint.Checkpoints(workdir, config, {"vqgan": ARCHITECTURE})
   train_images = load_images(config, "train")
   eval_images = load_images(config, "validation")[:config.eval_images]
-  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
+  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts), faults.Preemption() as preemption:
     restored = ckpts.restore(s.abstract_state)
     resumed = restored is not None
     state = restored[0] if resumed else s.init_state(jax.random.PRNGKey(config.seed))
@@ -231,20 +244,30 @@ def train(config, workdir: str) -> list[dict[str, float]]:
       rows = batch_indices(config.seed, step, config.batch_size, len(train_images))
       images = jnp.asarray(train_images[rows], jnp.float32) / 127.5 - 1.0
       state, metrics = s.train_step(state, jax.device_put(images, s.batch_sharding), step)
-      window.add(metrics)
-      progress.step()
       done = step + 1
+      window.add(done, metrics)
+      progress.step()
+      preempted = preemption.requested(done)
+      save = cadence.checkpoints(done) or preempted
+      if cadence.logs(done) or cadence.evaluates(done) or save:
+        faults.check_finite(window.host(), FINITE_METRICS)
       if cadence.logs(done):
         summary, steps, seconds = window.take()
         summary["images_per_s"] = steps * config.batch_size / seconds
+        if steps != config.log_every:  # after a resume, or at the last step
+          summary["window_steps"] = steps
         progress.log(done, "train", summary)
       if cadence.evaluates(done):
         eval_summary, grid = evaluate(s, state.params, eval_images, config.batch_size)
         progress.log(done, "eval", eval_summary)
         progress.image(done, "eval/reconstructions", grid)
         window.restart()
-      if cadence.checkpoints(done):
+      if save:
         ckpts.save(done, state)
+      if preempted:
+        ckpts.wait()
+        progress.close()
+        raise faults.Preempted(done, ckpts.directory)
     progress.close()
     ckpts.wait()
   return progress.history

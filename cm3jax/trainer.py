@@ -15,7 +15,7 @@ import optax
 
 from cm3jax import loss, optimizer, sharding
 from cm3jax import model as model_lib
-from cm3jax.config import ConfigError
+from cm3jax.config import ConfigError, check_ranges
 
 
 @flax.struct.dataclass
@@ -40,11 +40,18 @@ class Setup:
 
 
 def setup(config, devices=None) -> Setup:
+  if "model" not in config:
+    raise ConfigError("this config has no model section: it is not a token-model config "
+                      "(configs/tiny.py, 350m.py, ...)")
+  check_ranges(config)
   model_cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh, devices)
   _check_run(config, model_cfg, mesh)
   model = model_lib.Decoder(model_cfg)
   tx, schedule = optimizer.make_optimizer(config.optimizer, config.num_train_steps)
+  if config.skip_nonfinite_steps:
+    # A non-finite gradient leaves the parameters and moments as they were, counted in the state.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=config.skip_nonfinite_steps)
 
   def init_state(rng):
     params = model.init(rng, jnp.zeros((1, config.seq_len), jnp.int32))["params"]
@@ -94,6 +101,8 @@ def setup(config, devices=None) -> Setup:
                "grad_norm": optax.tree.norm(grads), "learning_rate": schedule(state.step)}
     if config.z_loss:
       metrics["z_loss"] = sums["z_loss"] / weight
+    if config.skip_nonfinite_steps:
+      metrics["skipped_steps"] = opt_state.total_notfinite
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                               opt_state=opt_state)
     return new_state, metrics
@@ -117,16 +126,12 @@ def setup(config, devices=None) -> Setup:
 
 
 def _check_run(config, model_cfg, mesh):
-  for name in ("num_train_steps", "log_every", "eval_steps", "checkpoint_every"):
-    if config[name] < 1:
-      raise ConfigError(f"{name} must be at least 1, got {config[name]}")
   if config.seq_len > model_cfg.max_seq_len:
     raise ConfigError(f"seq_len={config.seq_len} exceeds model.max_seq_len={model_cfg.max_seq_len}")
-  if config.cross_entropy_chunk < 0 or (config.cross_entropy_chunk
-                                        and config.seq_len % config.cross_entropy_chunk):
+  if config.cross_entropy_chunk and config.seq_len % config.cross_entropy_chunk:
     raise ConfigError(f"cross_entropy_chunk={config.cross_entropy_chunk} does not divide "
                       f"seq_len={config.seq_len} (0: no chunks)")
-  if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
+  if config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"global_batch_size={config.global_batch_size} does not divide into "
                       f"grad_accum_steps={config.grad_accum_steps} microbatches")
   rows = config.global_batch_size // config.grad_accum_steps

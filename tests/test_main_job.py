@@ -104,6 +104,10 @@ def test_bad_input_to_the_commands(main_job, tmp_path):
                         "cm3jax.sample", "no checkpoints in")
   assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}",
                                    f"--image={tmp_path}/none.png"), "cm3jax.sample", "cannot read")
+  (tmp_path / "notes.png").write_text("not an image")
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}",
+                                   f"--image={tmp_path}/notes.png"), "cm3jax.sample",
+                        "notes.png: not an image PIL can decode")
   assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a",
                                    "--top_p=1.5"), "cm3jax.sample", "top_p must be in (0, 1]")
   assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}"), "cm3jax.sample",

@@ -14,7 +14,6 @@ from cm3jax.config import ConfigError
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 
-
 def png(array) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, format="PNG")
@@ -86,10 +85,50 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(vqgan_workdir, tmp_p
   with pytest.raises(KeyboardInterrupt):
     tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 4, 5)
   assert len(read_records(str(tmp_path), "train")) == 10  # two whole shards, no partial one
-  assert not glob.glob(str(tmp_path / "*.json"))
+  assert not os.path.exists(tmp_path / "train.json")  # no manifest: the split is not complete
   summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 5)
   keys = [key for key, _, _ in read_records(str(tmp_path), "train")]
   assert summary["records"] == 23 and keys == [f"{i}".encode() for i in range(23)]
+
+
+def test_a_resume_with_other_settings_is_refused(vqgan_workdir, tmp_path):
+  """Before, resuming 10 records written in shards of 5 with shards of 4 left 10 records on disk
+  and a manifest that said 8."""
+  rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  examples = [(f"{i}".encode(), png(rgb), f"caption {i}".encode()) for i in range(13)]
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+
+  def interrupted():
+    yield from examples[:12]
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 4, 5)
+  with pytest.raises(ConfigError, match=r"the 2 shards of train in .* were written with "
+                     r"shard_size=5 \(this run: 4\); resume with the same settings"):
+    tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 4)
+  assert len(read_records(str(tmp_path), "train")) == 10
+  assert not os.path.exists(tmp_path / "train.json")
+  summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 5)
+  assert summary["records"] == 13 and len(read_records(str(tmp_path), "train")) == 13
+
+
+def test_zero_sizes_and_empty_splits_are_refused(vqgan_workdir, tmp_path):
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  for batch_size, shard_size in ((0, 5), (4, 0)):
+    with pytest.raises(ConfigError, match="must be at least 1"):
+      tokenize_images.write_split(tokenizer, [], str(tmp_path), "train", batch_size, shard_size)
+  empty = [(b"0", b"not an image", b"a caption")]
+  with pytest.raises(ConfigError, match=r"split train has no usable example \(skipped: "
+                     r"\{'undecodable image': 1\}\); nothing written"):
+    tokenize_images.write_split(tokenizer, empty, str(tmp_path), "train", 4, 5)
+  assert not os.path.exists(tmp_path / "train.json")
+  summary = tokenize_images.write_split(tokenizer, empty, str(tmp_path), "train", 4, 5,
+                                        allow_empty=True)
+  assert summary["records"] == 0 and os.path.exists(tmp_path / "train.json")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ConfigError, match="--out=.*/file is not a directory that can be made"):
+    tokenize_images.write_split(tokenizer, empty, str(tmp_path / "file"), "train", 4, 5)
 
 
 def test_missing_vqgan(tmp_path):

@@ -110,3 +110,17 @@ def test_unknown_dataset(shapes_data_dir, tmp_path):
 ])
 def test_every_command_reports_bad_flags_in_one_line(command, args, message):
   assert_one_line_error(run_module(command, *args, timeout=300), command, message)
+
+
+def test_preemption_saves_the_step_it_stopped_at_and_the_run_resumes(shapes_data_dir, tmp_path,
+                                                                     monkeypatch):
+  from cm3jax import faults
+  config = vqgan_config(shapes_data_dir, num_train_steps=6, checkpoint_every=100)
+  monkeypatch.setattr(faults.Preemption, "requested", lambda self, step: step == 4)
+  with pytest.raises(faults.Preempted, match="after step 4: checkpoint saved"):
+    train_vqgan.train(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4"]
+  monkeypatch.undo()
+  history = train_vqgan.train(config, str(tmp_path))
+  assert [h["step"] for h in history if "psnr" in h] == [6]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "6"]

@@ -23,6 +23,11 @@ def manifest_path(directory: str, split: str) -> str:
   return os.path.join(directory, f"{split}.json")
 
 
+def settings_path(directory: str, split: str) -> str:
+  """What the shards of a split were written with (cm3jax.tokenize_images), for resuming."""
+  return os.path.join(directory, f"{split}.settings.json")
+
+
 def read_manifest(directory: str, split: str) -> dict:
   """The counts of a complete split, or a ConfigError saying how to make it."""
   path = manifest_path(directory, split)

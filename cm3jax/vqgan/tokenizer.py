@@ -54,6 +54,9 @@ class ImageTokenizer:
                                item_names=("state", "config")) as manager:
       config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
+    if "vqgan" not in config["config"]:
+      raise ConfigError(f"{vqgan_workdir} is not a cm3jax.train_vqgan workdir (its checkpoints "
+                        "hold another model)")
     return cls(VQGANConfig.from_dict(config["config"]["vqgan"]), state["state"]["params"], step)
 
   def _padded(self, x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,334 @@
+"""Faults injected into training runs: divergence, SIGTERM, kill -9 during a save, two processes
+on one workdir, damaged checkpoints, and settings no run should accept."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cm3jax import checkpoint, faults, sampling, train, train_vqgan, trainer
+from cm3jax import model as model_lib
+from cm3jax.config import ConfigError
+from cm3jax.data import synthetic
+from tests.helpers import REPO, run_module, tiny_config, vqgan_config
+
+DIVERGING = {"optimizer.peak_lr": 1e6, "optimizer.warmup_steps": 1}
+CLEAN_BATCHES = synthetic.batches
+
+
+def checkpoint_steps(workdir) -> list[int]:
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def saved_params(workdir, step):
+  config = checkpoint.saved_config(str(workdir), step)
+  cfg = model_lib.ModelConfig.from_dict(config["model"])
+  return checkpoint.restore_params(str(workdir), step,
+                                   sampling.abstract_params(cfg, sampling.default_mesh()))
+
+
+def test_a_non_finite_step_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path):
+  config = tiny_config(num_train_steps=40, checkpoint_every=2, keep_checkpoints=3, log_every=10,
+                       **DIVERGING)
+  with pytest.raises(faults.NonFinite, match=r"step \d+: loss .*grad_norm") as raised:
+    train.train(config, str(tmp_path))
+  bad = int(re.search(r"step (\d+)", str(raised.value)).group(1))
+  steps = checkpoint_steps(tmp_path)
+  assert steps and max(steps) < bad <= max(steps) + 2
+  for step in steps:
+    assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(saved_params(tmp_path, step)))
+
+
+def poisoned(poison):
+  """synthetic.batches whose train batch number i (1-based) has NaN weights where poison(i)."""
+  def batches(config, split, step, seed, rows):
+    for i, batch in enumerate(CLEAN_BATCHES(config, split, step, seed, rows), step + 1):
+      if split == "train" and poison(i):
+        batch = dict(batch, weights=np.full_like(batch["weights"], np.nan))
+      yield batch
+  return batches
+
+
+def test_skip_nonfinite_steps_skips_a_bounded_number_of_updates(tmp_path, monkeypatch):
+  monkeypatch.setattr(synthetic, "batches", poisoned(lambda i: i == 3))
+  with pytest.raises(faults.NonFinite, match="step 3: loss nan"):
+    train.train(tiny_config(log_every=2), str(tmp_path / "stop"))
+  history = train.train(tiny_config(log_every=2, skip_nonfinite_steps=2), str(tmp_path / "skip"))
+  logged = [h for h in history if "loss" in h]
+  assert [h["skipped_steps"] for h in logged] == [0, 1, 1]
+  assert all(np.isfinite(h["loss"]) for h in logged)  # the skipped step's loss is left out
+  params = saved_params(tmp_path / "skip", 6)
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+  monkeypatch.setattr(synthetic, "batches", poisoned(lambda i: i >= 2))
+  with pytest.raises(faults.NonFinite, match="step 3: more than skip_nonfinite_steps=1"):
+    train.train(tiny_config(log_every=1, skip_nonfinite_steps=1), str(tmp_path / "many"))
+
+
+TRAIN = ["--config=configs/tiny.py", "--config.data=synthetic", "--config.seq_len=32",
+         "--config.global_batch_size=8", "--config.model.max_seq_len=32",
+         "--config.model.d_model=32", "--config.model.num_heads=2", "--config.model.mlp_dim=64",
+         "--config.model.vocab_size=128", "--config.log_every=1"]
+
+
+def losses(stdout: str) -> dict[int, str]:
+  return {int(m.group(1)): m.group(2) for m in re.finditer(r"train step (\d+): loss (\S+)", stdout)}
+
+
+def start(*args) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", "cm3jax.train", *TRAIN, *args], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def read_until(process: subprocess.Popen, marker: str) -> str:
+  seen = ""
+  for line in process.stdout:
+    seen += line
+    if marker in line:
+      return seen
+  raise AssertionError(f"{marker!r} never came: {seen[-2000:]} {process.stderr.read()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_0_and_the_run_resumes_exactly(tmp_path):
+  steps = ["--config.num_train_steps=40", "--config.checkpoint_every=1000"]
+  whole = run_module("cm3jax.train", *TRAIN, *steps, f"--workdir={tmp_path}/a")
+  assert whole.returncode == 0, whole.stderr[-2000:]
+  process = start(*steps, f"--workdir={tmp_path}/b")
+  out = read_until(process, "train step 5:")
+  process.send_signal(signal.SIGTERM)
+  rest, err = process.communicate(timeout=120)
+  assert process.returncode == 0, err[-2000:]
+  stopped = int(re.search(r"preempted \(SIGTERM\) after step (\d+): checkpoint saved", rest).group(1))
+  assert 5 <= stopped < 40 and checkpoint_steps(tmp_path / "b") == [stopped]
+  resumed = run_module("cm3jax.train", *TRAIN, *steps, f"--workdir={tmp_path}/b")
+  assert resumed.returncode == 0 and f"resumed from step {stopped}" in resumed.stdout
+  want = losses(whole.stdout)
+  got = {**losses(out + rest), **losses(resumed.stdout)}
+  assert got == want  # every step once, with the uninterrupted run's loss
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_asynchronous_save_loses_at_most_the_steps_since_the_last(tmp_path):
+  steps = ["--config.num_train_steps=30", "--config.checkpoint_every=5",
+           "--config.async_checkpointing=true"]
+  whole = run_module("cm3jax.train", *TRAIN, *steps, f"--workdir={tmp_path}/a")
+  process = start(*steps, f"--workdir={tmp_path}/b")
+  read_until(process, "train step 10:")  # the step-10 save starts right after this line
+  process.kill()
+  process.wait(timeout=60)
+  resumed = run_module("cm3jax.train", *TRAIN, *steps, f"--workdir={tmp_path}/b")
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  start_step = int(re.search(r"resumed from step (\d+)", resumed.stdout).group(1))
+  assert start_step in (5, 10)
+  # The stale lock of the killed process is taken over, and the run continues exactly.
+  assert "removed the stale lock" in resumed.stdout
+  want = losses(whole.stdout)
+  assert losses(resumed.stdout) == {s: v for s, v in want.items() if s > start_step}
+
+
+@pytest.mark.slow
+def test_a_second_process_on_a_workdir_refuses_and_names_the_first(tmp_path):
+  first = start("--config.num_train_steps=100000", f"--workdir={tmp_path}")
+  try:
+    read_until(first, "train step 1:")
+    second = run_module("cm3jax.train", *TRAIN, "--config.num_train_steps=4",
+                        f"--workdir={tmp_path}")
+  finally:
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+  assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-2000:]
+  assert (f"workdir {tmp_path} is in use by cm3jax.train (pid {first.pid} on "
+          f"{socket.gethostname()})") in second.stderr
+  assert first.returncode == 0, err[-3000:]
+  assert not os.path.exists(tmp_path / faults.LOCK_NAME)
+
+
+def test_a_lock_of_a_live_process_refuses_and_a_stale_one_is_taken_over(tmp_path, capsys):
+  lock = tmp_path / faults.LOCK_NAME
+  sleeper = subprocess.Popen(["sleep", "60"])
+  try:
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid,
+                                "command": "cm3jax.pipeline"}))
+    with pytest.raises(ConfigError, match=f"in use by cm3jax.pipeline \\(pid {sleeper.pid} on"):
+      train.train(tiny_config(), str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints")
+  finally:
+    sleeper.kill()
+    sleeper.wait()
+  train.train(tiny_config(), str(tmp_path))  # the sleeper is gone: its lock is stale
+  assert "removed the stale lock" in capsys.readouterr().out
+  assert checkpoint_steps(tmp_path) == [3, 6] and not lock.exists()
+
+
+def truncate_largest_file(step_dir):
+  path = max(glob.glob(f"{step_dir}/state/ocdbt.process_0/d/*"), key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(100)
+
+
+DAMAGE = {
+    "a truncated data file": truncate_largest_file,
+    "a missing data item": lambda d: shutil.rmtree(f"{d}/data"),
+    "missing state metadata": lambda d: os.remove(f"{d}/state/_METADATA"),
+    "missing checkpoint metadata": lambda d: os.remove(f"{d}/_CHECKPOINT_METADATA"),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  history = train.train(tiny_config(num_train_steps=9, keep_checkpoints=5),
+                        str(tmp_path_factory.mktemp("whole")))
+  return {h["step"]: h["loss"] for h in history if "loss" in h}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys, damage,
+                                                                  uninterrupted):
+  config = tiny_config(keep_checkpoints=5)
+  train.train(config, str(tmp_path))
+  DAMAGE[damage](tmp_path / "checkpoints" / "6")
+  config.num_train_steps = 9
+  history = train.train(config, str(tmp_path))
+  out = capsys.readouterr().out
+  assert "checkpoint step 6 is damaged (" in out and "resumed from step 3" in out
+  assert {h["step"]: h["loss"] for h in history if "loss" in h} == {
+      s: v for s, v in uninterrupted.items() if s > 3}
+  assert os.path.isdir(tmp_path / "damaged_checkpoints" / "6")
+  assert checkpoint_steps(tmp_path) == [3, 6, 9]
+
+
+def test_no_whole_checkpoint_is_an_error_not_a_new_run(tmp_path):
+  train.train(tiny_config(), str(tmp_path))
+  for step in (3, 6):
+    os.remove(tmp_path / "checkpoints" / str(step) / "state" / "_METADATA")
+  with pytest.raises(ConfigError, match="no checkpoint in .* restores whole"):
+    train.train(tiny_config(num_train_steps=9), str(tmp_path))
+
+
+def test_keep_checkpoints_0_is_refused_and_deletes_nothing(tmp_path):
+  train.train(tiny_config(), str(tmp_path))
+  with pytest.raises(ConfigError, match="keep_checkpoints=0 must be an integer >= 1"):
+    train.train(tiny_config(num_train_steps=9, keep_checkpoints=0), str(tmp_path))
+  assert checkpoint_steps(tmp_path) == [3, 6]
+
+
+def test_the_first_log_line_after_a_resume_says_how_many_steps_it_averages(tmp_path):
+  train.train(tiny_config(num_train_steps=3, log_every=2), str(tmp_path))
+  history = train.train(tiny_config(num_train_steps=8, log_every=2), str(tmp_path))
+  windows = [(h["step"], h.get("window_steps")) for h in history if "loss" in h]
+  assert windows == [(4, 1), (6, None), (8, None)]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"optimizer.peak_lr": -1.0}, "optimizer.peak_lr=-1.0 must be a number in (0, inf]"),
+    ({"seq_len": 0}, "seq_len=0 must be an integer >= 1"),
+    ({"optimizer.warmup_steps": -10}, "optimizer.warmup_steps=-10 must be an integer >= 0"),
+    ({"eval_every": -1}, "eval_every=-1 must be an integer >= 0"),
+    ({"global_batch_size": -16}, "global_batch_size=-16 must be an integer >= 1"),
+    ({"keep_checkpoints": -1}, "keep_checkpoints=-1 must be an integer >= 1"),
+    ({"num_train_steps": 10**12}, "num_train_steps=1000000000000 must be an integer in [1, "),
+    ({"cm3.whole_segment_rate": 1.5}, "cm3.whole_segment_rate=1.5 must be a number in [0, 1]"),
+    ({"optimizer.b2": 1.0}, "optimizer.b2=1.0 must be a number in [0, 1)"),
+])
+def test_nonsense_settings_are_refused_in_one_line(overrides, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    trainer.setup(tiny_config(**overrides))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"num_train_steps": -1}, "num_train_steps=-1 must be an integer in [1, "),
+    ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
+])
+def test_nonsense_vqgan_settings_are_refused(tmp_path, overrides, message):
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    train_vqgan.setup(vqgan_config(str(tmp_path), **overrides))
+  with pytest.raises(ConfigError, match="no vqgan section: train_vqgan takes configs/vqgan_"):
+    train_vqgan.setup(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def token_workdir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("token"))
+  train.train(tiny_config(), workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_bad_inputs_to_the_commands_are_one_line(token_workdir, tmp_path):
+  (tmp_path / "file").write_text("")
+  (tmp_path / "dir").mkdir()
+  cases = [
+      ("cm3jax.train_vqgan", ["--config=configs/tiny.py", f"--workdir={tmp_path}/v"],
+       "no vqgan section"),
+      ("cm3jax.train_vqgan", ["--config=configs/vqgan_shapes.py", "--config.batch_size=0",
+                              f"--workdir={tmp_path}/v"], "batch_size=0 must be an integer >= 1"),
+      ("cm3jax.tokenize_images", [f"--vqgan_workdir={token_workdir}", f"--out={tmp_path}/c"],
+       "is not a cm3jax.train_vqgan workdir"),
+      ("cm3jax.train_tokenizer", ["--input=x.txt", "--vocab_size=0", "--out=x.model"],
+       "--vocab_size=0 must be more than the 4 special pieces"),
+      ("cm3jax.train_tokenizer", [f"--input={tmp_path}/file", "--vocab_size=300",
+                                  f"--out={tmp_path}/dir"], "is a directory; name the model file"),
+      ("cm3jax.eval_shapes", [f"--workdir={token_workdir}", "--batch_size=0"],
+       "--batch_size=0 must be at least 1"),
+      ("cm3jax.eval_shapes", [f"--workdir={token_workdir}", "--num_examples=0"],
+       "--num_examples=0 and --batch_size=128 must be at least 1"),
+  ]
+  for command, args, message in cases:
+    result = run_module(command, *args, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, (command, result.stderr)
+    assert message in result.stderr, (command, result.stderr[-2000:])
+
+
+def test_a_bad_import_says_why_and_leaves_nothing(tmp_path, monkeypatch):
+  from cm3jax import export
+  source = tmp_path / "opt"
+  source.mkdir()
+  (source / "config.json").write_text("{not json")
+  with pytest.raises(ConfigError, match="config.json is not JSON"):
+    export.import_opt(str(source), str(tmp_path / "w1"), tiny_config())
+  (source / "config.json").write_text(json.dumps(export.opt_config(
+      model_lib.ModelConfig.from_dict(tiny_config().model.to_dict()), "float32")))
+  (source / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+  with pytest.raises(ConfigError, match="cannot read .*model.safetensors"):
+    export.import_opt(str(source), str(tmp_path / "w2"), tiny_config())
+  assert not os.path.exists(tmp_path / "w1") and not os.path.exists(tmp_path / "w2")
+
+  # A readable checkpoint, then a save that fails: the new workdir goes again.
+  monkeypatch.setattr(export, "read_opt_tensors", lambda _: "tensors")
+  monkeypatch.setattr(export, "params_from_opt", lambda tensors, cfg: jax.tree.map(
+      np.asarray, jax.device_get(trainer.setup(tiny_config()).init_state(
+          jax.random.PRNGKey(0)).params)))
+
+  def full_disk(*args, **kwargs):
+    raise OSError("disk full")
+  monkeypatch.setattr(checkpoint.Checkpoints, "save", full_disk)
+  with pytest.raises(OSError, match="disk full"):
+    export.import_opt(str(source), str(tmp_path / "w3"), tiny_config())
+  assert not os.path.exists(tmp_path / "w3")
+
+
+def test_an_export_removes_what_a_killed_export_left(tmp_path, capsys):
+  from cm3jax import export
+  dead = subprocess.Popen(["true"])
+  dead.wait()
+  left = tmp_path / ".export-left"
+  left.mkdir()
+  (left / "model.safetensors").write_bytes(b"weights")
+  (left / export.STAGING_OWNER).write_text(json.dumps(faults.this_process("cm3jax.export") | {
+      "pid": dead.pid}))
+  running = tmp_path / ".export-running"
+  running.mkdir()
+  (running / export.STAGING_OWNER).write_text(json.dumps(faults.this_process("cm3jax.export")))
+  export._remove_stale_staging(str(tmp_path))
+  assert not left.exists() and running.exists()
+  assert f"removed {left}, left by an export that did not finish" in capsys.readouterr().out
