@@ -98,10 +98,12 @@ def main(FLAGS):
   if FLAGS.image:
     try:
       with open(FLAGS.image, "rb") as f:
-        pixels = tokenize_images.decode_image(f.read(), vqgan.cfg.resolution)
+        image_bytes = f.read()
     except OSError as e:
       raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
-    except Exception:  # PIL raises many types for data that is not an image
+    try:
+      pixels = tokenize_images.decode_image(image_bytes, vqgan.cfg.resolution)
+    except Exception:  # PIL raises many types (some of them OSError) for data that is not an image
       raise ConfigError(f"cannot read {FLAGS.image}: not an image PIL can decode") from None
     codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
     if FLAGS.num_captions == 1:
