@@ -50,7 +50,8 @@ MAX_STEPS = 10**8  # Far beyond any run: a typo (1e12), not a plan.
 RANGES = {
     "seq_len": _integer(1), "global_batch_size": _integer(1), "grad_accum_steps": _integer(1),
     "num_train_steps": _integer(1, MAX_STEPS), "log_every": _integer(1),
-    "eval_every": _integer(0), "eval_steps": _integer(1), "checkpoint_every": _integer(1),
+    "eval_every": _integer(0), "eval_steps": _integer(1), "eval_samples": _integer(0),
+    "checkpoint_every": _integer(1),
     "keep_checkpoints": _integer(1), "report_examples": _integer(1),
     "skip_nonfinite_steps": _integer(0), "z_loss": _number(0), "cross_entropy_chunk": _integer(0),
     "cm3.text_vocab_size": _integer(5), "cm3.max_spans": _integer(1),
@@ -109,6 +110,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.eval_every = 0  # 0: evaluate only at the end.
   c.eval_steps = 2
+  c.eval_samples = 0  # > 0: TensorBoard gets images drawn for this many validation captions and
+  # captions of as many validation images at each evaluation (cm3 data with its VQGAN, one host)
   c.checkpoint_every = 500
   c.keep_checkpoints = 3  # The newest checkpoints kept; at least 1.
   c.async_checkpointing = True

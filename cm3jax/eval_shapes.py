@@ -1,20 +1,24 @@
-"""Score a trained model on the shapes test split: held-out colour-shape compositions.
+"""Score a trained model on the shapes data: seen and held-out colour-shape compositions.
 
-  python -m cm3jax.eval_shapes --workdir=workdirs/tiny
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny [--splits=validation,test]
 
-Text->image: an image is generated for each test caption and read back by a deterministic pixel
-analyser (`analyse`); it counts as right when it shows exactly the things, sizes, colours, shapes
-and places of the caption. Image->text: each test image's codes are captioned by infilling; a
+Text->image: an image is generated for each caption of a split and read back by a deterministic
+pixel analyser (`analyse`); it counts as right when it shows exactly the things, sizes, colours,
+shapes and places of the caption. Image->text: each image's codes are captioned by infilling; a
 caption counts as right when it describes the image exactly ('A above B' = 'B below A'). Text
-to image is scored greedy and with top-p, with and without classifier-free guidance, and with
-contrastive top-k; its ceiling is the share of the split's own VQGAN codes that decode to an image
-the analyser reads right ("VQGAN reconstructions").
+to image is scored greedy and with top-p, with and without classifier-free guidance, with
+contrastive top-k, and best of 8 top-p samples reranked by the model's own likelihood of the
+caption given each image; its ceiling is the share of the split's own VQGAN codes that decode
+to an image the analyser reads right ("VQGAN reconstructions"). The validation split holds
+compositions seen in training, the test split held-out ones. The report goes to
+WORKDIR/eval_shapes.json and, as a markdown table, WORKDIR/eval_shapes.md.
 """
 
+import dataclasses
 import json
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import numpy as np
@@ -121,19 +125,30 @@ def caption_matches(caption: str, truth: shapes.Described) -> bool:
   return scene is not None and shapes.described(scene) == truth
 
 
-SETTINGS = {  # name -> (guidance, SamplingConfig fields)
-    "greedy, no guidance": (1.0, dict(greedy=True)),
-    "top-p 0.9, no guidance": (1.0, dict(top_p=0.9)),
-    "top-p 0.9, CFG 1.5": (1.5, dict(top_p=0.9)),
-    "top-p 0.9, CFG 3": (3.0, dict(top_p=0.9)),
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  guidance: float = 1.0
+  sampling: dict = dataclasses.field(default_factory=dict)  # SamplingConfig fields
+  candidates: int = 1  # > 1: the image under which the model finds the caption likeliest
+
+
+SETTINGS = {
+    "greedy, no guidance": Setting(sampling=dict(greedy=True)),
+    "top-p 0.9, no guidance": Setting(sampling=dict(top_p=0.9)),
+    "top-p 0.9, CFG 1.5": Setting(1.5, dict(top_p=0.9)),
+    "top-p 0.9, CFG 3": Setting(3.0, dict(top_p=0.9)),
     # k = 1 is Li et al.'s plausibility set (p_cond >= alpha * max p_cond). At k = 8 the set admits
     # tail codes, whose log-ratio is the largest, and a tiny model's samples turn to noise.
-    "CD-K (k=1, alpha=0.1)": (1.0, dict(cd_k=1, cd_alpha=0.1)),
+    "CD-K (k=1, alpha=0.1)": Setting(sampling=dict(cd_k=1, cd_alpha=0.1)),
+    "top-p 0.9, best of 8 by the caption's likelihood": Setting(sampling=dict(top_p=0.9),
+                                                                candidates=8),
 }
+SPLITS = ("validation", "test")
+REPORT_FILES = ("eval_shapes.json", "eval_shapes.md")  # in the workdir
 
 
-def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed: int = 0,
-             settings: Optional[dict] = None, split: str = "test") -> dict:
+def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int = 128,
+             seed: int = 0, settings: Optional[dict] = None) -> dict:
   """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
   held-out compositions; validation: compositions seen in training), of the workdir's newest
   checkpoint."""
@@ -149,15 +164,17 @@ def evaluate(workdir: str, num_examples: int = 1000, batch_size: int = 128, seed
   readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
                  for start in range(0, len(captions), batch_size))
   results["VQGAN reconstructions"] = readable / len(captions)
-  for name, (guidance, fields) in (settings or SETTINGS).items():
-    cfg = sampling.SamplingConfig(**fields)
+  for name, setting in (settings or SETTINGS).items():
+    cfg = sampling.SamplingConfig(**setting.sampling)
     right = 0
-    for start in range(0, len(captions), batch_size):
-      batch = captions[start:start + batch_size]
-      generated = sampling.text_to_image(sampler, batch, 1, vqgan.cfg.tokens_per_image,
-                                         jax.random.fold_in(image_key, start), guidance,
-                                         cfg)[:, 0]
-      right += _shown(vqgan, generated, truths[start:start + batch_size])
+    per_batch = max(1, batch_size // setting.candidates)
+    for start in range(0, len(captions), per_batch):
+      batch = captions[start:start + per_batch]
+      key = jax.random.fold_in(image_key, start)
+      generated = sampling.text_to_image_reranked(
+          sampler, batch, setting.candidates, vqgan.cfg.tokens_per_image, key, setting.guidance,
+          cfg)
+      right += _shown(vqgan, generated, truths[start:start + per_batch])
     results[f"text_to_image, {name}"] = right / len(captions)
   right, examples = 0, []
   for start in range(0, len(captions), batch_size):
@@ -177,43 +194,52 @@ def _shown(vqgan, codes, truths) -> int:
 
 def _define_flags():
   flags.DEFINE_string("workdir", None, "Workdir of a cm3jax.train run on the shapes data.")
-  flags.DEFINE_integer("num_examples", 1000, "Test examples to score (the split has 1,000).")
-  flags.DEFINE_integer("batch_size", 128, "Requests generated together.")
+  flags.DEFINE_integer("num_examples", 1000, "Examples to score per split (each has 1,000).")
+  flags.DEFINE_integer("batch_size", 128, "Images generated together.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_enum("split", "test", ["test", "validation"], "test: held-out compositions; "
-                    "validation: compositions seen in training.")
+  flags.DEFINE_list("splits", list(SPLITS), "test: held-out compositions; validation: "
+                    "compositions seen in training.")
 
 
-def report_path(workdir: str, split: str) -> str:
-  return os.path.join(workdir, f"eval_shapes_{split}.json")
-
-
-def report(workdir: str, split: str, num_examples: int, batch_size: int = 128,
+def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: int = 128,
            seed: int = 0) -> dict:
-  """`evaluate`, written to WORKDIR/eval_shapes_SPLIT.json."""
-  results = evaluate(workdir, num_examples, batch_size, seed, split=split)
-  with open(report_path(workdir, split), "w") as f:
+  """`evaluate` of each split, written to WORKDIR/eval_shapes.json (by split) and, as the
+  table that `table` makes, WORKDIR/eval_shapes.md."""
+  unknown = [s for s in splits if s not in SPLITS]
+  if unknown or not splits:
+    raise ConfigError(f"splits {list(splits)}: each must be one of {list(SPLITS)}")
+  results = {split: evaluate(workdir, split, num_examples, batch_size, seed) for split in splits}
+  json_path, markdown_path = (os.path.join(workdir, f) for f in REPORT_FILES)
+  with open(json_path, "w") as f:
     json.dump(results, f, indent=1)
+  with open(markdown_path, "w") as f:
+    f.write("\n".join(table(results)) + "\n")
   return results
 
 
-def saved_step(workdir: str, split: str) -> Optional[int]:
-  """The checkpoint step the saved report of `split` scored, or None."""
+def saved(workdir: str) -> dict:
+  """The saved report, {split: results}; {} when there is none."""
   try:
-    with open(report_path(workdir, split)) as f:
-      return json.load(f).get("step")
+    with open(os.path.join(workdir, REPORT_FILES[0])) as f:
+      return json.load(f)
   except (OSError, json.JSONDecodeError):
-    return None
+    return {}
 
 
 def table(results: dict) -> list[str]:
-  """The lines that show `results`: a markdown table, then example captions."""
-  kind = "held-out compositions" if results["split"] == "test" else "compositions seen in training"
-  lines = [f"shapes {results['split']} split, {kind}: {results['examples']} examples, "
-           f"step {results['step']}", "| task, sampling | accuracy |", "|---|---|"]
-  lines += [f"| {name} | {value:.1%} |" for name, value in results.items()
-            if isinstance(value, float)]
-  return lines + [f"  caption {line}" for line in results["caption examples"]]
+  """A markdown table of `results` ({split: evaluate's dict}), a column per split, then some
+  captions the model wrote."""
+  splits = list(results)
+  kinds = {"validation": "seen compositions", "test": "held-out compositions"}
+  first = results[splits[0]]
+  lines = [f"eval_shapes of step {first['step']}, {first['examples']} examples per split",
+           "", "| task, sampling | " + " | ".join(f"{s} ({kinds[s]})" for s in splits) + " |",
+           "|---|" + "---|" * len(splits)]
+  lines += [f"| {name} | " + " | ".join(f"{results[s][name]:.1%}" for s in splits) + " |"
+            for name, value in first.items() if isinstance(value, float)]
+  for s in splits:
+    lines += ["", f"Captions of {s} images:"] + [f"- {line}" for line in results[s]["caption examples"]]
+  return lines
 
 
 def main(FLAGS):
@@ -223,9 +249,10 @@ def main(FLAGS):
     raise ConfigError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} "
                       "must be at least 1")
   t = time.perf_counter()
-  results = report(FLAGS.workdir, FLAGS.split, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
+  results = report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
   print("\n".join(table(results)))
-  print(f"{time.perf_counter() - t:.0f}s; written to {report_path(FLAGS.workdir, FLAGS.split)}")
+  print(f"{time.perf_counter() - t:.0f}s; written to "
+        + " and ".join(os.path.join(FLAGS.workdir, f) for f in REPORT_FILES))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
   3. text tokenizer    a sentencepiece model of cm3.text_vocab_size pieces on the train captions
   4. token model       the config's CM3 model (what python -m cm3jax.train runs)
   5. report            samples.png and captions.txt from validation data and, on the shapes data,
-                       eval_shapes_{validation,test}.json with the table of cm3jax.eval_shapes
+                       the cm3jax.eval_shapes report of both splits (eval_shapes.json, .md),
+                       printed as its table
 
 Each stage looks at what the workdir holds and prints one line: it reuses a complete output,
 resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan, WORKDIR/codes
@@ -151,9 +152,10 @@ def report_splits(job: Job) -> list[str]:
 def report_status(job: Job) -> tuple[str, str]:
   step = checkpoint.newest_step(job.workdir)
   files = [os.path.join(job.workdir, f) for f in sample.SAMPLE_FILES]
-  made = [eval_shapes.saved_step(job.workdir, s) for s in report_splits(job)]
-  if all(os.path.exists(f) for f in files) and all(m == step for m in made):
-    return COMPLETE, f"samples and {len(made)} eval_shapes reports of step {step}"
+  report = eval_shapes.saved(job.workdir)
+  scored = [s for s in report_splits(job) if report.get(s, {}).get("step") == step]
+  if all(os.path.exists(f) for f in files) and len(scored) == len(report_splits(job)):
+    return COMPLETE, f"samples and the eval_shapes report of step {step}"
   return MISSING, f"nothing for step {step}"
 
 
@@ -161,11 +163,12 @@ def make_report(job: Job) -> str:
   sampler, _ = sampling.load(job.workdir)
   vqgan = ImageTokenizer.load(job.paths.vqgan_workdir)
   lines = sample.write_samples(sampler, vqgan, job.paths.codes_dir, job.workdir)
-  for split in report_splits(job):
-    results = eval_shapes.report(job.workdir, split, job.config.report_examples)
-    lines += eval_shapes.table(results)
+  made = list(sample.SAMPLE_FILES)
+  if report_splits(job):
+    eval_shapes.report(job.workdir, report_splits(job), job.config.report_examples)
+    made += eval_shapes.REPORT_FILES
   print("\n".join(f"  {line}" for line in lines))
-  return f"{', '.join(sample.SAMPLE_FILES)} and {len(report_splits(job))} eval_shapes reports"
+  return ", ".join(made)
 
 
 STAGES = (
@@ -209,6 +212,10 @@ def main(FLAGS):
   workdir = checkpoint.prepare_workdir(FLAGS.workdir)
   with faults.workdir_lock(workdir, "cm3jax.pipeline"):
     run(Job(config, workdir))
+  markdown = os.path.join(workdir, eval_shapes.REPORT_FILES[1])
+  if jax.process_index() == 0 and os.path.exists(markdown):
+    with open(markdown) as f:
+      print(f.read(), end="")
 
 
 if __name__ == "__main__":

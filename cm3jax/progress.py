@@ -108,6 +108,10 @@ class Progress:
   def image(self, step: int, name: str, image_HxWx3: np.ndarray):
     if self.writer:
       self.writer.add_image(name, image_HxWx3, step, dataformats="HWC")
+
+  def text(self, step: int, name: str, markdown: str):
+    if self.writer:
+      self.writer.add_text(name, markdown, step)
       self.writer.flush()
 
   def close(self):

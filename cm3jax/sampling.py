@@ -141,19 +141,25 @@ class Sampler:
     self.vocab = vocab
     self.mesh = mesh or default_mesh()
     self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    shapes = abstract_params(model_cfg, self.mesh)
-    params = jax.device_put(nn.unbox(params), sharding.shardings_of(shapes))
-    params = jax.tree.map(lambda p: p.astype(model_cfg.compute_dtype), params)
-    if model_cfg.scan_layers:
-      params = model_lib.unstack_layers(params, model_cfg.num_layers)
+    self.trained_cfg = model_cfg
+    self.shardings = sharding.shardings_of(abstract_params(model_cfg, self.mesh))
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat_policy="none")
     self.model = model_lib.Decoder(self.cfg)
-    self.params = params
+    self.set_params(params)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self._init_cache = jax.jit(functools.partial(model_lib.init_cache, self.cfg))
     self._generate = jax.jit(self._generate_impl, static_argnames=("num_new", "mode", "sampling",
                                                                    "guided"),
                              donate_argnames=("cache",))
+    self._log_likelihood = jax.jit(self._log_likelihood_impl)
+
+  def set_params(self, params):
+    """Samples from now on with `params` (trained ones, of this model's config): no recompile."""
+    params = jax.device_put(nn.unbox(params), self.shardings)
+    params = jax.tree.map(lambda p: p.astype(self.trained_cfg.compute_dtype), params)
+    if self.trained_cfg.scan_layers:
+      params = model_lib.unstack_layers(params, self.trained_cfg.num_layers)
+    self.params = params
 
   def generate(self, requests: Sequence[Request], num_new: int, mode: str,
                sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
@@ -197,6 +203,40 @@ class Sampler:
                               keys, alpha, num_new=num_new, mode=mode, sampling=sampling,
                               guided=guided)
     return np.asarray(out)[:rows]
+
+  def log_likelihood(self, prompts: Sequence[np.ndarray], continuations: Sequence[np.ndarray]
+                     ) -> np.ndarray:
+    """float32 [len(prompts)]: log p(continuation | prompt) under the model, summed over the
+    continuation's tokens (one forward pass over each row; causal, so right padding is inert)."""
+    if len(prompts) != len(continuations):
+      raise ConfigError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+    rows = [np.concatenate([p, c]).astype(np.int32) for p, c in zip(prompts, continuations)]
+    for row, c in zip(rows, continuations):
+      self._check_prompt(row)
+      if len(c) == 0:
+        raise ConfigError("a continuation to score is empty")
+    longest = max(len(r) for r in rows)
+    if longest > self.cfg.max_seq_len:
+      raise ConfigError(f"a row of {longest} tokens exceeds the model's context of "
+                        f"{self.cfg.max_seq_len}")
+    width = min(-(-longest // 16) * 16, self.cfg.max_seq_len)  # fewer compilations
+    padded = len(rows) + -len(rows) % self.batch_devices
+    tokens = np.full((padded, width), PAD, np.int32)
+    scored = np.zeros((padded, width), bool)  # marks each continuation token's target slot
+    for i, (row, c) in enumerate(zip(rows, continuations)):
+      tokens[i, :len(row)] = row
+      scored[i, len(row) - len(c) - 1:len(row) - 1] = True
+    with sharding.use_mesh(self.mesh):
+      out = self._log_likelihood(self.params, jax.device_put(tokens, self.batch_sharding),
+                                 jax.device_put(scored, self.batch_sharding))
+    return np.asarray(out)[:len(rows)]
+
+  def _log_likelihood_impl(self, params, tokens_BxL, scored_BxL):
+    logits_BxLxV = self.model.apply({"params": params}, tokens_BxL).astype(jnp.float32)
+    targets_BxL = jnp.roll(tokens_BxL, -1, axis=1)
+    logp_BxL = jnp.take_along_axis(jax.nn.log_softmax(logits_BxLxV), targets_BxL[..., None],
+                                   -1)[..., 0]
+    return jnp.sum(jnp.where(scored_BxL, logp_BxL, 0.0), -1)
 
   def _check_prompt(self, prompt: np.ndarray):
     if prompt.ndim != 1 or len(prompt) == 0:
@@ -305,6 +345,30 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
               for i, c in enumerate(captions) for j in range(num_images)]
   tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
   return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
+
+
+def caption_log_likelihood(sampler: Sampler, codes: np.ndarray, captions: Sequence[str]
+                           ) -> np.ndarray:
+  """log p(caption <eoss> | image) for each row of codes [B, T], the caption read as captioning
+  is sampled (`caption_prompt`)."""
+  vocab = sampler.vocab
+  prompts = [caption_prompt(vocab, c) for c in codes]
+  continuations = [np.array(vocab.encode_text(t) + [vocab.eoss_id], np.int32) for t in captions]
+  return sampler.log_likelihood(prompts, continuations)
+
+
+def text_to_image_reranked(sampler: Sampler, captions: Sequence[str], candidates: int,
+                           tokens_per_image: int, key: jax.Array, guidance: float = 1.0,
+                           sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+  """Codes [len(captions), tokens_per_image]: of `candidates` images drawn per caption, the one
+  under which the model itself finds the caption likeliest (self-reranking: the model captions)."""
+  drawn = text_to_image(sampler, captions, candidates, tokens_per_image, key, guidance, sampling)
+  if candidates == 1:
+    return drawn[:, 0]
+  flat = drawn.reshape(-1, tokens_per_image)
+  scores = caption_log_likelihood(sampler, flat, [c for c in captions for _ in range(candidates)])
+  best = scores.reshape(len(captions), candidates).argmax(-1)
+  return drawn[np.arange(len(captions)), best]
 
 
 def decode_text(vocab: Vocab, tokens: np.ndarray) -> str:

@@ -77,8 +77,12 @@ def sharded_shapes(init_fn: Callable, mesh: Mesh, *args):
   shardings then creates the values already sharded."""
   boxed = jax.eval_shape(init_fn, *args)
   shardings = logical_sharding(nn.get_partition_spec(boxed), mesh)
+  # Unboxed without a constraint, which inside another mesh's context would apply to shapes.
+  is_boxed = lambda x: isinstance(x, nn.Partitioned)
+  values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_boxed(x) else x, boxed,
+                        is_leaf=is_boxed)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                      nn.unbox(boxed), shardings)
+                      values, shardings)
 
 
 def shardings_of(shapes):

@@ -18,7 +18,7 @@ import numpy as np
 from absl import flags
 from jax.experimental import multihost_utils
 
-from cm3jax import aot, checkpoint, cli, data, faults, hardware, sharding
+from cm3jax import aot, checkpoint, cli, data, faults, hardware, sample, sharding
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
 from cm3jax.progress import Cadence, Progress, Window
@@ -102,6 +102,8 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     peak = config.peak_tflops_per_device or hardware.peak_tflops(devices[0].device_kind)
     progress = Progress(workdir, config.num_train_steps, start, chief)
     cadence, window = Cadence.of(config), Window()
+    watch = sample.Watch.of_run(config, workdir, s.model_cfg, state.params,
+                                source.vocab) if chief else None
     with faults.Preemption() as preemption:
       for step in range(start, config.num_train_steps):
         state, metrics = train_step(state, batch)
@@ -129,6 +131,8 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
           progress.log(done, "train", summary)
         if cadence.evaluates(done):
           progress.log(done, "eval", evaluate(s, source, state.params, config, seed))
+          if watch:
+            watch.log(progress, done, state.params)
           window.restart()
         if save:
           ckpts.save(done, state, _data_positions(host_batch))

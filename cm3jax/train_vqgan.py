@@ -225,7 +225,7 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   s = setup(config)
   chief = jax.process_index() == 0
   ckpts = checkpoint.Checkpoints(workdir, config, {"vqgan": ARCHITECTURE})
-  train_images = load_images(config, "train")
+  train_images = load_images(config, config.train_split)
   eval_images = load_images(config, "validation")[:config.eval_images]
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts), faults.Preemption() as preemption:
     restored = ckpts.restore(s.abstract_state)

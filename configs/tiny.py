@@ -26,14 +26,16 @@ def get_config():
   c.data = "cm3"
   c.cm3.update(dataset="shapes", splits="train,validation,test", text_vocab_size=320,
                document_attention=True, whole_segment_rate=0.5)
-  c.seq_len = 256
-  c.global_batch_size = 16
-  c.num_train_steps = 3000
+  c.seq_len = 128
+  c.global_batch_size = 32
+  c.num_train_steps = 2400
   c.log_every = 100
-  c.eval_every = 500
+  c.eval_every = 400
   c.eval_steps = 8
-  c.checkpoint_every = 500
+  c.eval_samples = 8
+  c.checkpoint_every = 400
+  c.report_examples = 500
   c.model.update(vocab_size=1408, num_layers=4, d_model=128, num_heads=4, mlp_dim=512,
-                 max_seq_len=256, dtype="float32", remat_policy="none")
+                 max_seq_len=128, dtype="float32", remat_policy="none")
   c.optimizer.update(peak_lr=3e-3, warmup_steps=100, weight_decay=0.0)
   return c

@@ -16,18 +16,19 @@ def get_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = "shapes"  # or "shapes/small"
+  c.train_split = "tokenizer"  # images of every colour-shape pair, captions unused
   c.data_dir = os.path.expanduser("~/tensorflow_datasets")
   c.vqgan = ml_collections.ConfigDict(dict(
-      resolution=32, in_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1,
+      resolution=32, in_channels=3, ch=16, ch_mult=(1, 2, 2, 2), num_res_blocks=1,
       attn_resolutions=(), z_channels=32, embed_dim=16, n_embed=1024, norm_groups=8, beta=0.25,
       l2_normalized_codes=True))
   c.batch_size = 16
-  c.num_train_steps = 5000
-  c.learning_rate = 1e-3
+  c.num_train_steps = 4000
+  c.learning_rate = 2e-3
   c.warmup_steps = 100  # then cosine decay to end_lr_ratio * learning_rate
   c.end_lr_ratio = 0.1
   c.b1, c.b2 = 0.9, 0.99
-  c.recon_loss = "l1"
+  c.recon_loss = "l2"  # l1 blurs the palette: red, yellow and orange shapes come out orange
   c.perceptual = "none"  # or "random_conv"
   c.perceptual_weight = 0.1
   c.disc_start = -1  # Step at which the GAN loss starts; -1: never.
@@ -37,12 +38,12 @@ def get_config():
   c.disc_layers = 2
   c.usage_decay = 0.99
   c.restart_every = 100  # Restart dead codes every this many steps; 0: never.
-  c.restart_until = 4000  # No restarts from this step on.
+  c.restart_until = 3500  # No restarts from this step on.
   c.dead_code_threshold = 0.03  # Dead: chosen less than this fraction of a uniform share.
   c.log_every = 100
-  c.eval_every = 1000
+  c.eval_every = 500
   c.eval_images = 256
-  c.checkpoint_every = 1000
+  c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.async_checkpointing = True
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

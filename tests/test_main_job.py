@@ -44,9 +44,13 @@ def test_every_stage_runs_and_the_validation_loss_falls(main_job, vqgan_workdir)
   assert len(evals) == 2 and evals[1] < evals[0]
   assert os.path.getsize(workdir / "samples.png") > 0
   assert len((workdir / "captions.txt").read_text().splitlines()) == 12
+  report = json.load(open(workdir / "eval_shapes.json"))
   for split in ("validation", "test"):
-    report = json.load(open(workdir / f"eval_shapes_{split}.json"))
-    assert report["step"] == 40 and report["examples"] == 16 and report["split"] == split
+    assert report[split]["step"] == 40 and report[split]["examples"] == 16
+    assert report[split]["split"] == split
+  table = (workdir / "eval_shapes.md").read_text()
+  assert "| task, sampling | validation (seen compositions) | test (held-out compositions) |" in table
+  assert out.endswith(table), out[-2000:]  # the job ends by printing the report
   assert os.path.isdir(workdir / "checkpoints" / "40" / "vocab")
   assert json.load(open(workdir / "checkpoints" / "40" / "data" / "metadata"))["positions"]
 
@@ -60,7 +64,7 @@ def test_a_rerun_resumes_what_is_partial_and_reuses_the_rest(main_job, shapes_da
                "[3/5] text tokenizer: reusing", "[4/5] token model: resuming (step 40 of 50)",
                "resumed from step 40", "train step 50: loss", "[5/5] report: making"):
     assert line in again.stdout, again.stdout
-  assert json.load(open(workdir / "eval_shapes_test.json"))["step"] == 50
+  assert json.load(open(workdir / "eval_shapes.json"))["test"]["step"] == 50
   done = pipeline(workdir, shapes_data_dir, vqgan_workdir, 50)
   assert done.returncode == 0, done.stderr[-3000:]
   statuses = [l for l in done.stdout.splitlines() if l.startswith("[")]
@@ -87,15 +91,48 @@ def test_sample_writes_a_grid_and_captions_an_image(main_job, tmp_path):
 
 def test_eval_shapes_scores_the_test_split(main_job, tmp_path):
   workdir, _ = main_job
-  result = run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--num_examples=16")
+  result = run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--num_examples=16",
+                      "--splits=test")
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| text_to_image, top-p 0.9, CFG 3 |" in result.stdout
-  saved = json.load(open(workdir / "eval_shapes_test.json"))
-  assert saved["examples"] == 16
-  assert all(0 <= v <= 1 for v in saved.values() if isinstance(v, float))
+  assert "| task, sampling | test (held-out compositions) |" in result.stdout
+  saved = json.load(open(workdir / "eval_shapes.json"))
+  assert list(saved) == ["test"] and saved["test"]["examples"] == 16
+  assert all(0 <= v <= 1 for v in saved["test"].values() if isinstance(v, float))
   assert {"VQGAN reconstructions", "text_to_image, greedy, no guidance",
           "text_to_image, top-p 0.9, CFG 1.5", "text_to_image, CD-K (k=1, alpha=0.1)",
-          "image_to_text, greedy"} <= set(saved)
+          "text_to_image, top-p 0.9, best of 8 by the caption's likelihood",
+          "image_to_text, greedy"} <= set(saved["test"])
+  assert_one_line_error(run_module("cm3jax.eval_shapes", f"--workdir={workdir}",
+                                   "--splits=train"), "cm3jax.eval_shapes",
+                        "each must be one of ['validation', 'test']")
+
+
+def test_no_train_or_validation_record_holds_a_held_out_pair(main_job):
+  from cm3jax.data import code_shards, shapes
+  workdir, _ = main_job
+  pairs = {split: [{(t.colour, t.shape) for t in shapes.parse_caption(c).things}
+                   for c in code_shards.read_split(str(workdir / "codes"), split, 10**6)[1]]
+           for split in ("train", "validation", "test")}
+  assert len(pairs["train"]) == 512 and len(pairs["validation"]) == 128
+  held_out = set(shapes.HELD_OUT)
+  assert not any(p & held_out for p in pairs["train"] + pairs["validation"])
+  assert all(p & held_out for p in pairs["test"])
+
+
+def test_tensorboard_shows_samples_and_captions_at_each_evaluation(main_job):
+  from cm3jax.data import tf_cpu
+  tf = tf_cpu.tensorflow()
+  workdir, _ = main_job
+  seen = {}
+  for path in (workdir / "tensorboard").glob("events.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for value in event.summary.value:
+        seen.setdefault(value.tag, set()).add(event.step)
+  evaluations = {20, 40}  # and 50 once the re-run test has run
+  assert evaluations <= seen.get("eval/samples", set()), seen  # the grid of images
+  for text in ("eval/samples/text_summary", "eval/captions/text_summary"):
+    assert evaluations <= seen.get(text, set()), seen
 
 
 def test_bad_input_to_the_commands(main_job, tmp_path):

@@ -311,11 +311,40 @@ def test_tasks_of_a_model_that_memorised_its_documents(vocab):
   assert sampling.caption_images(sampler, codes, key) == captions
   drawn = sampling.text_to_image(sampler, captions, 1, 16, key, sampling=greedy)[:, 0]
   np.testing.assert_array_equal(drawn, codes)
+  # Self-reranking: the model finds each image's own caption the likeliest of the eight, so
+  # of the eight images as candidates for a caption it keeps that caption's.
+  scores_IxC = np.stack([sampling.caption_log_likelihood(sampler, codes, [c] * 8)
+                         for c in captions], 1)
+  np.testing.assert_array_equal(scores_IxC.argmax(1), np.arange(8))
+  shuffled = np.stack([codes[np.random.default_rng(i).permutation(8)] for i in range(8)])
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(sampling, "text_to_image", lambda *a, **k: shuffled)
+    np.testing.assert_array_equal(
+        sampling.text_to_image_reranked(sampler, captions, 8, 16, key), codes)
   for caption, image in zip(captions[:3], codes):
     damaged = image.copy()
     damaged[5:11] = (damaged[5:11] + 1) % CODES
     np.testing.assert_array_equal(
         sampling.infill_image(sampler, caption, damaged, 5, 11, key, greedy), image)
+
+
+def test_log_likelihood_sums_the_continuation_tokens_of_the_full_forward(sampler, vocab):
+  rng = np.random.default_rng(7)
+  prompts = [rng.integers(4, vocab.text_size, n).astype(np.int32) for n in (3, 30, 11)]
+  continuations = [rng.integers(4, vocab.size, n).astype(np.int32) for n in (1, 9, 20)]
+  got = sampler.log_likelihood(prompts, continuations)
+  for p, c, value in zip(prompts, continuations, got):
+    row = np.concatenate([p, c])[None]
+    logits = sampler.model.apply({"params": sampler.params}, jnp.asarray(row))[0]
+    logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)))
+    want = sum(logp[len(p) - 1 + j, token] for j, token in enumerate(c))
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+  with pytest.raises(ConfigError, match="2 prompts but 1 continuations"):
+    sampler.log_likelihood(prompts[:2], continuations[:1])
+  with pytest.raises(ConfigError, match="a continuation to score is empty"):
+    sampler.log_likelihood(prompts[:1], [np.zeros(0, np.int32)])
+  with pytest.raises(ConfigError, match="a row of 100 tokens exceeds the model's context of 96"):
+    sampler.log_likelihood([np.full(90, 5, np.int32)], [np.full(10, 5, np.int32)])
 
 
 @pytest.mark.parametrize("fields, message", [

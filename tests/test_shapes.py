@@ -26,14 +26,33 @@ def test_caption_grammar_and_rendered_colours():
     assert colours == {shapes.BACKGROUNDS[s.background]} | {shapes.COLOURS[t.colour] for t in s.things}
 
 
+def _pairs(split, n):
+  return [{(t.colour, t.shape) for t in shapes.scene(split, i).things} for i in range(n)]
+
+
+ALL_PAIRS = {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES}
+
+
 def test_test_split_holds_out_compositions():
-  def pairs(split, n):
-    return [{(t.colour, t.shape) for t in shapes.scene(split, i).things} for i in range(n)]
   held_out = set(shapes.HELD_OUT)
-  assert all(not (p & held_out) for p in pairs("train", 2000) + pairs("validation", 500))
-  assert all(p & held_out for p in pairs("test", 500))
-  seen = set().union(*pairs("train", 2000))
-  assert seen == {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES} - held_out
+  train, validation = (_pairs(s, shapes.SPLITS[s][1]) for s in ("train", "validation"))
+  assert len(train) == 20000 and len(validation) == 1000
+  assert all(not (p & held_out) for p in train + validation)  # every record of both splits
+  assert all(p & held_out for p in _pairs("test", 1000))
+  assert set().union(*train) == ALL_PAIRS - held_out
+
+
+def test_the_tokenizer_split_covers_every_pair_with_images_of_its_own():
+  tokenizer = _pairs("tokenizer", 2000)
+  assert set().union(*tokenizer) == ALL_PAIRS
+  held_out_share = np.mean([bool(p & set(shapes.HELD_OUT)) for p in tokenizer])
+  assert 0.25 < held_out_share < 0.45, held_out_share  # 1/4 of lone things, about 7/16 of pairs
+  captions = {shapes.scene(s, i).caption() for s in ("train", "test") for i in range(200)}
+  assert not {shapes.scene("tokenizer", i).caption() for i in range(200)} <= captions
+  for i in range(50):  # no image is another split's: the renderer draws from its own seed
+    image = shapes.render(shapes.scene("tokenizer", i))
+    assert not any(np.array_equal(image, shapes.render(shapes.scene(s, i)))
+                   for s in ("train", "validation", "test"))
 
 
 def test_variety():

@@ -3,7 +3,9 @@
 One or two objects per image; each object has a shape, a colour and a size, and two objects stand
 in a spatial relation ("a small red circle above a large blue square"). Example `i` of a split is
 a pure function of (seed, split, i). The test split holds out compositions: every test image
-contains at least one (colour, shape) pair that never occurs in train or validation.
+contains at least one (colour, shape) pair that never occurs in train or validation. The
+tokenizer split draws every pair, held out or not, from a seed of its own: it trains the image
+tokenizer (images only, as a real VQGAN trains on broad image data) and never the token model.
 Pure numpy, so the renderer is usable without TensorFlow; `shapes_tfds.py` wraps it for TFDS.
 """
 
@@ -27,8 +29,9 @@ POSITIONS = {  # Centre of a lone object, in fractions of the image.
 # (colour, shape) pairs that appear only in the test split.
 HELD_OUT = (("red", "triangle"), ("blue", "circle"), ("green", "square"), ("yellow", "diamond"),
             ("purple", "triangle"), ("orange", "circle"))
-SPLITS = {"train": (0, 20000), "validation": (1, 1000), "test": (2, 1000)}  # (id, size)
-SMALL_SPLITS = {"train": 512, "validation": 128, "test": 128}  # sizes of the "shapes/small" build
+SPLITS = {"train": (0, 20000), "validation": (1, 1000), "test": (2, 1000),
+          "tokenizer": (3, 20000)}  # (id, size)
+SMALL_SPLITS = {"train": 512, "validation": 128, "test": 128, "tokenizer": 512}  # "shapes/small"
 RESOLUTION = 32
 
 
@@ -75,15 +78,16 @@ def scene(split: str, index: int, seed: int = 0) -> Scene:
   if split not in SPLITS:
     raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
   rng = np.random.default_rng([seed, SPLITS[split][0], index])
+  seen_only = False if split in ("train", "validation") else None  # held_out argument of _thing
   count = 1 + int(rng.integers(2))
   if split == "test":
     things = [_thing(rng, True)] + [_thing(rng, None) for _ in range(count - 1)]
     things = [things[i] for i in rng.permutation(count)]
   else:
-    things = [_thing(rng, False) for _ in range(count)]
+    things = [_thing(rng, seen_only) for _ in range(count)]
   if count == 2:
     while things[1].colour == things[0].colour and things[1].shape == things[0].shape:
-      things[1] = _thing(rng, False if split != "test" else None)
+      things[1] = _thing(rng, seen_only)
   place = (list(POSITIONS)[rng.integers(len(POSITIONS))] if count == 1
            else RELATIONS[rng.integers(len(RELATIONS))])
   return Scene(tuple(things), place, int(rng.integers(len(BACKGROUNDS))))

@@ -1,7 +1,8 @@
 """The `shapes` dataset as a TFDS builder (cm3jax/data/shapes.py renders it).
 
-Two builds: `shapes` (the default, 20,000 / 1,000 / 1,000 images) and `shapes/small`
-(512 / 128 / 128, the same first examples, for tests and quick looks).
+Two builds: `shapes` (the default: train, validation, test and tokenizer splits of 20,000 /
+1,000 / 1,000 / 20,000 images) and `shapes/small` (512 / 128 / 128 / 512, the same first
+examples, for tests and quick looks).
 """
 
 import dataclasses
@@ -23,8 +24,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Coloured shapes with exact captions; the test split holds out colour-shape pairs."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "A tokenizer split of images that cover every colour-shape pair."}
   BUILDER_CONFIGS = [
       ShapesConfig(name="default", sizes={k: n for k, (_, n) in shapes.SPLITS.items()}),
       ShapesConfig(name="small", sizes=shapes.SMALL_SPLITS),

@@ -4,7 +4,6 @@ import os
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cm3jax import checkpoint, sharding
@@ -35,6 +34,8 @@ class ImageTokenizer:
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
     self.devices = mesh.size
     batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    self._batch = batch  # inputs are placed explicitly: under a training run's mesh a plain
+    # array would be replicated on that mesh, which these jits refuse
     model = VQGAN(cfg)
     self._encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VQGAN.encode),
                            in_shardings=(None, batch))
@@ -66,7 +67,7 @@ class ImageTokenizer:
   def encode(self, images) -> np.ndarray:
     """uint8 images [B, H, W, C] (grayscale and RGBA are converted) -> int32 codes [B, T]."""
     x = images_to_model_input(images, self.cfg.resolution)
-    return np.asarray(self._encode(self.params, jnp.asarray(self._padded(x))))[:len(x)]
+    return np.asarray(self._encode(self.params, jax.device_put(self._padded(x), self._batch)))[:len(x)]
 
   def decode(self, codes) -> np.ndarray:
     """int codes [B, T] -> uint8 images [B, H, W, 3]."""
@@ -81,5 +82,6 @@ class ImageTokenizer:
       raise ConfigError(f"codes must lie in [0, {self.cfg.n_embed}); got {codes.min()}.."
                         f"{codes.max()}")
     n = len(codes)
-    out = self._decode(self.params, jnp.asarray(self._padded(codes.astype(np.int32))))
+    out = self._decode(self.params,
+                       jax.device_put(self._padded(codes.astype(np.int32)), self._batch))
     return model_output_to_images(out[:n])
