@@ -4,8 +4,8 @@ r"""Throughput of the CM3 tf.data pipeline, beside what the tiny train step cons
 
 Writes code shards of random codes with shapes captions into a temporary directory (no VQGAN
 needed), then times the pipeline from shard reading to numpy batches, for CM3Leon-shaped
-documents (1,024 codes of 8,192 per image, seq 4096) and for configs/tiny.py (64 codes of 1,024,
-seq 256). The last row times the tiny config's jitted train step on the same machine.
+documents (1,024 codes of 8,192 per image, seq 4096) and for configs/tiny.py (16 codes of 1,024,
+seq 128). The last row times the tiny config's jitted train step on the same machine.
 """
 
 import json
@@ -26,7 +26,7 @@ _BATCHES = flags.DEFINE_integer("batches", 30, "Timed batches per row, after 3 w
 
 SETUPS = {  # name -> (tokens per image, codebook, seq_len, rows per batch)
     "CM3Leon-shaped, seq 4096": (1024, 8192, 4096, 8),
-    "configs/tiny.py, seq 256": (64, 1024, 256, 16),
+    "configs/tiny.py, seq 128": (16, 1024, 128, 32),
 }
 
 
@@ -80,7 +80,7 @@ def main(_):
     print(f"| {name} ({rows} x {seq_len} per batch) | {examples:,.0f} | {rates[name]:,.0f} |",
           flush=True)
   consumed = time_tiny_train_step(_BATCHES.value)
-  tiny = rates["configs/tiny.py, seq 256"]
+  tiny = rates["configs/tiny.py, seq 128"]
   print(f"| configs/tiny.py train step (consumes) | | {consumed:,.0f} |")
   print(f"\npipeline / train step, tiny config: {tiny / consumed:.1f}x")
 

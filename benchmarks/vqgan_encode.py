@@ -2,7 +2,7 @@ r"""VQGAN encode and decode throughput (images/s) with random weights; prints a 
 
   python -m benchmarks.vqgan_encode --batch=64 --configs=shapes,chameleon
 
-`shapes` is configs/vqgan_shapes.py's tokenizer (32x32 -> 64 codes of 1024); `chameleon` the
+`shapes` is configs/vqgan_shapes.py's tokenizer (32x32 -> 16 codes of 1024); `chameleon` the
 Chameleon-shaped one (512x512 -> 1024 codes of 8192).
 """
 

@@ -92,6 +92,20 @@ def test_bad_config(shapes_data_dir, overrides, message):
     train_vqgan.setup(vqgan_config(shapes_data_dir, **overrides))
 
 
+def test_it_trains_on_the_tokenizer_split_and_evaluates_on_validation(shapes_data_dir, tmp_path,
+                                                                       monkeypatch):
+  from cm3jax.data import shapes_tfds
+  read, load = [], shapes_tfds.load
+  monkeypatch.setattr(shapes_tfds, "load", lambda *a: read.append(a[2]) or load(*a))
+  config = vqgan_config(shapes_data_dir, num_train_steps=1, eval_every=1)
+  assert config.train_split == "tokenizer"  # configs/vqgan_shapes.py: every colour-shape pair
+  train_vqgan.train(config, str(tmp_path / "a"))
+  assert read == ["tokenizer", "validation"]
+  with pytest.raises(ConfigError, match=r"split 'dev' is not one of shapes/small's: \['test', "
+                     r"'tokenizer', 'train', 'validation'\]"):
+    train_vqgan.train(vqgan_config(shapes_data_dir, train_split="dev"), str(tmp_path / "b"))
+
+
 def test_unknown_dataset(shapes_data_dir, tmp_path):
   with pytest.raises(ConfigError, match="data='cifar10': expected shapes or shapes/"):
     train_vqgan.train(vqgan_config(shapes_data_dir, data="cifar10"), str(tmp_path))

@@ -63,4 +63,7 @@ def builder(name: str, data_dir: str) -> Shapes:
 
 def load(name: str, data_dir: str, split: str) -> dict[str, np.ndarray]:
   """A split as arrays: `image` uint8 [N, 32, 32, 3] and `caption` bytes [N]."""
-  return tfds.as_numpy(builder(name, data_dir).as_dataset(split=split, batch_size=-1))
+  b = builder(name, data_dir)
+  if split not in b.info.splits:
+    raise ConfigError(f"split {split!r} is not one of {name}'s: {sorted(b.info.splits)}")
+  return tfds.as_numpy(b.as_dataset(split=split, batch_size=-1))
