@@ -38,7 +38,7 @@ def test_shapes_split_is_tokenized(vqgan_workdir, shapes_data_dir, tmp_path):
   assert summary["records"] == 128 and summary["shards"] == 3 and not summary["skipped"]
   records = read_records(str(tmp_path), "validation")
   assert len({key for key, _, _ in records}) == 128
-  assert all(len(codes) == 64 and 0 <= min(codes) and max(codes) < 64 for _, codes, _ in records)
+  assert all(len(codes) == 16 and 0 <= min(codes) and max(codes) < 64 for _, codes, _ in records)
   assert json.load(open(tmp_path / "validation.json"))["records"] == 128
 
   # The codes are the VQGAN's codes of those images.
@@ -144,12 +144,12 @@ def test_prepare_counts_by_reason():
 
 def test_decode_checks_codes(vqgan_workdir):
   tokenizer = ImageTokenizer.load(vqgan_workdir)
-  images = tokenizer.decode(np.zeros((3, 64), np.int64))
+  images = tokenizer.decode(np.zeros((3, 16), np.int64))
   assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
-  for codes, message in [(np.full((1, 64), 64), r"codes must lie in \[0, 64\); got 64..64"),
-                         (np.full((1, 64), -1), r"got -1..-1"),
-                         (np.zeros((1, 63), int), r"codes must be \[batch, 64\]"),
-                         (np.zeros((1, 64), float), "codes must be integers")]:
+  for codes, message in [(np.full((1, 16), 64), r"codes must lie in \[0, 64\); got 64..64"),
+                         (np.full((1, 16), -1), r"got -1..-1"),
+                         (np.zeros((1, 15), int), r"codes must be \[batch, 16\]"),
+                         (np.zeros((1, 16), float), "codes must be integers")]:
     with pytest.raises(ConfigError, match=message):
       tokenizer.decode(codes)
 

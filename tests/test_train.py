@@ -248,8 +248,8 @@ def test_cli_trains_with_overrides(tmp_path):
   result = _cli(f"--workdir={tmp_path}", "--config.model.num_layers=1",
                 "--config.model.d_model=64")
   assert result.returncode == 0, result.stderr
-  # 1 layer of d64 (MLP 512) over 1,408 tokens and 256 positions: 278,528 parameters.
-  assert "0.28M parameters" in result.stdout
+  # 1 layer of d64 (MLP 512) over 1,408 tokens and 128 positions: 270,336 parameters.
+  assert "0.27M parameters" in result.stdout
   assert "train step 2: loss" in result.stdout
   saved = json.load(open(tmp_path / "checkpoints" / "2" / "config" / "metadata"))
   assert saved["model"]["num_layers"] == 1 and saved["model"]["d_model"] == 64
