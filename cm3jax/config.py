@@ -56,7 +56,10 @@ RANGES = {
     "skip_nonfinite_steps": _integer(0), "z_loss": _number(0), "cross_entropy_chunk": _integer(0),
     "cm3.text_vocab_size": _integer(5), "cm3.max_spans": _integer(1),
     "cm3.span_rate": _number(0, low_open=True), "cm3.whole_segment_rate": _number(0, 1),
-    "cm3.shuffle_buffer": _integer(1),
+    "cm3.shuffle_buffer": _integer(1), "cm3.retrieval.documents": _integer(0),
+    "cm3.retrieval.per_record": _integer(1), "cm3.retrieval.candidates": _integer(1),
+    "cm3.retrieval.query_dropout": _number(0, 1, high_open=True),
+    "cm3.retrieval.max_relevance": _number(0),
     "optimizer.peak_lr": _number(0, low_open=True), "optimizer.end_lr_ratio": _number(0, 1),
     "optimizer.warmup_steps": _integer(0), "optimizer.b1": _number(0, 1, high_open=True),
     "optimizer.b2": _number(0, 1, high_open=True), "optimizer.eps": _number(0, low_open=True),
@@ -139,6 +142,20 @@ def base_config() -> ml_collections.ConfigDict:
       # Positions restart at every document and attention stays inside it (as when sampling
       # one document); False: metaseq's stream, attention across packed documents.
       document_attention=False,
+      # Retrieval augmentation (CM3Leon §2.1): documents retrieved from a memory bank of the
+      # train split, placed before each training document (docs/design.md, "Retrieval").
+      retrieval=ml_collections.ConfigDict(dict(
+          documents=0,  # Retrieved documents per training document; 0: no retrieval (paper: 3).
+          retriever_config="configs/clip_shapes.py",  # What the pipeline trains (shapes data).
+          retriever="",  # A train_retriever workdir or a CLIP checkpoint; "" = WORKDIR/retriever
+          memory="",  # The memory bank; "" = WORKDIR/memory
+          neighbours_dir="",  # "" = WORKDIR/neighbours
+          per_record=4,  # Neighbours computed per record (at least `documents`).
+          candidates=16,  # Bank candidates searched per query.
+          query_dropout=0.2,  # Share of a text query's tokens dropped before encoding.
+          max_relevance=0.9,  # More relevant candidates are near-duplicates, skipped.
+          engine="exact",  # MIPS: exact (JAX), faiss_flat or faiss_ivfpq.
+      )),
   ))
 
   c.report_examples = 1000  # The pipeline's last stage: eval_shapes examples per split.

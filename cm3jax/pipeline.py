@@ -5,6 +5,11 @@
   1. image tokenizer   a VQGAN (cm3.vqgan_config) trained on the shapes data into cm3.vqgan_workdir
   2. image codes       every split of cm3.splits encoded into shards in cm3.codes_dir
   3. text tokenizer    a sentencepiece model of cm3.text_vocab_size pieces on the train captions
+  with cm3.retrieval.documents > 0 (configs/tiny_ra.py), three more before the token model:
+     retriever         a CLIP (cm3.retrieval.retriever_config) trained on the shapes data
+     memory bank       document vectors of the train codes (cm3jax.build_memory)
+     neighbours        each train and validation record's retrieved documents
+                       (cm3jax.build_neighbours)
   4. token model       the config's CM3 model (what python -m cm3jax.train runs)
   5. report            samples.png and captions.txt from validation data and, on the shapes data,
                        the cm3jax.eval_shapes report of both splits (eval_shapes.json, .md),
@@ -12,25 +17,28 @@
 
 Each stage looks at what the workdir holds and prints one line: it reuses a complete output,
 resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan, WORKDIR/codes
-and WORKDIR/tokenizer.model; a path that names existing inputs (a VQGAN trained elsewhere, codes
-of your own data) is reused as it is. On several hosts (--multihost) a stage that is not sharded
-runs on process 0 while the others wait; sharded stages (the two trainers) run on every host.
-The stages are the rows of `STAGES`.
+and WORKDIR/tokenizer.model (and WORKDIR/retriever, memory and neighbours); a path that names
+existing inputs (a VQGAN trained elsewhere, codes of your own data) is reused as it is. On
+several hosts (--multihost) a stage that is not sharded runs on process 0 while the others wait;
+sharded stages (the trainers and the memory bank) run on every host.
+The stages are the rows of `STAGES` and `RETRIEVAL_STAGES`.
 """
 
 import collections
 import dataclasses
 import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 from jax.experimental import multihost_utils
 
-from cm3jax import checkpoint, cli, data, eval_shapes, faults, sample, sampling, tokenize_images
-from cm3jax import train, train_tokenizer, train_vqgan
+from cm3jax import build_memory, build_neighbours, checkpoint, cli, data, eval_shapes, faults
+from cm3jax import sample, sampling, tokenize_images, train, train_retriever, train_tokenizer
+from cm3jax import train_vqgan
 from cm3jax.config import ConfigError, check_ranges, load_config_file
 from cm3jax.data import code_shards
+from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
 COMPLETE, PARTIAL, MISSING = "complete", "partial", "missing"
@@ -125,6 +133,85 @@ def make_tokenizer(job: Job) -> str:
           f"{job.paths.codes_dir} in {job.paths.tokenizer}; captions left out: {left_out}")
 
 
+# Retrieval (cm3.retrieval.documents > 0): the retriever, the memory bank, the neighbours.
+
+def retrieval_paths(job: Job) -> data.RetrievalPaths:
+  return data.retrieval_paths(job.config.cm3, job.workdir)
+
+
+def retriever_config(job: Job):
+  c = job.config.cm3
+  config = load_config_file(c.retrieval.retriever_config)
+  config.data, config.data_dir, config.tokenizer = c.dataset, c.data_dir, job.paths.tokenizer
+  return config
+
+
+def retriever_status(job: Job) -> tuple[str, str]:
+  where = retrieval_paths(job).retriever
+  if job.config.cm3.retrieval.retriever:  # given: used as it is
+    return (COMPLETE, f"the retriever {where}") if os.path.exists(where) else (
+        MISSING, f"no {where}")
+  step = checkpoint.newest_step(where)
+  if step is None:
+    return MISSING, f"no checkpoint in {where}"
+  total = retriever_config(job).num_train_steps
+  return (COMPLETE if step >= total else PARTIAL), f"{where} at step {step} of {total}"
+
+
+def make_retriever(job: Job) -> str:
+  c = job.config.cm3
+  if c.dataset.split("/")[0] != "shapes":
+    raise ConfigError(f"no retriever at {retrieval_paths(job).retriever}, and the pipeline "
+                      f"trains one on the shapes data only (cm3.dataset={c.dataset!r}): set "
+                      "cm3.retrieval.retriever to a CLIP (a Hugging Face or open_clip checkpoint)")
+  evals = [h for h in train_retriever.train(retriever_config(job), retrieval_paths(job).retriever)
+           if "eval_text_to_image_r@1" in h]
+  return (f"validation recall@1 text->image {evals[-1]['eval_text_to_image_r@1']:.1%}, "
+          f"image->text {evals[-1]['eval_image_to_text_r@1']:.1%}") if evals else "trained"
+
+
+def memory_status(job: Job) -> tuple[str, str]:
+  where = retrieval_paths(job).memory
+  if os.path.exists(os.path.join(where, memory.MANIFEST)):
+    return COMPLETE, where
+  done = memory.done_shards(where) if os.path.isdir(where) else set()
+  return (PARTIAL if done else MISSING), f"{len(done)} shards in {where}"
+
+
+def make_memory(job: Job) -> str:
+  paths = retrieval_paths(job)
+  manifest = build_memory.build(retriever.load(paths.retriever), ImageTokenizer.load(
+      job.paths.vqgan_workdir), job.paths.codes_dir, "train", paths.memory)
+  return f"{manifest['records']} document vectors of the train split in {paths.memory}"
+
+
+NEIGHBOUR_SPLITS = ("train", "validation")
+
+
+def neighbours_status(job: Job) -> tuple[str, str]:
+  where = retrieval_paths(job).neighbours
+  done = [s for s in NEIGHBOUR_SPLITS
+          if os.path.exists(neighbours.manifest_path(where, s))]
+  if len(done) == len(NEIGHBOUR_SPLITS):
+    return COMPLETE, f"{', '.join(done)} in {where}"
+  return (PARTIAL if os.path.isdir(where) else MISSING), f"{len(done)} of 2 splits in {where}"
+
+
+def make_neighbours(job: Job) -> str:
+  paths, r = retrieval_paths(job), job.config.cm3.retrieval
+  found = retriever.load(paths.retriever)
+  vectors, ids, manifest = memory.load(paths.memory)
+  memory.check_compatible(manifest, paths.memory, found.fingerprint, found.cfg.embed_dim)
+  memory.check_covers(manifest, paths.memory, job.paths.codes_dir)
+  index = mips.make_index(r.engine, vectors, ids)
+  vqgan = ImageTokenizer.load(job.paths.vqgan_workdir)
+  for split in NEIGHBOUR_SPLITS:
+    build_neighbours.build_split(found, vqgan, index, {**manifest, "path": paths.memory},
+                                 job.paths.codes_dir, split, paths.neighbours, r.per_record,
+                                 r.candidates, r.query_dropout, r.max_relevance)
+  return f"{r.per_record} per record of {', '.join(NEIGHBOUR_SPLITS)} in {paths.neighbours}"
+
+
 # 4. Token model.
 
 def model_status(job: Job) -> tuple[str, str]:
@@ -178,12 +265,24 @@ STAGES = (
     Stage("token model", True, model_status, make_model),
     Stage("report", False, report_status, make_report),
 )
+RETRIEVAL_STAGES = (  # before the token model, when cm3.retrieval.documents > 0
+    Stage("retriever", True, retriever_status, make_retriever),
+    Stage("memory bank", True, memory_status, make_memory),
+    Stage("neighbours", False, neighbours_status, make_neighbours),
+)
 
 
-def run(job: Job, stages: Sequence[Stage] = STAGES):
-  """Runs each stage that is not complete: a sharded one on every process, any other on
-  process 0 only, the others waiting for it."""
+def config_stages(config) -> tuple[Stage, ...]:
+  if not config.cm3.retrieval.documents:
+    return STAGES
+  return STAGES[:3] + RETRIEVAL_STAGES + STAGES[3:]
+
+
+def run(job: Job, stages: Optional[Sequence[Stage]] = None):
+  """Runs each stage that is not complete (all of the config's by default): a sharded one on
+  every process, any other on process 0 only, the others waiting for it."""
   chief = jax.process_index() == 0
+  stages = config_stages(job.config) if stages is None else stages
   for i, stage in enumerate(stages, 1):
     if stage.sharded or chief:
       state, found = stage.status(job)

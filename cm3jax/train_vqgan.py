@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cm3jax import checkpoint, cli, faults, sharding
+from cm3jax import checkpoint, cli, data, faults, sharding
 from cm3jax.config import ConfigError, check_ranges
 from cm3jax.progress import Cadence, Progress, Window
 from cm3jax.vqgan import losses
@@ -43,16 +43,6 @@ class VQGANState:
 def load_images(config, split: str) -> np.ndarray:
   from cm3jax.data import shapes_tfds  # TensorFlow is needed by the data only.
   return shapes_tfds.load(config.data, config.data_dir, split)["image"]
-
-
-def batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
-  """Rows of step `step`: epochs are seeded permutations, so a resumed run sees the same data."""
-  first = step * batch_size
-  epochs = range(first // num_examples, (first + batch_size - 1) // num_examples + 1)
-  order = np.concatenate([np.random.default_rng([seed, e]).permutation(num_examples)
-                          for e in epochs])
-  start = first - epochs[0] * num_examples
-  return order[start:start + batch_size]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +231,7 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     progress = Progress(workdir, config.num_train_steps, start, chief)
     cadence, window = Cadence.of(config), Window()
     for step in range(start, config.num_train_steps):
-      rows = batch_indices(config.seed, step, config.batch_size, len(train_images))
+      rows = data.batch_indices(config.seed, step, config.batch_size, len(train_images))
       images = jnp.asarray(train_images[rows], jnp.float32) / 127.5 - 1.0
       state, metrics = s.train_step(state, jax.device_put(images, s.batch_sharding), step)
       done = step + 1

@@ -83,3 +83,23 @@ def assert_one_line_error(result: subprocess.CompletedProcess, tool: str, messag
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith(f"{tool}: error:")]
   assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+
+
+def clip_config(data_dir, **overrides):
+  """configs/clip_shapes.py on shapes/small, shrunk for fast tests."""
+  c = load_config("clip_shapes.py").get_config()
+  c.data, c.data_dir = "shapes/small", data_dir
+  c.text_vocab_size = 300
+  c.batch_size = 32
+  c.num_train_steps = 6
+  c.learning_rate = 3e-3
+  c.warmup_steps = 5
+  c.log_every = 2
+  c.eval_every = 6
+  c.eval_examples = 64
+  c.checkpoint_every = 3
+  c.keep_checkpoints = 5
+  c.async_checkpointing = False
+  c.clip.update(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
+                text_width=32, text_layers=1, text_heads=2, text_mlp_dim=64)
+  return override(c, overrides)

@@ -250,3 +250,70 @@ def test_config_errors(vocab, tmp_path):
     next(stream(tmp_path, other))
   with pytest.raises(ConfigError, match="holds no complete validation split"):
     next(stream(tmp_path, vocab, split="validation"))
+
+
+def retrieved_of(records, documents, ids):
+  """A Retrieved whose bank is `records` themselves (keys as write_shards writes them)."""
+  return cm3.Retrieved(keys=np.array([f"{i}".encode() for i in range(len(records))], object),
+                       ids=np.asarray(ids, np.int64),
+                       captions=np.array([c for c, _ in records], object),
+                       codes=np.stack([np.asarray(k, np.int32) for _, k in records]),
+                       documents=documents)
+
+
+def test_retrieved_documents_precede_each_record_in_document_form(vocab, tmp_path):
+  records = random_records(30)
+  write_shards(tmp_path, "validation", records, shard_size=30)
+  n = len(records)
+  ids = [[(i + 1) % n, (i + 7) % n, (i + 3) % n] for i in range(n)]
+  ids[4] = [-1, 9, -1]  # fewer neighbours: only the real one is placed
+  retrieved = retrieved_of(records, 2, ids)
+  rows = list(stream(tmp_path, vocab, split="validation", rows=1, repeat=False, seq_len=256,
+                     retrieved=retrieved, whole_segment_rate=0.5))
+  base = cm3.stream_seed((0, 1), "validation", 0)
+  docs = []
+  for i, (caption, codes) in enumerate(records):
+    parts = [records[j] for j in ids[i][:2] if j >= 0] + [(caption, codes)]
+    doc = np.concatenate([vocab.encode_document([c.decode(), k]) for c, k in parts])
+    docs.append(doc)
+    masked = mask(doc, (base, i), vocab, whole_segment_rate=0.5, whole_from_last=2)
+    assert unmask(masked, vocab)[0] == list(doc)
+  assert sum(d.tolist().count(EOS) for d in docs) == 3 * n - 1  # 2 retrieved + own, record 4: 1
+  expected = np.concatenate([mask(d, (base, i), vocab, whole_segment_rate=0.5, whole_from_last=2)
+                             for i, d in enumerate(docs)])
+  windows = np.concatenate([np.concatenate([r["inputs"][0], r["targets"][0, -1:]]) for r in rows])
+  assert len(expected) - len(windows) < 257
+  np.testing.assert_array_equal(windows, expected[:len(windows)])
+  weights = np.concatenate([r["weights"][0] for r in rows])
+  targets = np.concatenate([r["targets"][0] for r in rows])
+  np.testing.assert_array_equal(weights == 0, vocab.is_sentinel(targets))  # one loss weight
+
+
+def test_whole_segment_spans_come_from_the_record_after_retrieved_documents(vocab):
+  seg = lambda start: list(range(start, start + 5))
+  image = lambda start: list(range(vocab.image_offset + start, vocab.image_offset + start + 4))
+  doc = ([EOS] + seg(10) + [vocab.break_id] + image(0) + [EOS] + seg(20) + [vocab.break_id]
+         + image(10))
+  own = [seg(20), image(10)]
+  seen = set()
+  for s in range(40):
+    _, spans = unmask(mask(doc, (s, 5), vocab, whole_segment_rate=1.0, whole_from_last=2), vocab)
+    assert len(spans) == 1 and spans[0] in own
+    seen.add(tuple(spans[0]))
+  assert len(seen) == 2
+
+
+def test_resume_with_retrieval_continues_with_identical_batches(vocab, tmp_path):
+  records = random_records(60)
+  write_shards(tmp_path, "train", records, shard_size=20)
+  ids = [[(i + 5) % 60, (i + 11) % 60, -1] for i in range(60)]
+  retrieved = retrieved_of(records, 2, ids)
+  run = lambda **kw: stream(tmp_path, vocab, seq_len=128, retrieved=retrieved, **kw)
+  first = run()
+  batches = [next(first) for _ in range(10)]
+  assert batches[-1]["position"][-1][0] >= 1  # crossed an epoch
+  resumed = run(position=cm3.Position(*batches[4]["position"][0]))
+  for want in batches[4:]:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)

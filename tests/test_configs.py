@@ -13,7 +13,7 @@ from cm3jax import model as model_lib
 from tests.helpers import REPO, load_config
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
-                 if "vqgan" not in os.path.basename(p))
+                 if not os.path.basename(p).startswith(("vqgan", "clip")))
 
 
 def load(path):
@@ -52,3 +52,17 @@ def test_vqgan_config():
           in module.__doc__)
   cfg = VQGANConfig.from_dict(module.get_config().vqgan.to_dict())
   assert cfg.tokens_per_image <= 256 and cfg.resolution == 32
+
+
+def test_clip_config_docstring_gives_command_and_true_size():
+  from cm3jax import train_retriever
+  from cm3jax.retrieval import clip
+  module = load(os.path.join(REPO, "configs", "clip_shapes.py"))
+  assert ("python -m cm3jax.train_retriever --config=configs/clip_shapes.py --workdir="
+          in module.__doc__)
+  config = module.get_config()
+  cfg = train_retriever.clip_config(config, config.text_vocab_size + 1)  # + end of text
+  shapes = jax.eval_shape(lambda: clip.init_params(cfg, jax.random.PRNGKey(0)))
+  value = re.search(r"Expected: ([\d.]+)M parameters", module.__doc__).group(1)
+  assert f"{clip.num_params(flax.linen.unbox(shapes)) / 1e6:.2f}" == value
+  assert cfg.image_size == 32 and cfg.eot_id == cfg.vocab_size - 1

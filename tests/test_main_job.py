@@ -183,3 +183,26 @@ def test_the_pipeline_trains_a_vqgan_on_shapes_only(tmp_path):
   assert_one_line_error(
       run_module("cm3jax.pipeline", "--config=configs/350m.py", f"--workdir={tmp_path}"),
       "cm3jax.pipeline", "the pipeline makes the inputs of data='cm3'")
+
+
+def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbours(
+    shapes_data_dir, vqgan_workdir, retriever_workdir, tmp_path):
+  workdir = tmp_path / "ra"
+  result = run_module(
+      "cm3jax.pipeline", "--config=configs/tiny_ra.py", f"--workdir={workdir}",
+      "--config.cm3.dataset=shapes/small", f"--config.cm3.data_dir={shapes_data_dir}",
+      f"--config.cm3.vqgan_workdir={vqgan_workdir}",
+      f"--config.cm3.retrieval.retriever={retriever_workdir}", "--config.num_train_steps=10",
+      "--config.log_every=5", "--config.eval_every=10", "--config.checkpoint_every=10",
+      "--config.eval_steps=1", "--config.report_examples=4", "--config.global_batch_size=8",
+      "--config.cm3.splits=train,validation")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  for line in (f"[4/8] retriever: reusing (the retriever {retriever_workdir})",
+               "[5/8] memory bank: making", "512 document vectors of the train split",
+               "[6/8] neighbours: making", "4 per record of train, validation",
+               "[7/8] token model: making", "train step 10: loss", "[8/8] report: done"):
+    assert line in out, out
+  from cm3jax.retrieval import neighbours
+  keys, ids, _ = neighbours.read(str(workdir / "neighbours"), "train")
+  assert len(keys) == 512 and ids.shape == (512, 4)

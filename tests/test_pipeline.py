@@ -82,3 +82,25 @@ def test_the_stage_table(tmp_path):
   assert pipeline.codes_status(job)[0] == pipeline.PARTIAL
   (tmp_path / "tokenizer.model").write_bytes(b"")
   assert pipeline.tokenizer_status(job)[0] == pipeline.COMPLETE
+
+
+def test_retrieval_adds_three_stages_before_the_token_model(tmp_path):
+  assert pipeline.config_stages(tiny_config()) == pipeline.STAGES
+  config = tiny_config(data="cm3", **{"cm3.retrieval.documents": 3})
+  assert [s.name for s in pipeline.config_stages(config)] == [
+      "image tokenizer", "image codes", "text tokenizer", "retriever", "memory bank",
+      "neighbours", "token model", "report"]
+  job = pipeline.Job(config, str(tmp_path))
+  assert [s.status(job)[0] for s in pipeline.RETRIEVAL_STAGES] == [pipeline.MISSING] * 3
+  (tmp_path / "memory").mkdir()
+  (tmp_path / "memory" / "bank-00000.npz").write_bytes(b"")
+  assert pipeline.memory_status(job)[0] == pipeline.PARTIAL
+  given = pipeline.Job(override_retriever(config, tmp_path / "clip.pt"), str(tmp_path))
+  assert pipeline.retriever_status(given)[0] == pipeline.MISSING
+  (tmp_path / "clip.pt").write_bytes(b"")
+  assert pipeline.retriever_status(given)[0] == pipeline.COMPLETE
+
+
+def override_retriever(config, path):
+  config.cm3.retrieval.retriever = str(path)
+  return config

@@ -7,19 +7,19 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cm3jax import train_vqgan
+from cm3jax import data, train_vqgan
 from cm3jax.config import ConfigError
 from cm3jax.vqgan.model import VQGANConfig
 from tests.helpers import assert_one_line_error, run_module, vqgan_config
 
 
 def test_batch_indices_are_seeded_epochs():
-  rows = [train_vqgan.batch_indices(0, step, 3, 10) for step in range(10)]
+  rows = [data.batch_indices(0, step, 3, 10) for step in range(10)]
   first_epoch = np.concatenate(rows)[:10]
   assert sorted(first_epoch) == list(range(10))
   assert len(rows[3]) == 3  # rows 9, 10, 11 span two epochs
-  np.testing.assert_array_equal(train_vqgan.batch_indices(0, 3, 3, 10), rows[3])
-  assert not np.array_equal(train_vqgan.batch_indices(1, 0, 3, 10), rows[0])
+  np.testing.assert_array_equal(data.batch_indices(0, 3, 3, 10), rows[3])
+  assert not np.array_equal(data.batch_indices(1, 0, 3, 10), rows[0])
 
 
 def test_dead_codes_move_onto_encoder_outputs():

@@ -22,6 +22,16 @@ from cm3jax.config import ConfigError
 from cm3jax.data import code_shards, synthetic
 from cm3jax.vocab import Vocab
 
+def batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
+  """Rows of step `step`: epochs are seeded permutations, so a resumed run sees the same data."""
+  first = step * batch_size
+  epochs = range(first // num_examples, (first + batch_size - 1) // num_examples + 1)
+  order = np.concatenate([np.random.default_rng([seed, e]).permutation(num_examples)
+                          for e in epochs])
+  start = first - epochs[0] * num_examples
+  return order[start:start + batch_size]
+
+
 SOURCES = ("synthetic", "cm3")
 SPLITS = ("train", "validation")
 
@@ -31,6 +41,41 @@ class InputPaths(NamedTuple):
   vqgan_workdir: str  # the image tokenizer (a cm3jax.train_vqgan workdir)
   codes_dir: str  # the image-code shards (cm3jax.tokenize_images)
   tokenizer: str  # the sentencepiece model (cm3jax.train_tokenizer)
+
+
+class RetrievalPaths(NamedTuple):
+  """Where a run's retrieval inputs live (cm3.retrieval)."""
+  retriever: str  # a train_retriever workdir or a CLIP checkpoint
+  memory: str  # the memory bank (cm3jax.build_memory)
+  neighbours: str  # the offline neighbours (cm3jax.build_neighbours)
+
+
+def retrieval_paths(cm3, workdir: str) -> RetrievalPaths:
+  r = cm3["retrieval"]
+  return RetrievalPaths(r["retriever"] or os.path.join(workdir, "retriever"),
+                        r["memory"] or os.path.join(workdir, "memory"),
+                        r["neighbours_dir"] or os.path.join(workdir, "neighbours"))
+
+
+def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
+  """The cm3.Retrieved of a split: its records' neighbours and the bank split's documents; a
+  ConfigError when they are missing or were computed for other code shards."""
+  from cm3jax.data import cm3 as cm3_stream  # TensorFlow is imported by the cm3 source only.
+  from cm3jax.retrieval import neighbours
+  directory = retrieval_paths(cm3, workdir).neighbours
+  keys, ids, manifest = neighbours.read(directory, split)
+  records = code_shards.read_manifest(codes_dir, split)["records"]
+  if manifest["codes"] != os.path.abspath(codes_dir) or manifest["records"] != records:
+    raise ConfigError(f"the {split} neighbours in {directory} were computed for the "
+                      f"{manifest['records']} records of {manifest['codes']}, not the {records} "
+                      f"of {os.path.abspath(codes_dir)}: run python -m cm3jax.build_neighbours")
+  documents = cm3["retrieval"]["documents"]
+  if ids.shape[1] < documents:
+    raise ConfigError(f"cm3.retrieval.documents={documents} but {directory} holds "
+                      f"{ids.shape[1]} neighbours per record")
+  codes, captions = code_shards.read_split(codes_dir, manifest["bank_split"], 2**62)
+  return cm3_stream.Retrieved(keys, ids, np.array([c.encode() for c in captions], object),
+                              codes, documents)
 
 
 def input_paths(cm3, workdir: str) -> InputPaths:
@@ -45,7 +90,8 @@ def input_paths(cm3, workdir: str) -> InputPaths:
 class Source:
   config: object
   vocab: Optional[Vocab] = None  # The cm3 source's vocabulary,
-  codes_dir: Optional[str] = None  # and its image-code shards.
+  codes_dir: Optional[str] = None  # its image-code shards,
+  workdir: Optional[str] = None  # and the run's workdir (the default retrieval paths).
 
   def batches(self, split: str, seed: Sequence[int], position: Optional[Sequence[int]] = None,
               host: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
@@ -58,13 +104,15 @@ class Source:
       step = 0 if position is None else int(position[0])
       return synthetic.batches(config, split, step, seed, slice(host[0] * rows, (host[0] + 1) * rows))
     from cm3jax.data import cm3  # TensorFlow is imported by the cm3 source only.
+    retrieved = (retrieved_documents(config.cm3, self.workdir, self.codes_dir, split)
+                 if config.cm3.retrieval.documents else None)
     return cm3.batches(codes_dir=self.codes_dir, split=split, vocab=self.vocab,
                        seq_len=config.seq_len, rows=rows, seed=seed,
                        position=cm3.START if position is None else cm3.Position(*position),
                        host=host[0], num_hosts=host[1], span_rate=config.cm3.span_rate,
                        whole_segment_rate=config.cm3.whole_segment_rate,
                        shuffle_buffer=config.cm3.shuffle_buffer,
-                       document_attention=config.cm3.document_attention)
+                       document_attention=config.cm3.document_attention, retrieved=retrieved)
 
   def skipped(self) -> dict[str, int]:
     """Documents this process has left out so far, by reason."""
@@ -98,4 +146,4 @@ def source(config, workdir: str) -> Source:
         f"{config.cm3.text_vocab_size} --out={paths.tokenizer}, {MAKE_THEM}")
   manifest = code_shards.read_manifest(paths.codes_dir, "train")
   vocab = Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans, manifest["codebook_size"])
-  return Source(config, vocab, paths.codes_dir)
+  return Source(config, vocab, paths.codes_dir, workdir)

@@ -3,7 +3,9 @@
 
   code shards (cm3jax.tokenize_images) -> this host's share of each epoch's records (the hosts
      of a run partition every epoch; `epoch_records`), shuffled per epoch
-  -> documents `</s> caption <break> image` (the next document's `</s>` closes each one)
+  -> documents `</s> caption <break> image` (the next document's `</s>` closes each one); with
+     cm3.retrieval, each record's document follows its retrieved documents, each in that form
+     (neighbours computed offline by cm3jax.build_neighbours)
   -> CM3 causal masking in tf ops, seeded per (run, split, host, epoch, record)
   -> packed end to end into windows of seq_len + 1 tokens (no token dropped or repeated)
   -> batches: inputs, targets, weights (0 for sentinel targets), each row's data position, and
@@ -40,6 +42,17 @@ class Position(NamedTuple):
 START = Position(0, 0, 0)
 
 
+class Retrieved(NamedTuple):
+  """What the stream places before each record (cm3.retrieval): the first `documents` of its
+  neighbours (`keys` [N] of the records, `ids` [N, M] into the bank split, -1 for none), made
+  from the bank split's `captions` (bytes [Nb]) and `codes` (int32 [Nb, T])."""
+  keys: np.ndarray
+  ids: np.ndarray
+  captions: np.ndarray
+  codes: np.ndarray
+  documents: int
+
+
 def span_counts(seed, span_rate: float, max_spans: int):
   """n = clamp(Poisson(span_rate), 1, max_spans): the spans asked of one document (tf)."""
   tf = tf_cpu.tensorflow()
@@ -48,7 +61,7 @@ def span_counts(seed, span_rate: float, max_spans: int):
 
 
 def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Optional[int] = None,
-             whole_segment_rate: float = 0.0):
+             whole_segment_rate: float = 0.0, whole_from_last: int = 0):
   """CM3 causal masking of one document (tf ops; `seed` is a stateless seed of shape [2]).
 
   Draws n spans (see `span_counts`) as 2n distinct cut points among the maskable tokens (text
@@ -57,8 +70,9 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
   starts in, so it never crosses `<break>` or `</s>`. Each span is replaced in place by
   `<sentinel:i>` (in order of position) and appended as `<sentinel:i> span <eoss>`; a document with
   fewer than 2n maskable tokens gets fewer spans. With probability `whole_segment_rate` the
-  document instead gets one span: a whole segment (its caption or its image), drawn uniformly.
-  Returns int32 [len(tokens) + 3 * spans].
+  document instead gets one span: a whole segment (its caption or its image), drawn uniformly
+  (from the last `whole_from_last` segments only, if set: the query document after retrieved
+  ones). Returns int32 [len(tokens) + 3 * spans].
   """
   tf = tf_cpu.tensorflow()
   max_spans = vocab.num_sentinels if max_spans is None else max_spans
@@ -80,7 +94,9 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
         tf.random.experimental.stateless_fold_in(seed, 1), 2))
     segment_starts = tf.cast(tf.where(tf.concat([[True], segment[1:] != segment[:-1]], 0))[:, 0],
                              tf.int32)
-    pick = tf.random.stateless_uniform([], pick_seed, 0, tf.size(segment_starts), tf.int32)
+    num_segments = tf.size(segment_starts)
+    lowest = tf.maximum(num_segments - whole_from_last, 0) if whole_from_last else 0
+    pick = tf.random.stateless_uniform([], pick_seed, lowest, num_segments, tf.int32)
     whole = (tf.random.stateless_uniform([], whole_seed) < whole_segment_rate) & (count > 0)
     # `last` = count is cut short at the end of the segment, below.
     first, last = tf.cond(whole, lambda: (segment_starts[pick:pick + 1], count[None]),
@@ -107,18 +123,30 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
 
 
 def document_fn(vocab: Vocab, max_length: int):
-  """(caption bytes, codes) -> the int32 document, or [] for one to skip (counted in SKIPPED)."""
-  def make(caption: bytes, codes: np.ndarray) -> np.ndarray:
+  """(caption bytes, codes[, retrieved captions [k], their codes [k, T], which are real [k]]) ->
+  the int32 document, `</s> text <break> image` per retrieved document and then the record's own,
+  or [] for one to skip (counted in SKIPPED). A retrieved document that cannot be made is left
+  out."""
+  def part(caption: bytes, codes: np.ndarray) -> tuple[Optional[np.ndarray], str]:
     try:
       text = caption.decode("utf-8")
     except UnicodeDecodeError:
-      return _skip("caption is not UTF-8")
+      return None, "caption is not UTF-8"
     if not text.strip():
-      return _skip("empty caption")
+      return None, "empty caption"
     if codes.min() < 0 or codes.max() >= vocab.num_image_codes:
-      return _skip("image code out of range")
-    doc = np.concatenate([[EOS], vocab.encode_text(text), [vocab.break_id],
-                          codes + vocab.image_offset]).astype(np.int32)
+      return None, "image code out of range"
+    return np.concatenate([[EOS], vocab.encode_text(text), [vocab.break_id],
+                           codes + vocab.image_offset]).astype(np.int32), ""
+
+  def make(caption: bytes, codes: np.ndarray, retrieved_captions=(), retrieved_codes=(),
+           retrieved_real=()) -> np.ndarray:
+    doc, why = part(caption, codes)
+    if doc is None:
+      return _skip(why)
+    retrieved = [part(c, k)[0] for c, k, real in zip(retrieved_captions, retrieved_codes,
+                                                      retrieved_real) if real]
+    doc = np.concatenate([d for d in retrieved if d is not None] + [doc])
     if len(doc) > max_length:
       return _skip("document longer than the sequence")
     return doc
@@ -168,10 +196,12 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
             seed: Sequence[int], position: Position = START, host: int = 0, num_hosts: int = 1,
             span_rate: float = 1.0, whole_segment_rate: float = 0.0,
             shuffle_buffer: int = 10_000, repeat: bool = True,
-            document_attention: bool = False):
+            document_attention: bool = False, retrieved: Optional[Retrieved] = None):
   """A tf.data.Dataset of this host's batches from `position` on: `inputs`, `targets` (int32),
   `weights` (float32) of shape [rows, seq_len], `position` (int64 [rows, 3]) and, with
-  `document_attention`, `positions` and `segments` (int32 [rows, seq_len])."""
+  `document_attention`, `positions` and `segments` (int32 [rows, seq_len]). With `retrieved`,
+  each record's document follows its retrieved ones, one document for masking and attention,
+  whose whole-segment spans come from the record's own caption and image."""
   tf = tf_cpu.tensorflow()
   paths = code_shards.shard_paths(codes_dir, split)
   manifest = code_shards.read_manifest(codes_dir, split)
@@ -195,13 +225,32 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
   epochs = tf.data.Dataset.range(position.epoch, 2**62 if repeat else position.epoch + 1)
   records = epochs.flat_map(numbered_records).skip(position.index)
 
+  if retrieved is not None:
+    rows_of_keys = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+        tf.constant(retrieved.keys, tf.string), tf.range(len(retrieved.keys), dtype=tf.int64)),
+        default_value=-1)
+    neighbour_ids = tf.constant(retrieved.ids[:, :retrieved.documents], tf.int64)
+    bank_captions = tf.constant(retrieved.captions, tf.string)
+    bank_codes = tf.constant(retrieved.codes, tf.int32)
+
+  def document(ex):
+    if retrieved is None:
+      return tf.numpy_function(make_document, [ex["caption"], ex["codes"]], tf.int32,
+                               stateful=False)
+    row = rows_of_keys.lookup(ex["key"])
+    ids = tf.gather(neighbour_ids, tf.maximum(row, 0))
+    real = (ids >= 0) & (row >= 0)
+    safe = tf.maximum(ids, 0)
+    return tf.numpy_function(
+        make_document, [ex["caption"], ex["codes"], tf.gather(bank_captions, safe),
+                        tf.gather(bank_codes, safe), real], tf.int32, stateful=False)
+
   def to_document(epoch, index, record):
-    ex = parse(record)
-    doc = tf.numpy_function(make_document, [ex["caption"], ex["codes"]], tf.int32, stateful=False)
-    doc = tf.ensure_shape(doc, [None])
+    doc = tf.ensure_shape(document(parse(record)), [None])
     masked = tf.cond(tf.size(doc) > 0,
                      lambda: cm3_mask(doc, tf.stack([base_seed, epoch * 2**32 + index]), vocab,
-                                      span_rate, whole_segment_rate=whole_segment_rate),
+                                      span_rate, whole_segment_rate=whole_segment_rate,
+                                      whole_from_last=2 if retrieved is not None else 0),
                      lambda: doc)
     first = tf.cast(tf.logical_and(epoch == position.epoch, index == position.index), tf.int32)
     offset = first * position.offset

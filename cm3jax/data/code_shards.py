@@ -57,14 +57,16 @@ def serialize(key: bytes, codes: np.ndarray, caption: bytes) -> bytes:
 
 
 def parser(tokens_per_image: int):
-  """A tf function: serialised record -> {"codes": int32 [tokens_per_image], "caption": string}."""
+  """A tf function: serialised record -> {"codes": int32 [tokens_per_image], "caption": string,
+  "key": string}."""
   tf = tf_cpu.tensorflow()
   spec = {"codes": tf.io.FixedLenFeature([tokens_per_image], tf.int64),
-          "caption": tf.io.FixedLenFeature([], tf.string)}
+          "caption": tf.io.FixedLenFeature([], tf.string),
+          "key": tf.io.FixedLenFeature([], tf.string)}
 
   def parse(record):
     ex = tf.io.parse_single_example(record, spec)
-    return {"codes": tf.cast(ex["codes"], tf.int32), "caption": ex["caption"]}
+    return {"codes": tf.cast(ex["codes"], tf.int32), "caption": ex["caption"], "key": ex["key"]}
   return parse
 
 

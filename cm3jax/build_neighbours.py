@@ -1,0 +1,108 @@
+"""Retrieve, offline, the documents each record of the code shards is trained with.
+
+  python -m cm3jax.build_neighbours --retriever=workdirs/clip --memory=workdirs/tiny/memory \
+      --codes=workdirs/tiny/codes --vqgan=workdirs/tiny/vqgan --out=workdirs/tiny/neighbours
+
+Each record queries the bank by its text (query dropout) and by its image; the strategy and the
+file format are in cm3jax/retrieval/neighbours.py. The CM3 stream reads the result with
+cm3.retrieval.neighbours_dir. Shards are written whole, so a second run resumes after the last.
+"""
+
+import collections
+import itertools
+import os
+import zlib
+
+import numpy as np
+from absl import flags
+
+from cm3jax import cli
+from cm3jax.config import ConfigError
+from cm3jax.data import code_shards
+from cm3jax.retrieval import memory, mips, neighbours, retriever
+from cm3jax.vqgan.tokenizer import ImageTokenizer
+
+
+def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index, bank: dict,
+                codes_dir: str, split: str, out: str, per_record: int = 4, candidates: int = 16,
+                query_dropout: float = 0.2, max_relevance: float = 0.9, seed: int = 0,
+                shard_size: int = 4096) -> dict:
+  """Writes (or resumes) one split's neighbour shards and returns its manifest."""
+  if not 0 <= query_dropout < 1:
+    raise ConfigError(f"--query_dropout={query_dropout} must lie in [0, 1)")
+  if per_record < 1 or candidates < per_record:
+    raise ConfigError(f"--per_record={per_record} must be at least 1 and at most "
+                      f"--candidates={candidates}")
+  total = code_shards.read_manifest(codes_dir, split)["records"]
+  shards = -(-total // shard_size)
+  os.makedirs(out, exist_ok=True)
+  done = neighbours.done_shards(out, split)
+  in_bank = split == bank["split"]  # then a record is in the bank, and never its own neighbour
+  stream = memory.records(codes_dir, split)
+  found = 0
+  for shard in range(shards):
+    rows = list(itertools.islice(stream, shard_size))
+    if shard in done:
+      continue
+    keys = np.array([key for _, key, _, _ in rows], object)
+    ids = np.full((len(rows), per_record), -1, np.int64)
+    ok = list(memory.usable(rows, vqgan.cfg.n_embed, collections.Counter()))  # the bank's count
+    if ok:
+      record_ids = np.array([i for i, _, _, _ in ok])
+      images = vqgan.decode(np.stack([c for _, _, _, c in ok]))
+      rng = np.random.default_rng([seed, zlib.crc32(split.encode()), shard])
+      tokens = neighbours.drop_tokens(r.tokenize([t for _, _, t, _ in ok], r.cfg.context_length),
+                                      r.cfg.eot_id, query_dropout, rng)
+      text_scores, text_ids = index.search(r.embed_tokens(tokens), candidates)
+      image_scores, image_ids = index.search(r.embed_images(images), candidates)
+      query_ids = record_ids if in_bank else np.full(len(ok), -1)
+      ids[record_ids - rows[0][0]] = neighbours.pick(query_ids, text_scores, text_ids,
+                                                     image_scores, image_ids, per_record,
+                                                     max_relevance)
+    neighbours.write_shard(out, split, shard, keys.astype(bytes), ids)
+    found += int((ids >= 0).sum())
+    print(f"{split} neighbour shard {shard + 1}/{shards}: {len(rows)} records", flush=True)
+  info = {"split": split, "records": total, "shards": shards, "per_record": per_record,
+          "bank": bank["path"], "bank_split": bank["split"], "codes": os.path.abspath(codes_dir),
+          "retriever_fingerprint": bank["retriever_fingerprint"], "candidates": candidates,
+          "query_dropout": query_dropout, "max_relevance": max_relevance}
+  neighbours.finish(out, split, info)
+  return info
+
+
+def _define_flags():
+  flags.DEFINE_string("retriever", None, "The retriever the bank was built with.")
+  flags.DEFINE_string("memory", None, "A memory bank (cm3jax.build_memory --out).")
+  flags.DEFINE_string("codes", None, "Code shards whose records get neighbours.")
+  flags.DEFINE_string("vqgan", None, "The VQGAN workdir that wrote the codes.")
+  flags.DEFINE_string("out", None, "Directory of the neighbour shards.")
+  flags.DEFINE_list("splits", ["train", "validation"], "Splits of the code shards.")
+  flags.DEFINE_integer("per_record", 4, "Neighbours kept per record.")
+  flags.DEFINE_integer("candidates", 16, "Candidates searched per query.")
+  flags.DEFINE_float("query_dropout", 0.2, "Share of a text query's tokens dropped.")
+  flags.DEFINE_float("max_relevance", 0.9, "Candidates more relevant than this are skipped.")
+  flags.DEFINE_enum("engine", "exact", mips.ENGINES, "MIPS engine.")
+  flags.DEFINE_integer("seed", 0, "Seed of the query dropout.")
+  flags.DEFINE_integer("head_width", 64, "Head width of a state-dict CLIP (heads are not stored).")
+
+
+def main(FLAGS):
+  for name in ("retriever", "memory", "codes", "vqgan", "out"):
+    if not getattr(FLAGS, name):
+      raise ConfigError(f"--{name} is required")
+  r = retriever.load(FLAGS.retriever, FLAGS.head_width)
+  vectors, ids, manifest = memory.load(FLAGS.memory)
+  memory.check_compatible(manifest, FLAGS.memory, r.fingerprint, r.cfg.embed_dim)
+  memory.check_covers(manifest, FLAGS.memory, FLAGS.codes)
+  index = mips.make_index(FLAGS.engine, vectors, ids)
+  bank = {**manifest, "path": os.path.abspath(FLAGS.memory)}
+  vqgan = ImageTokenizer.load(FLAGS.vqgan)
+  for split in FLAGS.splits:
+    info = build_split(r, vqgan, index, bank, FLAGS.codes, split, FLAGS.out, FLAGS.per_record,
+                       FLAGS.candidates, FLAGS.query_dropout, FLAGS.max_relevance, FLAGS.seed)
+    print(f"neighbours of {split}: {info['records']} records x {info['per_record']} in "
+          f"{FLAGS.out}")
+
+
+if __name__ == "__main__":
+  cli.run("build_neighbours", _define_flags, main)

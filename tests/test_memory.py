@@ -1,0 +1,201 @@
+"""The memory bank and the offline neighbours: contents, the retrieval strategy, resume, hosts
+and bad input."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cm3jax import build_memory, build_neighbours
+from cm3jax.config import ConfigError
+from cm3jax.retrieval import memory, mips, neighbours, retriever
+from cm3jax.vqgan.tokenizer import ImageTokenizer
+from tests.helpers import assert_one_line_error, run_module
+
+
+@pytest.fixture(scope="module")
+def parts(retriever_workdir, vqgan_workdir):
+  return retriever.load(retriever_workdir), ImageTokenizer.load(vqgan_workdir)
+
+
+@pytest.fixture(scope="module")
+def bank(parts, small_codes, tmp_path_factory):
+  r, vqgan = parts
+  out = str(tmp_path_factory.mktemp("bank"))
+  return out, build_memory.build(r, vqgan, small_codes, "train", out, shard_size=128,
+                                 batch_size=50)
+
+
+def test_the_bank_holds_every_records_document_vector(bank, parts, small_codes):
+  out, manifest = bank
+  r, vqgan = parts
+  vectors, ids, loaded = memory.load(out)
+  assert manifest == loaded and manifest["records"] == 512 and manifest["shards"] == 4
+  assert vectors.dtype == np.float16 and vectors.shape == (512, r.cfg.embed_dim)
+  np.testing.assert_array_equal(ids, np.arange(512))
+  np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1, atol=2e-3)
+  rows = list(memory.records(small_codes, "train"))[300:305]
+  expected = r.embed_documents([c.decode() for _, _, c, _ in rows],
+                               vqgan.decode(np.stack([codes for _, _, _, codes in rows])))
+  np.testing.assert_allclose(vectors[300:305], expected, atol=2e-3)
+  assert manifest["retriever_fingerprint"] == r.fingerprint and manifest["skipped"] == {}
+
+
+def test_an_interrupted_bank_resumes_with_nothing_lost_or_duplicated(bank, parts, small_codes,
+                                                                     tmp_path, capsys):
+  out, _ = bank
+  r, vqgan = parts
+  copy = str(tmp_path / "bank")
+  os.makedirs(copy)
+  for shard in (0, 1):  # an interrupted run: two whole shards and a partial temporary file
+    os.link(memory.shard_path(out, shard), memory.shard_path(copy, shard))
+  open(memory.shard_path(copy, 2) + ".tmp", "wb").write(b"partial")
+  manifest = build_memory.build(r, vqgan, small_codes, "train", copy, shard_size=128,
+                                batch_size=50)
+  assert "this host: 4, 2 already written" in capsys.readouterr().out
+  a, b = memory.load(out), memory.load(copy)
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+  assert manifest["records"] == 512
+
+
+def test_hosts_embed_disjoint_shards_that_make_the_whole_bank(bank, parts, small_codes, tmp_path,
+                                                              monkeypatch):
+  r, vqgan = parts
+  out = str(tmp_path / "bank")
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(build_memory.multihost_utils, "sync_global_devices", lambda name: None)
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  with pytest.raises(FileNotFoundError):  # host 1 alone: host 0's shards are missing
+    build_memory.build(r, vqgan, small_codes, "train", out, shard_size=128, batch_size=50)
+  assert memory.done_shards(out) == {1, 3}
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  build_memory.build(r, vqgan, small_codes, "train", out, shard_size=128, batch_size=50)
+  assert memory.done_shards(out) == {0, 1, 2, 3}
+  np.testing.assert_array_equal(memory.load(out)[0], memory.load(bank[0])[0])
+
+
+def test_a_bank_refuses_another_retriever_dimension_or_codes(bank, parts, small_codes, tmp_path):
+  out, manifest = bank
+  r, _ = parts
+  with pytest.raises(ConfigError, match="built by another retriever"):
+    memory.check_compatible(manifest, out, "0" * 16, r.cfg.embed_dim)
+  with pytest.raises(ConfigError, match="holds 32-dimensional vectors; this retriever embeds in 8"):
+    memory.check_compatible(manifest, out, r.fingerprint, 8)
+  other = tmp_path / "codes"
+  other.mkdir()
+  (other / "train.json").write_text('{"records": 100}')
+  with pytest.raises(ConfigError, match="covers the 512 train records"):
+    memory.check_covers(manifest, out, str(other))
+  with pytest.raises(ConfigError, match="holds no complete memory bank"):
+    memory.load(str(tmp_path))
+
+
+def test_faiss_missing_is_one_line(monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+  monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (
+      (_ for _ in ()).throw(ImportError(name)) if name == "faiss" else real_import(name, *a, **k)))
+  with pytest.raises(ConfigError, match="need faiss-cpu"):
+    mips.make_index("faiss_flat", np.eye(4, dtype=np.float32), np.arange(4))
+
+
+def test_pick_follows_the_papers_strategy():
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    Q, C, m = 3, 6, 3
+    text_ids, image_ids = rng.integers(-1, 10, (Q, C)), rng.integers(-1, 10, (Q, C))
+    text_scores, image_scores = rng.uniform(0.5, 1.0, (Q, C)), rng.uniform(0.5, 1.0, (Q, C))
+    query_ids = rng.integers(0, 10, Q)
+    picked = neighbours.pick(query_ids, text_scores, text_ids, image_scores, image_ids, m)
+    for q in range(Q):
+      chosen = [int(i) for i in picked[q] if i >= 0]
+      assert list(picked[q][len(chosen):]) == [-1] * (m - len(chosen))  # -1 only at the end
+      assert len(set(chosen)) == len(chosen) and query_ids[q] not in chosen
+      # Exactly the survivors, in the order text 1, image 1, text 2, ...
+      order = [(int(ids[q, k]), s[q, k]) for k in range(C)
+               for s, ids in ((text_scores, text_ids), (image_scores, image_ids))]
+      survivors = []
+      for i, score in order:
+        if i >= 0 and i != query_ids[q] and score <= 0.9 and i not in survivors:
+          survivors.append(i)
+      assert chosen == survivors[:m]
+
+
+def test_query_dropout_drops_the_asked_share_and_keeps_the_end():
+  rng = np.random.default_rng(0)
+  tokens = np.zeros((2000, 12), np.int32)
+  tokens[:, :10] = np.arange(1, 11)
+  tokens[:, 10] = 99
+  same = neighbours.drop_tokens(tokens, 99, 0.0, rng)
+  np.testing.assert_array_equal(same, tokens)
+  dropped = neighbours.drop_tokens(tokens, 99, 0.2, rng)
+  kept = (dropped > 0) & (dropped != 99)
+  assert kept.sum(1).mean() == pytest.approx(8.0, abs=0.15)
+  for row in dropped[:50]:
+    end = int(np.argmax(row == 99))
+    assert list(row[:end]) == sorted(row[:end]) and (row[end + 1:] == 0).all()
+
+
+@pytest.fixture(scope="module")
+def neighbour_dir(bank, parts, small_codes, tmp_path_factory):
+  out, manifest = bank
+  r, vqgan = parts
+  vectors, ids, _ = memory.load(out)
+  index = mips.make_index("exact", vectors, ids)
+  directory = str(tmp_path_factory.mktemp("neighbours"))
+  for split in ("train", "validation"):
+    build_neighbours.build_split(r, vqgan, index, {**manifest, "path": out}, small_codes, split,
+                                 directory, per_record=3, candidates=8, shard_size=200)
+  return directory
+
+
+def test_neighbours_are_relevant_distinct_and_never_the_record_itself(neighbour_dir, bank, parts,
+                                                                      small_codes):
+  keys, ids, manifest = neighbours.read(neighbour_dir, "train")
+  assert len(keys) == 512 and ids.shape == (512, 3) and manifest["shards"] == 3
+  assert keys[7] == b"train/7"
+  assert (ids[:, 0] >= 0).mean() > 0.9
+  for row, chosen in enumerate(ids):
+    chosen = chosen[chosen >= 0]
+    assert row not in chosen and len(set(chosen)) == len(chosen)
+  r, vqgan = parts
+  vectors = memory.load(bank[0])[0].astype(np.float32)
+  rows = list(memory.records(small_codes, "train"))[:20]
+  image_queries = r.embed_images(vqgan.decode(np.stack([c for *_, c in rows])))
+  for q in range(20):  # an image's pick is one of its own top candidates and not > 0.9
+    relevance = image_queries[q] @ vectors[ids[q]].T
+    assert (relevance <= 0.9 + 2e-3).all()
+  val_keys, val_ids, _ = neighbours.read(neighbour_dir, "validation")
+  assert len(val_keys) == 128 and (val_ids[:, 0] >= 0).mean() > 0.9
+
+
+def test_interrupted_neighbours_resume_identically(neighbour_dir, bank, parts, small_codes,
+                                                   tmp_path):
+  out, manifest = bank
+  r, vqgan = parts
+  copy = str(tmp_path / "n")
+  os.makedirs(copy)
+  os.link(neighbours.shard_path(neighbour_dir, "train", 0),
+          neighbours.shard_path(copy, "train", 0))
+  vectors, ids, _ = memory.load(out)
+  build_neighbours.build_split(r, vqgan, mips.make_index("exact", vectors, ids),
+                               {**manifest, "path": out}, small_codes, "train", copy,
+                               per_record=3, candidates=8, shard_size=200)
+  a, b = neighbours.read(neighbour_dir, "train"), neighbours.read(copy, "train")
+  np.testing.assert_array_equal(a[0], b[0])
+  np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_bad_input_to_the_commands(tmp_path, retriever_workdir, small_codes, vqgan_workdir):
+  result = run_module("cm3jax.build_memory", f"--retriever={retriever_workdir}",
+                      f"--codes={small_codes}", f"--out={tmp_path}")
+  assert_one_line_error(result, "cm3jax.build_memory", "--vqgan is required")
+  result = run_module("cm3jax.build_memory", f"--retriever={tmp_path}/nothing.pt",
+                      f"--codes={small_codes}", f"--vqgan={vqgan_workdir}", f"--out={tmp_path}")
+  assert_one_line_error(result, "cm3jax.build_memory", "no CLIP checkpoint")
+  result = run_module("cm3jax.build_neighbours", f"--retriever={retriever_workdir}",
+                      f"--memory={tmp_path}", f"--codes={small_codes}",
+                      f"--vqgan={vqgan_workdir}", f"--out={tmp_path}/n")
+  assert_one_line_error(result, "cm3jax.build_neighbours", "holds no complete memory bank")
