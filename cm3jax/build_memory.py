@@ -71,7 +71,8 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
     total.update(memory.shard_skipped(out, shard))
     with np.load(memory.shard_path(out, shard)) as f:
       count += len(f["ids"])
-  manifest = {"retriever": r.source, "retriever_fingerprint": r.fingerprint,
+  manifest = {"retriever": r.source, "retriever_path": r.path,
+              "retriever_fingerprint": r.fingerprint,
               "dim": r.cfg.embed_dim, "codes": os.path.abspath(codes_dir), "split": split,
               "codes_records": codes_manifest["records"], "records": count, "shards": shards,
               "shard_size": shard_size, "skipped": dict(total)}

@@ -3,10 +3,15 @@
   python -m cm3jax.sample --workdir=workdirs/tiny --prompt="a red circle above a blue square" \
       --num_images=8 --cfg=3.0 --out=grid.png
   python -m cm3jax.sample --workdir=workdirs/tiny --image=photo.png --num_captions=3
+  python -m cm3jax.sample --workdir=workdirs/tiny_ra --prompt="a red circle above a blue square" \
+      --memory=workdirs/tiny_ra/memory --retrieve=2
 
 The model, its vocabulary and (from the run's config) its VQGAN come from the workdir's latest
 checkpoint. --cfg is the classifier-free guidance scale alpha_c (1: none); --cd_k turns on
-contrastive top-k. Captions are greedy unless --num_captions > 1.
+contrastive top-k. Captions are greedy unless --num_captions > 1. --retrieve=K places the K
+documents of --memory nearest the prompt (by the bank's retriever) before it, as a model of
+configs/tiny_ra.py was trained; with guidance the unconditional stream keeps them unless
+--nouncond_retrieved.
 """
 
 import os
@@ -19,6 +24,7 @@ from absl import flags
 from cm3jax import cli, data, sampling, tokenize_images
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards
+from cm3jax.retrieval import augment
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 from cm3jax.vqgan.tokenizer import progress as tokenizer_progress
 
@@ -116,6 +122,11 @@ def _define_flags():
   flags.DEFINE_float("cd_alpha", 0.1, "Contrastive top-k's alpha.")
   flags.DEFINE_bool("greedy", False, "Argmax instead of sampling.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_string("memory", None, "A memory bank (cm3jax.build_memory) to retrieve from.")
+  flags.DEFINE_integer("retrieve", 0, "Documents retrieved by --prompt and placed before it; "
+                       "0: none.")
+  flags.DEFINE_bool("uncond_retrieved", True, "With --cfg, the unconditional stream keeps the "
+                    "retrieved documents (else it is the caption-free prompt alone).")
 
 
 def main(FLAGS):
@@ -128,9 +139,18 @@ def main(FLAGS):
   sampler, config = sampling.load(FLAGS.workdir)
   vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   key = jax.random.PRNGKey(FLAGS.seed)
+  if FLAGS.retrieve and not (FLAGS.memory and FLAGS.prompt):
+    raise ConfigError("--retrieve needs --memory and --prompt")
   if FLAGS.prompt:
+    context = None
+    if FLAGS.retrieve:
+      found = augment.Memory.load(FLAGS.memory)
+      context = found.context(sampler.vocab, [FLAGS.prompt], FLAGS.retrieve)
+      for i in found.retrieve([FLAGS.prompt], FLAGS.retrieve)[0]:
+        print(f"retrieved: {found.captions[i]!r}")
     codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
-                                   vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg)[0]
+                                   vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg, context,
+                                   FLAGS.uncond_retrieved)[0]
     save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
     print(f"wrote {FLAGS.num_images} images of {FLAGS.prompt!r} to {FLAGS.out}")
   if FLAGS.image:

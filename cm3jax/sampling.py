@@ -338,15 +338,29 @@ def caption_prompt(vocab: Vocab, codes) -> np.ndarray:
 
 
 def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, tokens_per_image: int,
-                  key: jax.Array, guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig()
-                  ) -> np.ndarray:
+                  key: jax.Array, guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig(),
+                  context: Optional[Sequence[np.ndarray]] = None,
+                  context_in_uncond: bool = True) -> np.ndarray:
   """Codes [len(captions), num_images, tokens_per_image]; guidance != 1 (or CD-K) runs the
-  unconditional stream beside each request."""
+  unconditional stream beside each request. `context`: per caption, tokens placed before its
+  prompt (retrieved documents, `augment.Memory.context`); the unconditional stream keeps them
+  with `context_in_uncond`, else it is the caption-free prompt alone."""
   vocab = sampler.vocab
   guided = guidance != 1.0 or sampling.cd_k > 0
-  uncond = unconditional_image_prompt(vocab) if guided else None
+  if context is not None and len(context) != len(captions):
+    raise ConfigError(f"{len(context)} contexts for {len(captions)} captions")
+  none = np.zeros(0, np.int32)
+  before = lambda i: none if context is None else np.asarray(context[i], np.int32)
+
+  def uncond(i):
+    if not guided:
+      return None
+    return np.concatenate([before(i) if context_in_uncond else none,
+                           unconditional_image_prompt(vocab)]).astype(np.int32)
+
   keys = jax.random.split(key, len(captions) * num_images)
-  requests = [Request(image_prompt(vocab, c), keys[i * num_images + j], uncond, guidance)
+  requests = [Request(np.concatenate([before(i), image_prompt(vocab, c)]).astype(np.int32),
+                      keys[i * num_images + j], uncond(i), guidance)
               for i, c in enumerate(captions) for j in range(num_images)]
   tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
   return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
@@ -364,10 +378,12 @@ def caption_log_likelihood(sampler: Sampler, codes: np.ndarray, captions: Sequen
 
 def text_to_image_reranked(sampler: Sampler, captions: Sequence[str], candidates: int,
                            tokens_per_image: int, key: jax.Array, guidance: float = 1.0,
-                           sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+                           sampling: SamplingConfig = SamplingConfig(),
+                           context: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
   """Codes [len(captions), tokens_per_image]: of `candidates` images drawn per caption, the one
   under which the model itself finds the caption likeliest (self-reranking: the model captions)."""
-  drawn = text_to_image(sampler, captions, candidates, tokens_per_image, key, guidance, sampling)
+  drawn = text_to_image(sampler, captions, candidates, tokens_per_image, key, guidance, sampling,
+                        context)
   if candidates == 1:
     return drawn[:, 0]
   flat = drawn.reshape(-1, tokens_per_image)

@@ -199,3 +199,64 @@ def test_bad_input_to_the_commands(tmp_path, retriever_workdir, small_codes, vqg
                       f"--memory={tmp_path}", f"--codes={small_codes}",
                       f"--vqgan={vqgan_workdir}", f"--out={tmp_path}/n")
   assert_one_line_error(result, "cm3jax.build_neighbours", "holds no complete memory bank")
+
+
+def test_sampling_context_is_the_retrieved_documents_best_first(bank, parts, small_codes):
+  from cm3jax import train_tokenizer
+  from cm3jax.retrieval import augment
+  from cm3jax.vocab import Vocab
+  out, _ = bank
+  r, _ = parts
+  found = augment.Memory.load(out)
+  assert found.retriever.fingerprint == r.fingerprint
+  rows = list(memory.records(small_codes, "train"))
+  vocab = Vocab(train_tokenizer.train([c.decode() for _, _, c, _ in rows], 300),
+                num_sentinels=16, num_image_codes=64)
+  texts = ["a small red circle on the left", "a large blue square above a small green circle"]
+  ids = found.retrieve(texts, 2)
+  vectors = memory.load(out)[0].astype(np.float32)
+  scores = r.embed_texts(texts) @ vectors.T
+  np.testing.assert_array_equal(ids[:, 0], scores.argmax(1))
+  context = found.context(vocab, texts, 2)
+  for row, tokens in zip(ids, context):
+    expected = np.concatenate([vocab.encode_document([rows[i][2].decode(), rows[i][3]])
+                               for i in row])
+    np.testing.assert_array_equal(tokens, expected)
+  with pytest.raises(ConfigError, match="retrieve at least 1"):
+    found.context(vocab, texts, 0)
+
+
+class RecordingSampler:
+  """Stands in for a Sampler: records the requests, draws code 0."""
+
+  def __init__(self, vocab):
+    self.vocab, self.requests = vocab, []
+
+  def generate(self, requests, num_new, mode, sampling_config):
+    self.requests.extend(requests)
+    return np.full((len(requests), num_new), self.vocab.image_offset, np.int32)
+
+
+@pytest.mark.parametrize("in_uncond", [True, False])
+def test_text_to_image_places_the_context_before_the_prompt(in_uncond):
+  import jax
+  from cm3jax import sampling, train_tokenizer
+  from cm3jax.data import shapes
+  from cm3jax.vocab import Vocab
+  vocab = Vocab(train_tokenizer.train([shapes.scene("train", i).caption() for i in range(300)],
+                                      300), num_sentinels=16, num_image_codes=64)
+  sampler = RecordingSampler(vocab)
+  context = [np.array([2, 10, 11], np.int32), np.array([2, 12], np.int32)]
+  captions = ["a small red circle on the left", "a large blue square at the top"]
+  sampling.text_to_image(sampler, captions, 2, 4, jax.random.PRNGKey(0), 3.0,
+                         context=context, context_in_uncond=in_uncond)
+  assert len(sampler.requests) == 4
+  for n, request in enumerate(sampler.requests):
+    i = n // 2
+    np.testing.assert_array_equal(
+        request.prompt, np.concatenate([context[i], sampling.image_prompt(vocab, captions[i])]))
+    kept = context[i] if in_uncond else np.zeros(0, np.int32)
+    np.testing.assert_array_equal(request.uncond_prompt, np.concatenate(
+        [kept, sampling.unconditional_image_prompt(vocab)]))
+  with pytest.raises(ConfigError, match="1 contexts for 2 captions"):
+    sampling.text_to_image(sampler, captions, 1, 4, jax.random.PRNGKey(0), context=context[:1])

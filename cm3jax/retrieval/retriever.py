@@ -48,6 +48,7 @@ class Retriever:
   params: dict
   tokenize: Callable[[Sequence[str], int], np.ndarray]
   source: str  # where it was loaded from, in words
+  path: str = ""  # the path `load` takes, "" for one made in memory
 
   def __post_init__(self):
     model = clip.CLIP(self.cfg)
@@ -100,6 +101,7 @@ def load(path: str, head_width: int = 64) -> Retriever:
     params = checkpoint.restore_params(path, step, abstract, host=True)
     with open(os.path.join(path, TOKENIZER_FILE), "rb") as f:
       tokenize = SentencePieceText(f.read())
-    return Retriever(cfg, params, tokenize, f"cm3jax retriever {path} (step {step})")
+    return Retriever(cfg, params, tokenize, f"cm3jax retriever {path} (step {step})",
+                     os.path.abspath(path))
   cfg, params = clip_io.load(path, head_width)
-  return Retriever(cfg, params, bpe.ClipBPE(), f"CLIP {path}")
+  return Retriever(cfg, params, bpe.ClipBPE(), f"CLIP {path}", os.path.abspath(path))

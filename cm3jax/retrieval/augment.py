@@ -1,0 +1,50 @@
+"""Retrieved documents for prompts at sampling time: a memory bank with its retriever, its
+MIPS index and the documents of the records it embedded.
+
+`Memory.load(BANK)` takes the retriever the bank records (or another path naming the same
+weights); `context(vocab, texts, k)` gives, per text, the token prefix of its k retrieved
+documents, `</s> text <break> image` each, best first, in the order and form the CM3 stream
+trains on (docs/design.md, "Retrieval").
+"""
+
+import dataclasses
+
+import numpy as np
+
+from cm3jax.config import ConfigError
+from cm3jax.data import code_shards
+from cm3jax.retrieval import memory, mips, retriever
+from cm3jax.vocab import Vocab
+
+
+@dataclasses.dataclass
+class Memory:
+  retriever: retriever.Retriever
+  index: mips.Index
+  captions: list[str]  # of the bank's split, by record index
+  codes: np.ndarray  # int [records, tokens per image]
+
+  @classmethod
+  def load(cls, bank: str, retriever_path: str = "", engine: str = "exact",
+           head_width: int = 64) -> "Memory":
+    vectors, ids, manifest = memory.load(bank)
+    r = retriever.load(retriever_path or manifest["retriever_path"], head_width)
+    memory.check_compatible(manifest, bank, r.fingerprint, r.cfg.embed_dim)
+    codes, captions = code_shards.read_split(manifest["codes"], manifest["split"], 2**62)
+    return cls(r, mips.make_index(engine, vectors, ids), captions, codes)
+
+  def retrieve(self, texts: list[str], k: int) -> np.ndarray:
+    """Record ids [len(texts), k] of the bank's documents nearest each text, best first."""
+    _, ids = self.index.search(self.retriever.embed_texts(texts), k)
+    return ids
+
+  def context(self, vocab: Vocab, texts: list[str], k: int) -> list[np.ndarray]:
+    """Per text, its k retrieved documents as one token prefix, the best one first."""
+    if k < 1:
+      raise ConfigError(f"retrieve={k}: retrieve at least 1 document (0: no retrieval)")
+    if self.codes.max(initial=0) >= vocab.num_image_codes:
+      raise ConfigError(f"the bank's codes reach {self.codes.max()} but the model has "
+                        f"{vocab.num_image_codes} image codes")
+    return [np.concatenate([vocab.encode_document([self.captions[i], self.codes[i]])
+                            for i in row if i >= 0]).astype(np.int32)
+            for row in self.retrieve(texts, k)]
