@@ -67,6 +67,12 @@ def test_ivfpq_finds_most_true_neighbours():
   recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)])
   assert recall > 0.5
   assert np.mean(found[:, 0] == np.arange(200)) > 0.9
+  index.refine = 4  # the best 40 by the codes, rescored exactly
+  scores, refined = index.search(queries, 10)
+  refined_recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(refined, truth)])
+  assert refined_recall > max(recall, 0.9)
+  np.testing.assert_allclose(scores, np.einsum("qe,qce->qc", queries, vectors[refined]), atol=1e-5)
+  assert (np.diff(scores, axis=1) <= 0).all()
 
 
 def test_bad_input_is_refused_in_one_line():

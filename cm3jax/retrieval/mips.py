@@ -6,7 +6,9 @@
   faiss_flat   faiss `IndexFlatIP`, exact, on the host CPU
   faiss_ivfpq  faiss `IndexIVFPQ` (inner product): a coarse quantiser of `nlist` cells and
                product-quantised residuals of `pq_bytes` bytes per vector; `nprobe` cells are
-               searched. For banks too large for float32 in memory.
+               searched, and with `refine` = r the r * k best by the codes are scored again
+               exactly against the bank's own vectors (float16 on the host, or a memory-mapped
+               array). For banks too large for float32 in memory.
 
 `make_index(engine, bank_NxE, ids_N)` builds one; `index.search(queries_QxE, k)` returns the
 scores [Q, k] (float32, best first) and the bank ids [Q, k] (int64) of the k best rows.
@@ -117,13 +119,15 @@ def _faiss():
 @dataclasses.dataclass
 class FaissIndex:
   """faiss_flat, or faiss_ivfpq with `nlist` cells, `pq_bytes` bytes per vector, `nprobe`
-  cells searched; IVF-PQ trains on at most `train_rows` rows of the bank."""
+  cells searched and `refine` times k candidates rescored exactly (0: none); IVF-PQ trains on
+  at most `train_rows` rows of the bank."""
   bank_NxE: np.ndarray
   ids_N: np.ndarray
   engine: str = "faiss_flat"
   nlist: int = 1024
   pq_bytes: int = 32
   nprobe: int = 16
+  refine: int = 0
   train_rows: int = 100_000
   seed: int = 0
 
@@ -150,7 +154,17 @@ class FaissIndex:
 
   def search(self, queries_QxE, k):
     _check_queries(queries_QxE, self.bank_NxE.shape[1], k, len(self.ids_N))
-    scores, rows = self.index.search(np.ascontiguousarray(queries_QxE, np.float32), k)
+    queries = np.ascontiguousarray(queries_QxE, np.float32)
+    if self.engine == "faiss_ivfpq" and self.refine:
+      _, candidates = self.index.search(queries, min(k * self.refine, len(self.ids_N)))
+      rows_QxC = np.maximum(candidates, 0)
+      exact = np.einsum("qe,qce->qc", queries, self.bank_NxE[rows_QxC].astype(np.float32))
+      exact[candidates < 0] = -np.inf
+      best = np.argsort(-exact, axis=1, kind="stable")[:, :k]
+      scores = np.take_along_axis(exact, best, 1)
+      rows = np.where(np.isfinite(scores), np.take_along_axis(candidates, best, 1), -1)
+    else:
+      scores, rows = self.index.search(queries, k)
     # faiss marks a slot it could not fill (fewer than k vectors in the probed cells) with -1.
     return scores, np.where(rows >= 0, self.ids_N[np.maximum(rows, 0)], -1)
 
