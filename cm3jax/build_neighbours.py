@@ -70,6 +70,20 @@ def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index
   return info
 
 
+def build(r: retriever.Retriever, vqgan: ImageTokenizer, memory_dir: str, codes_dir: str,
+          out: str, splits=("train", "validation"), engine: str = "exact", **options
+          ) -> list[dict]:
+  """Every split's neighbours from the bank in `memory_dir`, after checking that the bank was
+  built by `r` from these codes; `options` go to `build_split`. Returns the splits' manifests."""
+  vectors, ids, manifest = memory.load(memory_dir)
+  memory.check_compatible(manifest, memory_dir, r.fingerprint, r.cfg.embed_dim)
+  memory.check_covers(manifest, memory_dir, codes_dir)
+  index = mips.make_index(engine, vectors, ids)
+  bank = {**manifest, "path": os.path.abspath(memory_dir)}
+  return [build_split(r, vqgan, index, bank, codes_dir, split, out, **options)
+          for split in splits]
+
+
 def _define_flags():
   flags.DEFINE_string("retriever", None, "The retriever the bank was built with.")
   flags.DEFINE_string("memory", None, "A memory bank (cm3jax.build_memory --out).")
@@ -90,17 +104,13 @@ def main(FLAGS):
   for name in ("retriever", "memory", "codes", "vqgan", "out"):
     if not getattr(FLAGS, name):
       raise ConfigError(f"--{name} is required")
-  r = retriever.load(FLAGS.retriever, FLAGS.head_width)
-  vectors, ids, manifest = memory.load(FLAGS.memory)
-  memory.check_compatible(manifest, FLAGS.memory, r.fingerprint, r.cfg.embed_dim)
-  memory.check_covers(manifest, FLAGS.memory, FLAGS.codes)
-  index = mips.make_index(FLAGS.engine, vectors, ids)
-  bank = {**manifest, "path": os.path.abspath(FLAGS.memory)}
-  vqgan = ImageTokenizer.load(FLAGS.vqgan)
-  for split in FLAGS.splits:
-    info = build_split(r, vqgan, index, bank, FLAGS.codes, split, FLAGS.out, FLAGS.per_record,
-                       FLAGS.candidates, FLAGS.query_dropout, FLAGS.max_relevance, FLAGS.seed)
-    print(f"neighbours of {split}: {info['records']} records x {info['per_record']} in "
+  infos = build(retriever.load(FLAGS.retriever, FLAGS.head_width), ImageTokenizer.load(FLAGS.vqgan),
+                FLAGS.memory, FLAGS.codes, FLAGS.out, FLAGS.splits, FLAGS.engine,
+                per_record=FLAGS.per_record, candidates=FLAGS.candidates,
+                query_dropout=FLAGS.query_dropout, max_relevance=FLAGS.max_relevance,
+                seed=FLAGS.seed)
+  for info in infos:
+    print(f"neighbours of {info['split']}: {info['records']} records x {info['per_record']} in "
           f"{FLAGS.out}")
 
 

@@ -38,7 +38,7 @@ from cm3jax import sample, sampling, tokenize_images, train, train_retriever, tr
 from cm3jax import train_vqgan
 from cm3jax.config import ConfigError, check_ranges, load_config_file
 from cm3jax.data import code_shards
-from cm3jax.retrieval import memory, mips, neighbours, retriever
+from cm3jax.retrieval import memory, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
 COMPLETE, PARTIAL, MISSING = "complete", "partial", "missing"
@@ -199,16 +199,11 @@ def neighbours_status(job: Job) -> tuple[str, str]:
 
 def make_neighbours(job: Job) -> str:
   paths, r = retrieval_paths(job), job.config.cm3.retrieval
-  found = retriever.load(paths.retriever)
-  vectors, ids, manifest = memory.load(paths.memory)
-  memory.check_compatible(manifest, paths.memory, found.fingerprint, found.cfg.embed_dim)
-  memory.check_covers(manifest, paths.memory, job.paths.codes_dir)
-  index = mips.make_index(r.engine, vectors, ids)
-  vqgan = ImageTokenizer.load(job.paths.vqgan_workdir)
-  for split in NEIGHBOUR_SPLITS:
-    build_neighbours.build_split(found, vqgan, index, {**manifest, "path": paths.memory},
-                                 job.paths.codes_dir, split, paths.neighbours, r.per_record,
-                                 r.candidates, r.query_dropout, r.max_relevance)
+  build_neighbours.build(retriever.load(paths.retriever),
+                         ImageTokenizer.load(job.paths.vqgan_workdir), paths.memory,
+                         job.paths.codes_dir, paths.neighbours, NEIGHBOUR_SPLITS, r.engine,
+                         per_record=r.per_record, candidates=r.candidates,
+                         query_dropout=r.query_dropout, max_relevance=r.max_relevance)
   return f"{r.per_record} per record of {', '.join(NEIGHBOUR_SPLITS)} in {paths.neighbours}"
 
 

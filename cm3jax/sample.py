@@ -145,8 +145,9 @@ def main(FLAGS):
     context = None
     if FLAGS.retrieve:
       found = augment.Memory.load(FLAGS.memory)
-      context = found.context(sampler.vocab, [FLAGS.prompt], FLAGS.retrieve)
-      for i in found.retrieve([FLAGS.prompt], FLAGS.retrieve)[0]:
+      ids = found.retrieve([FLAGS.prompt], FLAGS.retrieve)
+      context = found.documents(sampler.vocab, ids)
+      for i in ids[0]:
         print(f"retrieved: {found.captions[i]!r}")
     codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
                                    vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg, context,

@@ -35,16 +35,19 @@ class Memory:
 
   def retrieve(self, texts: list[str], k: int) -> np.ndarray:
     """Record ids [len(texts), k] of the bank's documents nearest each text, best first."""
+    if k < 1:
+      raise ConfigError(f"retrieve={k}: retrieve at least 1 document (0: no retrieval)")
     _, ids = self.index.search(self.retriever.embed_texts(texts), k)
     return ids
 
-  def context(self, vocab: Vocab, texts: list[str], k: int) -> list[np.ndarray]:
-    """Per text, its k retrieved documents as one token prefix, the best one first."""
-    if k < 1:
-      raise ConfigError(f"retrieve={k}: retrieve at least 1 document (0: no retrieval)")
+  def documents(self, vocab: Vocab, ids_BxK: np.ndarray) -> list[np.ndarray]:
+    """Per row of record ids, those documents as one token prefix, in the row's order."""
     if self.codes.max(initial=0) >= vocab.num_image_codes:
       raise ConfigError(f"the bank's codes reach {self.codes.max()} but the model has "
                         f"{vocab.num_image_codes} image codes")
     return [np.concatenate([vocab.encode_document([self.captions[i], self.codes[i]])
-                            for i in row if i >= 0]).astype(np.int32)
-            for row in self.retrieve(texts, k)]
+                            for i in row if i >= 0]).astype(np.int32) for row in ids_BxK]
+
+  def context(self, vocab: Vocab, texts: list[str], k: int) -> list[np.ndarray]:
+    """Per text, its k retrieved documents as one token prefix, the best one first."""
+    return self.documents(vocab, self.retrieve(texts, k))
