@@ -23,11 +23,13 @@ from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 
-def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index, bank: dict,
-                codes_dir: str, split: str, out: str, per_record: int = 4, candidates: int = 16,
+def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index,
+                documents_NxE: np.ndarray, bank: dict, codes_dir: str, split: str, out: str,
+                per_record: int = 4, candidates: int = 128,
                 query_dropout: float = 0.2, max_relevance: float = 0.9, seed: int = 0,
                 shard_size: int = 4096) -> dict:
-  """Writes (or resumes) one split's neighbour shards and returns its manifest."""
+  """Writes (or resumes) one split's neighbour shards and returns its manifest. `index` searches
+  the bank, whose vectors by record id are `documents_NxE` (`documents_by_id`)."""
   if not 0 <= query_dropout < 1:
     raise ConfigError(f"--query_dropout={query_dropout} must lie in [0, 1)")
   if per_record < 1 or candidates < per_record:
@@ -57,8 +59,8 @@ def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index
       image_scores, image_ids = index.search(r.embed_images(images), candidates)
       query_ids = record_ids if in_bank else np.full(len(ok), -1)
       ids[record_ids - rows[0][0]] = neighbours.pick(query_ids, text_scores, text_ids,
-                                                     image_scores, image_ids, per_record,
-                                                     max_relevance)
+                                                     image_scores, image_ids, documents_NxE,
+                                                     per_record, max_relevance)
     neighbours.write_shard(out, split, shard, keys.astype(bytes), ids)
     found += int((ids >= 0).sum())
     print(f"{split} neighbour shard {shard + 1}/{shards}: {len(rows)} records", flush=True)
@@ -80,8 +82,15 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, memory_dir: str, codes_
   memory.check_covers(manifest, memory_dir, codes_dir)
   index = mips.make_index(engine, vectors, ids)
   bank = {**manifest, "path": os.path.abspath(memory_dir)}
-  return [build_split(r, vqgan, index, bank, codes_dir, split, out, **options)
-          for split in splits]
+  return [build_split(r, vqgan, index, documents_by_id(vectors, ids), bank, codes_dir, split, out,
+                      **options) for split in splits]
+
+
+def documents_by_id(vectors_NxE: np.ndarray, ids_N: np.ndarray) -> np.ndarray:
+  """The bank's vectors as rows indexed by record id (zero rows for ids it skipped)."""
+  out = np.zeros((int(ids_N.max(initial=-1)) + 1, vectors_NxE.shape[1]), vectors_NxE.dtype)
+  out[ids_N] = vectors_NxE
+  return out
 
 
 def _define_flags():
@@ -92,7 +101,8 @@ def _define_flags():
   flags.DEFINE_string("out", None, "Directory of the neighbour shards.")
   flags.DEFINE_list("splits", ["train", "validation"], "Splits of the code shards.")
   flags.DEFINE_integer("per_record", 4, "Neighbours kept per record.")
-  flags.DEFINE_integer("candidates", 16, "Candidates searched per query.")
+  flags.DEFINE_integer("candidates", 128, "Candidates searched per query (enough to reach past a "
+                       "query's own duplicates).")
   flags.DEFINE_float("query_dropout", 0.2, "Share of a text query's tokens dropped.")
   flags.DEFINE_float("max_relevance", 0.9, "Candidates more relevant than this are skipped.")
   flags.DEFINE_enum("engine", "exact", mips.ENGINES, "MIPS engine.")

@@ -151,7 +151,7 @@ def base_config() -> ml_collections.ConfigDict:
           memory="",  # The memory bank; "" = WORKDIR/memory
           neighbours_dir="",  # "" = WORKDIR/neighbours
           per_record=4,  # Neighbours computed per record (at least `documents`).
-          candidates=16,  # Bank candidates searched per query.
+          candidates=128,  # Bank candidates searched per query: past its duplicates.
           query_dropout=0.2,  # Share of a text query's tokens dropped before encoding.
           max_relevance=0.9,  # More relevant candidates are near-duplicates, skipped.
           engine="exact",  # MIPS: exact (JAX), faiss_flat or faiss_ivfpq.

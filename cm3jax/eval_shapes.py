@@ -12,6 +12,14 @@ caption given each image; its ceiling is the share of the split's own VQGAN code
 to an image the analyser reads right ("VQGAN reconstructions"). The validation split holds
 compositions seen in training, the test split held-out ones. The report goes to
 WORKDIR/eval_shapes.json and, as a markdown table, WORKDIR/eval_shapes.md.
+
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_ra --retrieve=3
+
+adds a column per split with retrieval: each caption follows the 3 documents of the run's
+memory bank (or --memory) nearest it, each image being captioned those nearest the image, and
+guidance is scored with the documents in the unconditional stream and without them. Given a
+retriever (--retriever, or the bank's), best of 8 reranked by the retriever's image-text score
+is scored too.
 """
 
 import dataclasses
@@ -27,6 +35,7 @@ from absl import flags
 from cm3jax import checkpoint, cli, data, sampling
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards, shapes
+from cm3jax.retrieval import augment, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 PALETTE = np.array(list(shapes.BACKGROUNDS) + list(shapes.COLOURS.values()), np.float32)
@@ -129,7 +138,9 @@ def caption_matches(caption: str, truth: shapes.Described) -> bool:
 class Setting:
   guidance: float = 1.0
   sampling: dict = dataclasses.field(default_factory=dict)  # SamplingConfig fields
-  candidates: int = 1  # > 1: the image under which the model finds the caption likeliest
+  candidates: int = 1  # > 1: the best of these by `rerank_by`
+  rerank_by: str = "model"  # its likelihood of the caption given the image, or "retriever"
+  uncond_retrieved: bool = True  # with retrieval: the unconditional stream keeps the documents
 
 
 SETTINGS = {
@@ -143,15 +154,35 @@ SETTINGS = {
     "top-p 0.9, best of 8 by the caption's likelihood": Setting(sampling=dict(top_p=0.9),
                                                                 candidates=8),
 }
+RERANKED_SETTINGS = {  # where a retriever is given
+    "top-p 0.9, best of 8 by the retriever's score": Setting(sampling=dict(top_p=0.9),
+                                                             candidates=8, rerank_by="retriever"),
+}
+RETRIEVAL_SETTINGS = {  # with retrieved documents: the other definition of the unconditional stream
+    "top-p 0.9, CFG 1.5, no documents in the unconditional stream": Setting(
+        1.5, dict(top_p=0.9), uncond_retrieved=False),
+    "top-p 0.9, CFG 3, no documents in the unconditional stream": Setting(
+        3.0, dict(top_p=0.9), uncond_retrieved=False),
+}
 SPLITS = ("validation", "test")
 REPORT_FILES = ("eval_shapes.json", "eval_shapes.md")  # in the workdir
 
 
 def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int = 128,
-             seed: int = 0, settings: Optional[dict] = None) -> dict:
+             seed: int = 0, settings: Optional[dict] = None,
+             memory: Optional[augment.Memory] = None, retrieve: int = 0,
+             reranker: Optional[retriever.Retriever] = None) -> dict:
   """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
   held-out compositions; validation: compositions seen in training), of the workdir's newest
-  checkpoint."""
+  checkpoint. With `retrieve` > 0, each caption follows the `retrieve` documents of `memory`
+  nearest it, and each image being captioned those nearest the image. `reranker` (by default
+  the memory's retriever) scores the settings that rerank by the retriever."""
+  if retrieve and memory is None:
+    raise ConfigError(f"retrieve={retrieve} needs a memory bank")
+  reranker = reranker or (memory.retriever if memory else None)
+  if settings is None:
+    settings = {**SETTINGS, **(RERANKED_SETTINGS if reranker else {}),
+                **(RETRIEVAL_SETTINGS if retrieve else {})}
   step = checkpoint.latest_step(workdir)
   sampler, config = sampling.load(workdir)
   paths = data.input_paths(config["cm3"], workdir)
@@ -159,28 +190,37 @@ def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int
   codes, captions = code_shards.read_split(paths.codes_dir, split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
-  results = {"split": split, "step": step, "examples": len(captions)}
+  results = {"split": split, "step": step, "examples": len(captions), "retrieved": retrieve}
   # The ceiling of text->image: how many of the split's own codes decode to a readable image.
   readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
                  for start in range(0, len(captions), batch_size))
   results["VQGAN reconstructions"] = readable / len(captions)
-  for name, setting in (settings or SETTINGS).items():
+  by_text = by_image = None
+  if retrieve:
+    by_text = memory.context(sampler.vocab, captions, retrieve)
+    by_image = memory.documents(sampler.vocab,
+                                memory.retrieve_by_images(vqgan.decode(codes), retrieve))
+  for name, setting in settings.items():
+    if setting.rerank_by == "retriever" and setting.candidates > 1 and reranker is None:
+      raise ConfigError(f"setting {name!r} reranks by the retriever, and none is given")
+    score = augment.retriever_score(reranker, vqgan) if setting.rerank_by == "retriever" else None
     cfg = sampling.SamplingConfig(**setting.sampling)
     right = 0
     per_batch = max(1, batch_size // setting.candidates)
     for start in range(0, len(captions), per_batch):
-      batch = captions[start:start + per_batch]
-      key = jax.random.fold_in(image_key, start)
+      batch = slice(start, start + per_batch)
       generated = sampling.text_to_image_reranked(
-          sampler, batch, setting.candidates, vqgan.cfg.tokens_per_image, key, setting.guidance,
-          cfg)
-      right += _shown(vqgan, generated, truths[start:start + per_batch])
+          sampler, captions[batch], setting.candidates, vqgan.cfg.tokens_per_image,
+          jax.random.fold_in(image_key, start), setting.guidance, cfg,
+          None if by_text is None else by_text[batch], setting.uncond_retrieved, score)
+      right += _shown(vqgan, generated, truths[batch])
     results[f"text_to_image, {name}"] = right / len(captions)
   right, examples = 0, []
   for start in range(0, len(captions), batch_size):
-    made = sampling.caption_images(sampler, codes[start:start + batch_size],
-                                   jax.random.fold_in(caption_key, start))
-    right += sum(caption_matches(c, t) for c, t in zip(made, truths[start:start + batch_size]))
+    batch = slice(start, start + batch_size)
+    made = sampling.caption_images(sampler, codes[batch], jax.random.fold_in(caption_key, start),
+                                   context=None if by_image is None else by_image[batch])
+    right += sum(caption_matches(c, t) for c, t in zip(made, truths[batch]))
     examples += made[:max(0, 8 - len(examples))]
   results["image_to_text, greedy"] = right / len(captions)
   results["caption examples"] = [f"{got!r} for {want!r}" for got, want in zip(examples, captions)]
@@ -199,16 +239,45 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_list("splits", list(SPLITS), "test: held-out compositions; validation: "
                     "compositions seen in training.")
+  flags.DEFINE_integer("retrieve", 0, "Also score each split with this many documents retrieved "
+                       "from --memory before each prompt; 0: no retrieval.")
+  flags.DEFINE_string("memory", None, "The memory bank to retrieve from; default: the run's "
+                      "(cm3.retrieval.memory, else WORKDIR/memory).")
+  flags.DEFINE_string("retriever", None, "A retriever that reranks samples (a train_retriever "
+                      "workdir or a CLIP checkpoint); default: the memory bank's, with --retrieve.")
+
+
+def columns(splits: Sequence[str], retrieve: int) -> dict[str, tuple[str, int]]:
+  """The report's columns, {name: (split, documents retrieved)}: each split, and with `retrieve`
+  each split with retrieval."""
+  plain = {s: (s, 0) for s in splits}
+  if not retrieve:
+    return plain
+  return {name: col for s in splits
+          for name, col in ((s, plain[s]), (f"{s}, {retrieve} retrieved", (s, retrieve)))}
 
 
 def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: int = 128,
-           seed: int = 0) -> dict:
-  """`evaluate` of each split, written to WORKDIR/eval_shapes.json (by split) and, as the
-  table that `table` makes, WORKDIR/eval_shapes.md."""
+           seed: int = 0, retrieve: int = 0, memory_path: str = "", retriever_path: str = ""
+           ) -> dict:
+  """`evaluate` of each split, and with `retrieve` of each split with retrieval from the memory
+  bank at `memory_path` (by default the run's), written to WORKDIR/eval_shapes.json (by column)
+  and, as the table that `table` makes, WORKDIR/eval_shapes.md."""
   unknown = [s for s in splits if s not in SPLITS]
   if unknown or not splits:
     raise ConfigError(f"splits {list(splits)}: each must be one of {list(SPLITS)}")
-  results = {split: evaluate(workdir, split, num_examples, batch_size, seed) for split in splits}
+  if retrieve < 0:
+    raise ConfigError(f"retrieve={retrieve}: retrieve 0 documents (none) or more")
+  memory = None
+  if retrieve:
+    config = checkpoint.saved_config(workdir, checkpoint.latest_step(workdir))
+    memory_path = memory_path or data.retrieval_paths(config["cm3"], workdir).memory
+    memory = augment.Memory.load(memory_path)
+  reranker = retriever.load(retriever_path) if retriever_path else None
+  results = {}
+  for column, (split, retrieved) in columns(splits, retrieve).items():
+    results[column] = evaluate(workdir, split, num_examples, batch_size, seed, memory=memory,
+                               retrieve=retrieved, reranker=reranker)
   json_path, markdown_path = (os.path.join(workdir, f) for f in REPORT_FILES)
   with open(json_path, "w") as f:
     json.dump(results, f, indent=1)
@@ -227,18 +296,21 @@ def saved(workdir: str) -> dict:
 
 
 def table(results: dict) -> list[str]:
-  """A markdown table of `results` ({split: evaluate's dict}), a column per split, then some
-  captions the model wrote."""
-  splits = list(results)
+  """A markdown table of `results` ({column: evaluate's dict}), then some captions the model
+  wrote; a setting a column did not score is "-"."""
   kinds = {"validation": "seen compositions", "test": "held-out compositions"}
-  first = results[splits[0]]
+  heads = [f"{r['split']} ({kinds[r['split']]}" + (f", {r['retrieved']} retrieved)"
+                                                   if r.get("retrieved") else ")")
+           for r in results.values()]
+  rows = list(dict.fromkeys(name for r in results.values() for name, value in r.items()
+                            if isinstance(value, float)))
+  first = next(iter(results.values()))
   lines = [f"eval_shapes of step {first['step']}, {first['examples']} examples per split",
-           "", "| task, sampling | " + " | ".join(f"{s} ({kinds[s]})" for s in splits) + " |",
-           "|---|" + "---|" * len(splits)]
-  lines += [f"| {name} | " + " | ".join(f"{results[s][name]:.1%}" for s in splits) + " |"
-            for name, value in first.items() if isinstance(value, float)]
-  for s in splits:
-    lines += ["", f"Captions of {s} images:"] + [f"- {line}" for line in results[s]["caption examples"]]
+           "", "| task, sampling | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+  lines += [f"| {name} | " + " | ".join(f"{r[name]:.1%}" if name in r else "-"
+                                          for r in results.values()) + " |" for name in rows]
+  for column, r in results.items():
+    lines += ["", f"Captions of {column} images:"] + [f"- {line}" for line in r["caption examples"]]
   return lines
 
 
@@ -249,7 +321,8 @@ def main(FLAGS):
     raise ConfigError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} "
                       "must be at least 1")
   t = time.perf_counter()
-  results = report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed)
+  results = report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
+                   FLAGS.retrieve, FLAGS.memory or "", FLAGS.retriever or "")
   print("\n".join(table(results)))
   print(f"{time.perf_counter() - t:.0f}s; written to "
         + " and ".join(os.path.join(FLAGS.workdir, f) for f in REPORT_FILES))

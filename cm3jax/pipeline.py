@@ -13,7 +13,8 @@
   4. token model       the config's CM3 model (what python -m cm3jax.train runs)
   5. report            samples.png and captions.txt from validation data and, on the shapes data,
                        the cm3jax.eval_shapes report of both splits (eval_shapes.json, .md),
-                       printed as its table
+                       printed as its table; with retrieval, each split is scored with and
+                       without cm3.retrieval.documents documents retrieved from the bank
 
 Each stage looks at what the workdir holds and prints one line: it reuses a complete output,
 resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan, WORKDIR/codes
@@ -235,8 +236,9 @@ def report_status(job: Job) -> tuple[str, str]:
   step = checkpoint.newest_step(job.workdir)
   files = [os.path.join(job.workdir, f) for f in sample.SAMPLE_FILES]
   report = eval_shapes.saved(job.workdir)
-  scored = [s for s in report_splits(job) if report.get(s, {}).get("step") == step]
-  if all(os.path.exists(f) for f in files) and len(scored) == len(report_splits(job)):
+  wanted = eval_shapes.columns(report_splits(job), job.config.cm3.retrieval.documents)
+  scored = [c for c in wanted if report.get(c, {}).get("step") == step]
+  if all(os.path.exists(f) for f in files) and len(scored) == len(wanted):
     return COMPLETE, f"samples and the eval_shapes report of step {step}"
   return MISSING, f"nothing for step {step}"
 
@@ -247,7 +249,9 @@ def make_report(job: Job) -> str:
   lines = sample.write_samples(sampler, vqgan, job.paths.codes_dir, job.workdir)
   made = list(sample.SAMPLE_FILES)
   if report_splits(job):
-    eval_shapes.report(job.workdir, report_splits(job), job.config.report_examples)
+    eval_shapes.report(job.workdir, report_splits(job), job.config.report_examples,
+                       retrieve=job.config.cm3.retrieval.documents,
+                       memory_path=retrieval_paths(job).memory)
     made += eval_shapes.REPORT_FILES
   print("\n".join(f"  {line}" for line in lines))
   return ", ".join(made)

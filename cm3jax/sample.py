@@ -4,14 +4,15 @@
       --num_images=8 --cfg=3.0 --out=grid.png
   python -m cm3jax.sample --workdir=workdirs/tiny --image=photo.png --num_captions=3
   python -m cm3jax.sample --workdir=workdirs/tiny_ra --prompt="a red circle above a blue square" \
-      --memory=workdirs/tiny_ra/memory --retrieve=2
+      --memory=workdirs/tiny_ra/memory --retrieve=2 --rerank=8
 
 The model, its vocabulary and (from the run's config) its VQGAN come from the workdir's latest
 checkpoint. --cfg is the classifier-free guidance scale alpha_c (1: none); --cd_k turns on
 contrastive top-k. Captions are greedy unless --num_captions > 1. --retrieve=K places the K
 documents of --memory nearest the prompt (by the bank's retriever) before it, as a model of
 configs/tiny_ra.py was trained; with guidance the unconditional stream keeps them unless
---nouncond_retrieved.
+--nouncond_retrieved. --rerank=N draws N images for each one kept, and keeps the one the
+retriever (--retriever, else the bank's) scores closest to the prompt.
 """
 
 import os
@@ -24,7 +25,7 @@ from absl import flags
 from cm3jax import cli, data, sampling, tokenize_images
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards
-from cm3jax.retrieval import augment
+from cm3jax.retrieval import augment, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 from cm3jax.vqgan.tokenizer import progress as tokenizer_progress
 
@@ -127,33 +128,47 @@ def _define_flags():
                        "0: none.")
   flags.DEFINE_bool("uncond_retrieved", True, "With --cfg, the unconditional stream keeps the "
                     "retrieved documents (else it is the caption-free prompt alone).")
+  flags.DEFINE_integer("rerank", 1, "Each image is the best of this many drawn, by the "
+                       "retriever's image-text score; 1: no reranking.")
+  flags.DEFINE_string("retriever", None, "The retriever that reranks (a train_retriever workdir "
+                      "or a CLIP checkpoint); default: --memory's.")
 
 
 def main(FLAGS):
   if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image):
     raise ConfigError("--workdir and one of --prompt or --image are required")
-  if FLAGS.num_images < 1 or FLAGS.num_captions < 1:
-    raise ConfigError("--num_images and --num_captions must be at least 1")
+  if FLAGS.num_images < 1 or FLAGS.num_captions < 1 or FLAGS.rerank < 1:
+    raise ConfigError("--num_images, --num_captions and --rerank must be at least 1")
+  if FLAGS.retrieve and not (FLAGS.memory and FLAGS.prompt):
+    raise ConfigError("--retrieve needs --memory and --prompt")
+  if FLAGS.rerank > 1 and not (FLAGS.prompt and (FLAGS.retriever or FLAGS.memory)):
+    raise ConfigError("--rerank needs --prompt and a retriever: --retriever or --memory (its "
+                      "bank's)")
   cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
                                 FLAGS.cd_k, FLAGS.cd_alpha)
   sampler, config = sampling.load(FLAGS.workdir)
   vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   key = jax.random.PRNGKey(FLAGS.seed)
-  if FLAGS.retrieve and not (FLAGS.memory and FLAGS.prompt):
-    raise ConfigError("--retrieve needs --memory and --prompt")
   if FLAGS.prompt:
+    found = None
+    if FLAGS.retrieve or (FLAGS.rerank > 1 and not FLAGS.retriever):
+      found = augment.Memory.load(FLAGS.memory)
     context = None
     if FLAGS.retrieve:
-      found = augment.Memory.load(FLAGS.memory)
       ids = found.retrieve([FLAGS.prompt], FLAGS.retrieve)
-      context = found.documents(sampler.vocab, ids)
+      context = found.documents(sampler.vocab, ids) * FLAGS.num_images
       for i in ids[0]:
         print(f"retrieved: {found.captions[i]!r}")
-    codes = sampling.text_to_image(sampler, [FLAGS.prompt], FLAGS.num_images,
-                                   vqgan.cfg.tokens_per_image, key, FLAGS.cfg, cfg, context,
-                                   FLAGS.uncond_retrieved)[0]
+    score = None
+    if FLAGS.rerank > 1:
+      scorer = retriever.load(FLAGS.retriever) if FLAGS.retriever else found.retriever
+      score = augment.retriever_score(scorer, vqgan)
+    codes = sampling.text_to_image_reranked(
+        sampler, [FLAGS.prompt] * FLAGS.num_images, FLAGS.rerank, vqgan.cfg.tokens_per_image, key,
+        FLAGS.cfg, cfg, context, FLAGS.uncond_retrieved, score)
     save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
-    print(f"wrote {FLAGS.num_images} images of {FLAGS.prompt!r} to {FLAGS.out}")
+    best_of = f", each the best of {FLAGS.rerank} by the retriever," if FLAGS.rerank > 1 else ""
+    print(f"wrote {FLAGS.num_images} images{best_of} of {FLAGS.prompt!r} to {FLAGS.out}")
   if FLAGS.image:
     try:
       with open(FLAGS.image, "rb") as f:

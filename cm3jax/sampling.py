@@ -14,7 +14,7 @@ with the request's own key (the same key gives the same sample) or the argmax.
 import dataclasses
 import functools
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -379,15 +379,21 @@ def caption_log_likelihood(sampler: Sampler, codes: np.ndarray, captions: Sequen
 def text_to_image_reranked(sampler: Sampler, captions: Sequence[str], candidates: int,
                            tokens_per_image: int, key: jax.Array, guidance: float = 1.0,
                            sampling: SamplingConfig = SamplingConfig(),
-                           context: Optional[Sequence[np.ndarray]] = None) -> np.ndarray:
-  """Codes [len(captions), tokens_per_image]: of `candidates` images drawn per caption, the one
-  under which the model itself finds the caption likeliest (self-reranking: the model captions)."""
+                           context: Optional[Sequence[np.ndarray]] = None,
+                           context_in_uncond: bool = True,
+                           score: Optional[Callable[[np.ndarray, Sequence[str]], np.ndarray]] = None
+                           ) -> np.ndarray:
+  """Codes [len(captions), tokens_per_image]: of `candidates` images drawn per caption (as
+  `text_to_image` draws them), the one that `score(codes [N, T], their N captions)` rates highest;
+  by default the model's own likelihood of the caption given the image (self-reranking: the
+  model captions), else e.g. the retriever's (`augment.retriever_score`)."""
   drawn = text_to_image(sampler, captions, candidates, tokens_per_image, key, guidance, sampling,
-                        context)
+                        context, context_in_uncond)
   if candidates == 1:
     return drawn[:, 0]
+  score = score or functools.partial(caption_log_likelihood, sampler)
   flat = drawn.reshape(-1, tokens_per_image)
-  scores = caption_log_likelihood(sampler, flat, [c for c in captions for _ in range(candidates)])
+  scores = np.asarray(score(flat, [c for c in captions for _ in range(candidates)]))
   best = scores.reshape(len(captions), candidates).argmax(-1)
   return drawn[np.arange(len(captions)), best]
 
@@ -399,9 +405,16 @@ def decode_text(vocab: Vocab, tokens: np.ndarray) -> str:
 
 
 def caption_images(sampler: Sampler, codes: np.ndarray, key: jax.Array, max_tokens: int = 32,
-                   sampling: SamplingConfig = SamplingConfig(greedy=True)) -> list[str]:
+                   sampling: SamplingConfig = SamplingConfig(greedy=True),
+                   context: Optional[Sequence[np.ndarray]] = None) -> list[str]:
+  """A caption of each image's codes; `context`: per image, tokens placed before its prompt
+  (retrieved documents)."""
+  if context is not None and len(context) != len(codes):
+    raise ConfigError(f"{len(context)} contexts for {len(codes)} images")
   keys = jax.random.split(key, len(codes))
-  requests = [Request(caption_prompt(sampler.vocab, c), k) for c, k in zip(codes, keys)]
+  before = lambda i: np.zeros(0, np.int32) if context is None else np.asarray(context[i], np.int32)
+  requests = [Request(np.concatenate([before(i), caption_prompt(sampler.vocab, c)]), k)
+              for i, (c, k) in enumerate(zip(codes, keys))]
   tokens = sampler.generate(requests, max_tokens, "text", sampling)
   return [decode_text(sampler.vocab, t) for t in tokens]
 

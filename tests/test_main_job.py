@@ -89,11 +89,12 @@ def test_sample_writes_a_grid_and_captions_an_image(main_job, tmp_path):
   assert len(result.stdout.strip().splitlines()) == 2
 
 
-def test_eval_shapes_scores_the_test_split(main_job, tmp_path):
+def test_eval_shapes_scores_the_test_split(main_job, retriever_workdir, tmp_path):
   workdir, _ = main_job
   result = run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--num_examples=16",
-                      "--splits=test")
+                      "--splits=test", f"--retriever={retriever_workdir}")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert "| text_to_image, top-p 0.9, best of 8 by the retriever's score |" in result.stdout
   assert "| text_to_image, top-p 0.9, CFG 3 |" in result.stdout
   assert "| task, sampling | test (held-out compositions) |" in result.stdout
   saved = json.load(open(workdir / "eval_shapes.json"))
@@ -206,3 +207,30 @@ def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbo
   from cm3jax.retrieval import neighbours
   keys, ids, _ = neighbours.read(str(workdir / "neighbours"), "train")
   assert len(keys) == 512 and ids.shape == (512, 4)
+  report = json.load(open(workdir / "eval_shapes.json"))
+  assert list(report) == ["validation", "validation, 3 retrieved"]
+  assert [report[c]["retrieved"] for c in report] == [0, 3]
+  dropped = "text_to_image, top-p 0.9, CFG 3, no documents in the unconditional stream"
+  reranked = "text_to_image, top-p 0.9, best of 8 by the retriever's score"
+  assert dropped not in report["validation"] and dropped in report["validation, 3 retrieved"]
+  assert reranked in report["validation"] and reranked in report["validation, 3 retrieved"]
+  table = (workdir / "eval_shapes.md").read_text()
+  assert ("| task, sampling | validation (seen compositions) | validation (seen compositions, "
+          "3 retrieved) |") in table
+  assert f"| {dropped} | - | " in table
+
+  result = run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a red circle on the left",
+                      f"--memory={workdir}/memory", "--retrieve=2", "--rerank=3", "--num_images=2",
+                      f"--out={tmp_path}/grid.png", "--nouncond_retrieved")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("retrieved: '") == 2, result.stdout
+  assert "wrote 2 images, each the best of 3 by the retriever, of" in result.stdout
+  assert os.path.getsize(tmp_path / "grid.png") > 0
+  for flags, message in ((["--retrieve=2"], "--retrieve needs --memory and --prompt"),
+                         (["--rerank=2"], "--rerank needs --prompt and a retriever"),
+                         (["--rerank=0"], "and --rerank must be at least 1")):
+    assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a",
+                                     *flags), "cm3jax.sample", message)
+  assert_one_line_error(run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--retrieve=2",
+                                   f"--memory={tmp_path}/none", "--splits=validation"),
+                        "cm3jax.eval_shapes", "memory bank")

@@ -108,17 +108,23 @@ def test_pick_follows_the_papers_strategy():
     text_ids, image_ids = rng.integers(-1, 10, (Q, C)), rng.integers(-1, 10, (Q, C))
     text_scores, image_scores = rng.uniform(0.5, 1.0, (Q, C)), rng.uniform(0.5, 1.0, (Q, C))
     query_ids = rng.integers(0, 10, Q)
-    picked = neighbours.pick(query_ids, text_scores, text_ids, image_scores, image_ids, m)
+    documents = rng.normal(size=(10, 8))
+    documents[[3, 7]] = documents[2] + 0.01 * rng.normal(size=(2, 8))  # 2, 3 and 7: one content
+    documents /= np.linalg.norm(documents, axis=1, keepdims=True)
+    picked = neighbours.pick(query_ids, text_scores, text_ids, image_scores, image_ids, documents,
+                             m)
     for q in range(Q):
       chosen = [int(i) for i in picked[q] if i >= 0]
       assert list(picked[q][len(chosen):]) == [-1] * (m - len(chosen))  # -1 only at the end
       assert len(set(chosen)) == len(chosen) and query_ids[q] not in chosen
+      assert len({2, 3, 7} & set(chosen)) <= 1  # never two documents of one content
       # Exactly the survivors, in the order text 1, image 1, text 2, ...
       order = [(int(ids[q, k]), s[q, k]) for k in range(C)
                for s, ids in ((text_scores, text_ids), (image_scores, image_ids))]
       survivors = []
       for i, score in order:
-        if i >= 0 and i != query_ids[q] and score <= 0.9 and i not in survivors:
+        if (i >= 0 and i != query_ids[q] and score <= 0.9
+            and all(documents[i] @ documents[j] <= 0.9 for j in survivors)):
           survivors.append(i)
       assert chosen == survivors[:m]
 
@@ -144,10 +150,12 @@ def neighbour_dir(bank, parts, small_codes, tmp_path_factory):
   r, vqgan = parts
   vectors, ids, _ = memory.load(out)
   index = mips.make_index("exact", vectors, ids)
+  documents = build_neighbours.documents_by_id(vectors, ids)
   directory = str(tmp_path_factory.mktemp("neighbours"))
   for split in ("train", "validation"):
-    build_neighbours.build_split(r, vqgan, index, {**manifest, "path": out}, small_codes, split,
-                                 directory, per_record=3, candidates=8, shard_size=200)
+    build_neighbours.build_split(r, vqgan, index, documents, {**manifest, "path": out},
+                                 small_codes, split, directory, per_record=3, candidates=8,
+                                 shard_size=200)
   return directory
 
 
@@ -181,6 +189,7 @@ def test_interrupted_neighbours_resume_identically(neighbour_dir, bank, parts, s
           neighbours.shard_path(copy, "train", 0))
   vectors, ids, _ = memory.load(out)
   build_neighbours.build_split(r, vqgan, mips.make_index("exact", vectors, ids),
+                               build_neighbours.documents_by_id(vectors, ids),
                                {**manifest, "path": out}, small_codes, "train", copy,
                                per_record=3, candidates=8, shard_size=200)
   a, b = neighbours.read(neighbour_dir, "train"), neighbours.read(copy, "train")
@@ -227,14 +236,16 @@ def test_sampling_context_is_the_retrieved_documents_best_first(bank, parts, sma
 
 
 class RecordingSampler:
-  """Stands in for a Sampler: records the requests, draws code 0."""
+  """Stands in for a Sampler: records the requests, draws image code 0 or ends the text."""
 
   def __init__(self, vocab):
     self.vocab, self.requests = vocab, []
 
   def generate(self, requests, num_new, mode, sampling_config):
+    from cm3jax.vocab import EOS
     self.requests.extend(requests)
-    return np.full((len(requests), num_new), self.vocab.image_offset, np.int32)
+    return np.full((len(requests), num_new), self.vocab.image_offset if mode == "image" else EOS,
+                   np.int32)
 
 
 @pytest.mark.parametrize("in_uncond", [True, False])
@@ -260,3 +271,77 @@ def test_text_to_image_places_the_context_before_the_prompt(in_uncond):
         [kept, sampling.unconditional_image_prompt(vocab)]))
   with pytest.raises(ConfigError, match="1 contexts for 2 captions"):
     sampling.text_to_image(sampler, captions, 1, 4, jax.random.PRNGKey(0), context=context[:1])
+
+
+class CountingSampler(RecordingSampler):
+  """Stands in for a Sampler: request n draws image code n at every position."""
+
+  def generate(self, requests, num_new, mode, sampling_config):
+    first = len(self.requests)
+    self.requests.extend(requests)
+    codes = np.arange(first, first + len(requests))[:, None].repeat(num_new, 1)
+    return (self.vocab.image_offset + codes).astype(np.int32)
+
+
+def test_reranking_keeps_the_candidate_the_score_rates_highest(monkeypatch):
+  import jax
+  from cm3jax import sampling, train_tokenizer
+  from cm3jax.data import shapes
+  from cm3jax.vocab import Vocab
+  vocab = Vocab(train_tokenizer.train([shapes.scene("train", i).caption() for i in range(300)],
+                                      300), num_sentinels=16, num_image_codes=64)
+  captions = ["a small red circle on the left", "a large blue square at the top"]
+  context = [np.array([2, 10, 11], np.int32), np.array([2, 12], np.int32)]
+  preferred = {0: 2, 1: 1}  # caption -> the candidate code the score likes best
+  seen = []
+
+  def score(codes_NxT, texts):
+    seen.append(list(texts))
+    return np.array([-abs(int(c[0]) - preferred[captions.index(t)] - 4 * captions.index(t))
+                     for c, t in zip(codes_NxT, texts)], np.float32)
+
+  sampler = CountingSampler(vocab)
+  kept = sampling.text_to_image_reranked(sampler, captions, 4, 3, jax.random.PRNGKey(0), 3.0,
+                                         context=context, context_in_uncond=False, score=score)
+  # caption i's candidates are codes 4i .. 4i + 3; the score wants 4i + preferred[i]
+  np.testing.assert_array_equal(kept, [[2, 2, 2], [5, 5, 5]])
+  assert seen == [[captions[0]] * 4 + [captions[1]] * 4]
+  for request in sampler.requests:  # the context reaches the prompt, not the unconditional stream
+    assert request.prompt[:2].tolist() == [2, 10] or request.prompt[:2].tolist() == [2, 12]
+    np.testing.assert_array_equal(request.uncond_prompt, sampling.unconditional_image_prompt(vocab))
+  # the default score is the model's own likelihood of the caption
+  monkeypatch.setattr(sampling, "caption_log_likelihood",
+                      lambda s, codes, texts: score(codes, texts))
+  np.testing.assert_array_equal(sampling.text_to_image_reranked(
+      CountingSampler(vocab), captions, 4, 3, jax.random.PRNGKey(0)), [[2, 2, 2], [5, 5, 5]])
+
+
+def test_captioning_places_the_context_before_the_caption_prompt():
+  import jax
+  from cm3jax import sampling, train_tokenizer
+  from cm3jax.data import shapes
+  from cm3jax.vocab import Vocab
+  vocab = Vocab(train_tokenizer.train([shapes.scene("train", i).caption() for i in range(300)],
+                                      300), num_sentinels=16, num_image_codes=64)
+  sampler = RecordingSampler(vocab)
+  codes = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+  context = [np.array([2, 10, 11], np.int32), np.array([2, 12], np.int32)]
+  sampling.caption_images(sampler, codes, jax.random.PRNGKey(0), context=context)
+  for request, before, c in zip(sampler.requests, context, codes):
+    np.testing.assert_array_equal(request.prompt,
+                                  np.concatenate([before, sampling.caption_prompt(vocab, c)]))
+  with pytest.raises(ConfigError, match="1 contexts for 2 images"):
+    sampling.caption_images(sampler, codes, jax.random.PRNGKey(0), context=context[:1])
+
+
+def test_the_retriever_score_is_each_decoded_images_cosine_to_its_caption(parts, small_codes):
+  from cm3jax.retrieval import augment
+  r, vqgan = parts
+  rows = list(memory.records(small_codes, "validation"))[:64]
+  codes = np.stack([c for _, _, _, c in rows])
+  captions = [c.decode() for _, _, c, _ in rows]
+  score = augment.retriever_score(r, vqgan)(codes, captions)
+  cosines = r.embed_texts(captions) @ r.embed_images(vqgan.decode(codes)).T
+  np.testing.assert_allclose(score, np.diag(cosines), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ConfigError, match="63 texts for 64 images"):
+    r.image_text_scores(captions[1:], vqgan.decode(codes))

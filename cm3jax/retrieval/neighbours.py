@@ -4,8 +4,11 @@ The strategy of CM3Leon §2.1 (relevance, modality, diversity): a record queries
 by its text (with query dropout: a share of its text tokens dropped before encoding) and by its
 image. Candidates come best first from each query in turn (text, image, text, image, ...); a
 candidate is skipped when it is the record itself, when its relevance to the query is above
-`max_relevance` (a near-duplicate), or when it was picked already. The first `per_record`
-survivors are the record's neighbours, -1 where fewer survive.
+`max_relevance` (a near-duplicate), or when it repeats a document picked already (its relevance
+to that document is above `max_relevance`: the same record, or another of the same content).
+The first `per_record` survivors are the record's neighbours, -1 where fewer survive. A bank
+whose documents repeat (the shapes data draws each scene many times) needs enough candidates
+to reach past a query's own duplicates.
 
 `NEIGHBOURS/SPLIT-NNNNN.npz` shards hold `keys` (the records' code-shard keys, bytes [n]) and
 `ids` (int64 [n, per_record]: record indices of the bank's split), written whole so that a build
@@ -22,18 +25,22 @@ from cm3jax.config import ConfigError
 
 
 def pick(query_ids_Q: np.ndarray, text_scores_QxC: np.ndarray, text_ids_QxC: np.ndarray,
-         image_scores_QxC: np.ndarray, image_ids_QxC: np.ndarray, per_record: int,
-         max_relevance: float = 0.9) -> np.ndarray:
-  """int64 [Q, per_record]: each query's neighbours by the strategy above (-1: none left)."""
+         image_scores_QxC: np.ndarray, image_ids_QxC: np.ndarray, documents_NxE: np.ndarray,
+         per_record: int, max_relevance: float = 0.9) -> np.ndarray:
+  """int64 [Q, per_record]: each query's neighbours by the strategy above (-1: none left).
+  `documents_NxE`: the bank's vectors by record id, to tell a candidate that repeats a document
+  picked already (relevance to it above `max_relevance`)."""
   Q, C = text_ids_QxC.shape
   out = np.full((Q, per_record), -1, np.int64)
+  documents = np.asarray(documents_NxE, np.float32)
   for q in range(Q):
     picked = []
     for rank in range(C):
       for scores, ids in ((text_scores_QxC, text_ids_QxC), (image_scores_QxC, image_ids_QxC)):
         candidate = int(ids[q, rank])
         if (len(picked) < per_record and candidate >= 0 and candidate != query_ids_Q[q]
-            and scores[q, rank] <= max_relevance and candidate not in picked):
+            and scores[q, rank] <= max_relevance
+            and not (documents[picked] @ documents[candidate] > max_relevance).any()):
           picked.append(candidate)
     out[q, :len(picked)] = picked
   return out

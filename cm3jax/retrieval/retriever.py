@@ -82,6 +82,12 @@ class Retriever:
     """float32 [B, E], L2-normalised, of tokenized texts (`tokenize`)."""
     return np.asarray(self._text(self._params, tokens_BxC))
 
+  def image_text_scores(self, texts: Sequence[str], images_uint8: np.ndarray) -> np.ndarray:
+    """float32 [B]: the cosine similarity of each image to its text (CLIP's score)."""
+    if len(texts) != len(images_uint8):
+      raise ConfigError(f"{len(texts)} texts for {len(images_uint8)} images")
+    return np.sum(self.embed_texts(texts) * self.embed_images(images_uint8), axis=-1)
+
   def embed_documents(self, texts: Sequence[str], images_uint8: np.ndarray) -> np.ndarray:
     """float32 [B, E]: the mean of each pair's text and image embeddings, normalised again."""
     mean = 0.5 * (self.embed_texts(texts) + self.embed_images(images_uint8))
