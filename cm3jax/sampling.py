@@ -56,6 +56,13 @@ def guide(cond_BxV, uncond_BxV, alpha_B):
   return uncond_BxV + alpha_B[:, None] * (cond_BxV - uncond_BxV)
 
 
+def instruct_guide(full_BxV, image_BxV, uncond_BxV, s_img_B, s_txt_B):
+  """Instruct guidance over three streams (InstructPix2Pix; CM3Leon §4):
+  uncond + s_img * (image - uncond) + s_txt * (full - image)."""
+  return (uncond_BxV + s_img_B[:, None] * (image_BxV - uncond_BxV)
+          + s_txt_B[:, None] * (full_BxV - image_BxV))
+
+
 def contrastive_top_k(cond_BxV, uncond_BxV, k: int, alpha: float):
   """CD-K: log p_cond - log p_uncond on {t : p_cond(t) >= alpha * (k-th largest p_cond)}."""
   logp_cond = jax.nn.log_softmax(cond_BxV, axis=-1)
@@ -108,13 +115,21 @@ def allowed_tokens(vocab: Vocab, mode: str, size: int) -> np.ndarray:
   return vocab.is_text(ids) | (ids == EOS) | (ids == vocab.eoss_id)
 
 
-def next_token_scores(logits_RxV, alpha_B, allowed_V, cfg: SamplingConfig, guided: bool):
-  """Rows R = B (or 2B: conditional rows, then unconditional) -> scores [B, V] to sample from."""
+def next_token_scores(logits_RxV, scales_Bx2, allowed_V, cfg: SamplingConfig, streams: int):
+  """Rows R = streams * B -> scores [B, V] to sample from. One stream: the conditional rows; two:
+  conditional, then unconditional rows, mixed by classifier-free guidance (scale
+  scales_Bx2[:, 0]) or CD-K; three: full, image-only, then unconditional rows, mixed by instruct
+  guidance (s_txt = scales_Bx2[:, 0], s_img = scales_Bx2[:, 1])."""
   minus_inf = jnp.asarray(-jnp.inf, logits_RxV.dtype)
-  if not guided:
+  if streams == 1:
     scores = jnp.where(allowed_V, logits_RxV, minus_inf)
+  elif streams == 3:
+    full, image, uncond = jnp.split(logits_RxV, 3)
+    scores = jnp.where(allowed_V, instruct_guide(full, image, uncond, scales_Bx2[:, 1],
+                                                 scales_Bx2[:, 0]), minus_inf)
   else:
     cond, uncond = jnp.split(logits_RxV, 2)
+    alpha_B = scales_Bx2[:, 0]
     if cfg.cd_k:
       scores = contrastive_top_k(jnp.where(allowed_V, cond, minus_inf),
                                  jnp.where(allowed_V, uncond, minus_inf), cfg.cd_k, cfg.cd_alpha)
@@ -128,7 +143,9 @@ class Request:
   prompt: np.ndarray  # int tokens
   key: jax.Array  # this request's PRNG key
   uncond_prompt: Optional[np.ndarray] = None  # the unconditional stream, for guidance
-  guidance: float = 1.0  # alpha_c (1: the conditional stream alone)
+  guidance: float = 1.0  # alpha_c, or s_txt with image_prompt (1: the conditional stream alone)
+  image_prompt: Optional[np.ndarray] = None  # with uncond_prompt: instruct guidance's third
+  image_guidance: float = 1.0  # s_img of instruct guidance
 
 
 class Sampler:
@@ -149,7 +166,7 @@ class Sampler:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self._init_cache = jax.jit(functools.partial(model_lib.init_cache, self.cfg))
     self._generate = jax.jit(self._generate_impl, static_argnames=("num_new", "mode", "sampling",
-                                                                   "guided"),
+                                                                   "streams"),
                              donate_argnames=("cache",))
     self._log_likelihood = jax.jit(self._log_likelihood_impl)
 
@@ -168,40 +185,45 @@ class Sampler:
       raise ConfigError(f"mode {mode!r} is not one of {MODES}")
     if not requests:
       return np.zeros((0, num_new), np.int32)
-    guided = requests[0].uncond_prompt is not None
-    if any((r.uncond_prompt is not None) != guided for r in requests):
-      raise ConfigError("either every request has an unconditional prompt or none has")
-    if sampling.cd_k and not guided:
+    streams = _streams(requests[0])  # rows of a request; all rows divide over the batch devices
+    if any(_streams(r) != streams for r in requests):
+      raise ConfigError("either every request has an unconditional prompt or none has, and "
+                        "either every request has an image-only prompt or none has")
+    if sampling.cd_k and streams != 2:
       raise ConfigError("contrastive top-k (cd_k) compares two streams: give unconditional "
-                        "prompts (guidance)")
-    prompts = [r.prompt for r in requests] + ([r.uncond_prompt for r in requests] if guided else [])
-    for p in prompts:
-      self._check_prompt(np.asarray(p))
-    if any(r.guidance < 0 for r in requests):
+                        "prompts (guidance) and no image-only prompts")
+    if any(r.guidance < 0 or r.image_guidance < 0 for r in requests):
       raise ConfigError("guidance must be >= 0 (1: the conditional stream alone)")
     rows = len(requests)
-    streams = 2 if guided else 1  # rows of a request; all rows divide over the batch devices
     pad_rows = -rows % (self.batch_devices // math.gcd(streams, self.batch_devices))
     dummy = np.array([EOS], np.int32)
-    cond = [r.prompt for r in requests] + [dummy] * pad_rows
-    uncond = [r.uncond_prompt for r in requests] + [dummy] * pad_rows if guided else []
+    by_stream = [[r.prompt for r in requests]]  # full, (image-only,) unconditional
+    if streams == 3:
+      by_stream.append([r.image_prompt for r in requests])
+    if streams > 1:
+      by_stream.append([r.uncond_prompt for r in requests])
+    prompts = [p for stream in by_stream for p in stream]
+    for p in prompts:
+      self._check_prompt(np.asarray(p))
     longest = max(len(p) for p in prompts)
     if longest + num_new > self.cfg.max_seq_len:
       raise ConfigError(f"a prompt of {longest} tokens and {num_new} new tokens exceed the "
                         f"model's context of {self.cfg.max_seq_len}")
     # Left padding takes cache slots but no positions, so it may go past the context.
-    tokens, valid = _left_pad(cond + uncond, _bucket(longest))
+    tokens, valid = _left_pad([p for stream in by_stream for p in stream + [dummy] * pad_rows],
+                              _bucket(longest))
     # One transfer, then one host array: jnp.stack of many keys compiles an N-operand
     # concatenation (44 s for 8,000 keys on the CPU).
     keys = np.stack(jax.device_get([r.key for r in requests]
                                    + [jax.random.PRNGKey(0)] * pad_rows))
-    alpha = np.array([r.guidance for r in requests] + [1.0] * pad_rows, np.float32)
+    scales = np.array([(r.guidance, r.image_guidance) for r in requests] + [(1.0, 1.0)] * pad_rows,
+                      np.float32)
     valid = np.concatenate([valid, np.ones((len(valid), num_new), bool)], 1)
     with sharding.use_mesh(self.mesh):
       cache = self._init_cache(jax.device_put(valid, self.batch_sharding))
       out, _ = self._generate(self.params, jax.device_put(tokens, self.batch_sharding), cache,
-                              keys, alpha, num_new=num_new, mode=mode, sampling=sampling,
-                              guided=guided)
+                              keys, scales, num_new=num_new, mode=mode, sampling=sampling,
+                              streams=streams)
     return np.asarray(out)[:rows]
 
   def log_likelihood(self, prompts: Sequence[np.ndarray], continuations: Sequence[np.ndarray]
@@ -246,8 +268,8 @@ class Sampler:
       raise ConfigError(f"prompt tokens must be integers in [0, {self.vocab.size}); got "
                         f"{prompt.min()}..{prompt.max()}")
 
-  def _generate_impl(self, params, tokens_RxP, cache, keys_Bx2, alpha_B, *, num_new, mode,
-                     sampling, guided):
+  def _generate_impl(self, params, tokens_RxP, cache, keys_Bx2, scales_Bx2, *, num_new, mode,
+                     sampling, streams):
     R, P = tokens_RxP.shape
     B = keys_Bx2.shape[0]
     valid_RxP = cache.valid_BxT[:, :P]
@@ -261,7 +283,7 @@ class Sampler:
 
     def step(carry, i):
       logits_RxV, cache, done_B = carry
-      scores_BxV = next_token_scores(logits_RxV, alpha_B, allowed_V, sampling, guided)
+      scores_BxV = next_token_scores(logits_RxV, scales_Bx2, allowed_V, sampling, streams)
       if sampling.greedy:
         token_B = jnp.argmax(scores_BxV, -1)
       else:
@@ -270,7 +292,7 @@ class Sampler:
       token_B = jnp.where(done_B, PAD, token_B).astype(jnp.int32)
       if mode == "text":
         done_B = done_B | jnp.isin(token_B, stops)
-      token_R = jnp.tile(token_B, R // B)  # the same token goes to both streams
+      token_R = jnp.tile(token_B, R // B)  # the same token goes to every stream
       position_R = lengths_R + i
       logits_RxV, cache = decode(token_R[:, None], position_R[:, None], cache)
       return (logits_RxV, cache, done_B), token_B
@@ -279,6 +301,12 @@ class Sampler:
     (_, cache, _), tokens_NxB = jax.lax.scan(step, (logits_RxV, cache, done_B),
                                              jnp.arange(num_new))
     return tokens_NxB.T, cache  # the cache is returned so that its donated buffers alias it
+
+
+def _streams(r: Request) -> int:
+  if r.image_prompt is not None and r.uncond_prompt is None:
+    raise ConfigError("an image-only prompt (instruct guidance) needs an unconditional prompt")
+  return 1 + (r.uncond_prompt is not None) + (r.image_prompt is not None)
 
 
 def default_mesh():

@@ -1,5 +1,5 @@
 """What several test modules share: the repository's configs shrunk for tests, parameters that
-hide no bug, and running a command line as a user does."""
+hide no bug, running a command line as a user does, and a sampler that records its requests."""
 
 import importlib.util
 import os
@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
+
+from cm3jax.vocab import EOS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,3 +106,15 @@ def clip_config(data_dir, **overrides):
   c.clip.update(embed_dim=32, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
                 text_width=32, text_layers=1, text_heads=2, text_mlp_dim=64)
   return override(c, overrides)
+
+
+class RecordingSampler:
+  """Stands in for a Sampler: records the requests, draws image code 0 or ends the text."""
+
+  def __init__(self, vocab):
+    self.vocab, self.requests = vocab, []
+
+  def generate(self, requests, num_new, mode, sampling_config):
+    self.requests.extend(requests)
+    return np.full((len(requests), num_new), self.vocab.image_offset if mode == "image" else EOS,
+                   np.int32)

@@ -11,7 +11,7 @@ from cm3jax import build_memory, build_neighbours
 from cm3jax.config import ConfigError
 from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-from tests.helpers import assert_one_line_error, run_module
+from tests.helpers import RecordingSampler, assert_one_line_error, run_module
 
 
 @pytest.fixture(scope="module")
@@ -233,19 +233,6 @@ def test_sampling_context_is_the_retrieved_documents_best_first(bank, parts, sma
     np.testing.assert_array_equal(tokens, expected)
   with pytest.raises(ConfigError, match="retrieve at least 1"):
     found.context(vocab, texts, 0)
-
-
-class RecordingSampler:
-  """Stands in for a Sampler: records the requests, draws image code 0 or ends the text."""
-
-  def __init__(self, vocab):
-    self.vocab, self.requests = vocab, []
-
-  def generate(self, requests, num_new, mode, sampling_config):
-    from cm3jax.vocab import EOS
-    self.requests.extend(requests)
-    return np.full((len(requests), num_new), self.vocab.image_offset if mode == "image" else EOS,
-                   np.int32)
 
 
 @pytest.mark.parametrize("in_uncond", [True, False])

@@ -150,6 +150,42 @@ def test_guidance_moves_probability_toward_the_conditional_stream(vocab):
   assert share[0.0] + 0.1 < share[0.5] < share[1.0] - 0.1 < share[3.0] - 0.3, share
 
 
+IMAGE_TOKEN = 12  # the last token of instruct guidance's image-only prompt
+
+
+def test_instruct_guidance_mixes_three_streams_as_the_formula_says(vocab):
+  """Full, image-only and unconditional streams with their own logits over codes 1..3: for each
+  (s_img, s_txt) the first code, drawn 2,000 times, follows the softmax of uncond + s_img (img -
+  uncond) + s_txt (full - img) computed in numpy; (1, 1) is the full stream alone, (1, 0) the
+  image-only one and (0, 0) the unconditional one."""
+  size = model_config(vocab).vocab_size
+  full = image_logits(vocab, size, c1=2.0, c2=0.0, c3=0.0)
+  image = image_logits(vocab, size, c1=0.0, c2=2.0, c3=0.0)
+  uncond = image_logits(vocab, size, c1=0.0, c2=0.0, c3=2.0)
+  s = last_token_sampler(vocab, {COND_TOKEN: full, IMAGE_TOKEN: image, UNCOND_TOKEN: uncond})
+  scales, n = [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0), (1.5, 0.6), (0.5, 1.2)], 2000
+  keys = jax.random.split(jax.random.PRNGKey(2), len(scales) * n)
+  requests = [sampling.Request(np.array([EOS, COND_TOKEN]), keys[i * n + j],
+                               np.array([EOS, UNCOND_TOKEN]), s_txt,
+                               np.array([EOS, IMAGE_TOKEN]), s_img)
+              for i, (s_img, s_txt) in enumerate(scales) for j in range(n)]
+  first = s.generate(requests, 1, "image")[:, 0].reshape(len(scales), n) - vocab.image_offset
+  tolerance = 0.045  # > 4 standard errors of a share of 2,000 draws
+  for (s_img, s_txt), row in zip(scales, first):
+    mixed = uncond + s_img * (image - uncond) + s_txt * (full - image)
+    p = np.exp(mixed - mixed.max())
+    p /= p.sum()
+    for code in (1, 2, 3):
+      assert abs(np.mean(row == code) - p[vocab.image_offset + code]) < tolerance, (
+          s_img, s_txt, code, np.mean(row == code), p[vocab.image_offset + code])
+  rng = np.random.default_rng(3)
+  f, i, u = rng.normal(size=(3, 4, 20)).astype(np.float32)
+  s_img, s_txt = np.array([0.0, 1.0, 1.5, 2.0], np.float32), np.array([7.5, 1.0, 0.0, 3.0],
+                                                                        np.float32)
+  np.testing.assert_allclose(sampling.instruct_guide(f, i, u, s_img, s_txt),
+                             u + s_img[:, None] * (i - u) + s_txt[:, None] * (f - i), rtol=1e-5)
+
+
 def test_contrastive_top_k_takes_its_candidates_from_the_conditional_stream(vocab):
   """Conditional: codes 1 and 2 plausible, 3 not; unconditional: only code 1. CD-K (k=1, alpha
   0.1) keeps {1, 2} and prefers 2, which the conditional stream favours most over the
@@ -378,6 +414,17 @@ def test_bad_requests(sampler, vocab):
                      sampling.SamplingConfig(cd_k=4))
   with pytest.raises(ConfigError, match="guidance must be >= 0"):
     sampler.generate([sampling.Request(np.array([2]), key, np.array([2]), -1.0)], 4, "image")
+  with pytest.raises(ConfigError, match="guidance must be >= 0"):
+    sampler.generate([sampling.Request(np.array([2]), key, np.array([2]), 1.0, np.array([2]),
+                                       -0.5)], 4, "image")
+  with pytest.raises(ConfigError, match="an image-only prompt .* needs an unconditional prompt"):
+    sampler.generate([sampling.Request(np.array([2]), key, image_prompt=np.array([2]))], 4,
+                     "image")
+  three = sampling.Request(np.array([2]), key, np.array([2]), 7.5, np.array([2]), 1.5)
+  with pytest.raises(ConfigError, match="every request has an image-only prompt or none has"):
+    sampler.generate([three, sampling.Request(np.array([2]), key, np.array([2]))], 4, "image")
+  with pytest.raises(ConfigError, match="contrastive top-k .* no image-only prompts"):
+    sampler.generate([three], 4, "image", sampling.SamplingConfig(cd_k=4))
   with pytest.raises(ConfigError, match=r"the region \[5, 20\) is not inside the 16 codes"):
     sampling.infill_image(sampler, "a", np.zeros(16, int), 5, 20, key)
 
