@@ -31,8 +31,7 @@ def read(picture):
 
 
 def truth(picture):
-  s = picture.scene
-  return shapes.described(shapes_tasks.segmentation_scene(s) if picture.segmentation else s)
+  return shapes.described(picture.drawn())
 
 
 @pytest.mark.parametrize("task", sft.TASKS)

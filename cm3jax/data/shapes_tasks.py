@@ -43,9 +43,13 @@ class Picture:
   scene: shapes.Scene
   segmentation: bool = False  # the scene's segmentation map rather than its photo
 
+  def drawn(self) -> shapes.Scene:
+    """The scene whose photo this picture is."""
+    return segmentation_scene(self.scene) if self.segmentation else self.scene
+
   def render(self) -> np.ndarray:
     """uint8 [32, 32, 3]."""
-    return shapes.render(segmentation_scene(self.scene) if self.segmentation else self.scene)
+    return shapes.render(self.drawn())
 
 
 def segmentation_scene(s: shapes.Scene) -> shapes.Scene:
