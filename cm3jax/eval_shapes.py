@@ -250,11 +250,12 @@ def _define_flags():
 def columns(splits: Sequence[str], retrieve: int) -> dict[str, tuple[str, int]]:
   """The report's columns, {name: (split, documents retrieved)}: each split, and with `retrieve`
   each split with retrieval."""
-  plain = {s: (s, 0) for s in splits}
-  if not retrieve:
-    return plain
-  return {name: col for s in splits
-          for name, col in ((s, plain[s]), (f"{s}, {retrieve} retrieved", (s, retrieve)))}
+  out = {}
+  for s in splits:
+    out[s] = (s, 0)
+    if retrieve:
+      out[f"{s}, {retrieve} retrieved"] = (s, retrieve)
+  return out
 
 
 def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: int = 128,

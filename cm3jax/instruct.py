@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from cm3jax.data import sft
-from cm3jax.sampling import Request, Sampler, SamplingConfig, decode_text
+from cm3jax.sampling import Request, Sampler, SamplingConfig, complete_texts
 from cm3jax.vocab import EOS, Vocab
 
 MASKED = None  # a segment of `prompt` replaced by the next sentinel
@@ -46,14 +46,6 @@ def prompt(vocab: Vocab, segments: Sequence[PromptSegment]) -> np.ndarray:
 def _images(sampler: Sampler, requests: list[Request], tokens_per_image: int,
             sampling: SamplingConfig) -> np.ndarray:
   return sampler.vocab.image_codes(sampler.generate(requests, tokens_per_image, "image", sampling))
-
-
-def _texts(sampler: Sampler, prompts: Sequence[np.ndarray], key: jax.Array, max_tokens: int,
-           sampling: SamplingConfig) -> list[str]:
-  keys = jax.random.split(key, len(prompts))
-  tokens = sampler.generate([Request(p, k) for p, k in zip(prompts, keys)], max_tokens, "text",
-                            sampling)
-  return [decode_text(sampler.vocab, t) for t in tokens]
 
 
 def edit(sampler: Sampler, codes_BxT: np.ndarray, instructions: Sequence[str], key: jax.Array,
@@ -105,8 +97,8 @@ def image2seg(sampler: Sampler, codes_BxT: np.ndarray, key: jax.Array,
 def caption(sampler: Sampler, codes_BxT: np.ndarray, key: jax.Array, max_tokens: int = 32,
             sampling: SamplingConfig = SamplingConfig(greedy=True)) -> list[str]:
   """A caption of each image, by the captioning template."""
-  return _texts(sampler, [prompt(sampler.vocab, [c, sft.CAPTION_PROMPT]) for c in codes_BxT],
-                key, max_tokens, sampling)
+  prompts = [prompt(sampler.vocab, [c, sft.CAPTION_PROMPT]) for c in codes_BxT]
+  return complete_texts(sampler, prompts, key, max_tokens, sampling)
 
 
 def vqa(sampler: Sampler, codes_BxT: np.ndarray, questions: Sequence[str], key: jax.Array,
@@ -115,5 +107,5 @@ def vqa(sampler: Sampler, codes_BxT: np.ndarray, questions: Sequence[str], key: 
   """The answer to each question about its image ('' where the model wrote no answer)."""
   prompts = [prompt(sampler.vocab, [c, sft.question_text(q)])
              for c, q in zip(codes_BxT, questions, strict=True)]
-  return [sft.answer_of(t) for t in _texts(sampler, prompts, key, max_tokens, sampling)]
+  return [sft.answer_of(t) for t in complete_texts(sampler, prompts, key, max_tokens, sampling)]
 

@@ -439,19 +439,24 @@ def caption_images(sampler: Sampler, codes: np.ndarray, key: jax.Array, max_toke
   (retrieved documents)."""
   if context is not None and len(context) != len(codes):
     raise ConfigError(f"{len(context)} contexts for {len(codes)} images")
-  keys = jax.random.split(key, len(codes))
   before = lambda i: np.zeros(0, np.int32) if context is None else np.asarray(context[i], np.int32)
-  requests = [Request(np.concatenate([before(i), caption_prompt(sampler.vocab, c)]), k)
-              for i, (c, k) in enumerate(zip(codes, keys))]
-  tokens = sampler.generate(requests, max_tokens, "text", sampling)
-  return [decode_text(sampler.vocab, t) for t in tokens]
+  prompts = [np.concatenate([before(i), caption_prompt(sampler.vocab, c)])
+             for i, c in enumerate(codes)]
+  return complete_texts(sampler, prompts, key, max_tokens, sampling)
 
 
 def continue_text(sampler: Sampler, texts: Sequence[str], key: jax.Array, max_tokens: int = 32,
                   sampling: SamplingConfig = SamplingConfig()) -> list[str]:
-  keys = jax.random.split(key, len(texts))
-  requests = [Request(sampler.vocab.encode_document([t]), k) for t, k in zip(texts, keys)]
-  tokens = sampler.generate(requests, max_tokens, "text", sampling)
+  return complete_texts(sampler, [sampler.vocab.encode_document([t]) for t in texts], key,
+                        max_tokens, sampling)
+
+
+def complete_texts(sampler: Sampler, prompts: Sequence[np.ndarray], key: jax.Array,
+                   max_tokens: int, sampling: SamplingConfig) -> list[str]:
+  """The text each prompt continues with, up to its stop token; one key per prompt."""
+  keys = jax.random.split(key, len(prompts))
+  tokens = sampler.generate([Request(p, k) for p, k in zip(prompts, keys)], max_tokens, "text",
+                            sampling)
   return [decode_text(sampler.vocab, t) for t in tokens]
 
 
