@@ -112,10 +112,7 @@ class Checkpoints:
                         f"{self.vocab.describe()}); use a new --workdir or the same tokenizer")
 
   def _check_compatible(self, saved: dict, step: int):
-    diffs = [f"{section}.{k}={saved.get(section, {}).get(k)!r} "
-             f"(this config: {self.config_json[section][k]!r})"
-             for section, fields in self.architecture.items() for k in fields
-             if saved.get(section, {}).get(k) != self.config_json[section][k]]
+    diffs = differences(saved, self.config_json, self.architecture)
     if diffs:
       raise ConfigError(f"checkpoint {self.directory} (step {step}) was written by another model: "
                         + ", ".join(diffs) + "; use a new --workdir or the matching config")
@@ -125,6 +122,15 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+def differences(saved: dict, config_json: dict, fields: dict[str, Sequence[str]]) -> list[str]:
+  """`section.field=saved (this config: value)` for each of `fields` (by config section) where
+  a saved config and this run's differ."""
+  return [f"{section}.{k}={saved.get(section, {}).get(k)!r} (this config: "
+          f"{config_json[section][k]!r})"
+          for section, names in fields.items() for k in names
+          if saved.get(section, {}).get(k) != config_json[section][k]]
 
 
 class DamagedCheckpoint(Exception):

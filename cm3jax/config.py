@@ -59,7 +59,8 @@ RANGES = {
     "cm3.shuffle_buffer": _integer(1), "cm3.retrieval.documents": _integer(0),
     "cm3.retrieval.per_record": _integer(1), "cm3.retrieval.candidates": _integer(1),
     "cm3.retrieval.query_dropout": _number(0, 1, high_open=True),
-    "cm3.retrieval.max_relevance": _number(0),
+    "cm3.retrieval.max_relevance": _number(0), "sft.examples_per_task": _integer(1),
+    "sft.max_spans": _integer(1),
     "optimizer.peak_lr": _number(0, low_open=True), "optimizer.end_lr_ratio": _number(0, 1),
     "optimizer.warmup_steps": _integer(0), "optimizer.b1": _number(0, 1, high_open=True),
     "optimizer.b2": _number(0, 1, high_open=True), "optimizer.eps": _number(0, low_open=True),
@@ -103,7 +104,11 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = "synthetic"  # synthetic | cm3 (see cm3jax/data/__init__.py)
+  c.data = "synthetic"  # synthetic | cm3 | sft (see cm3jax/data/__init__.py)
+  # A cm3jax.train workdir whose newest parameters start a new run (fine-tuning, SFT): the
+  # optimiser is fresh and the step 0; its model and vocabulary must be this run's. Empty cm3
+  # input paths (VQGAN, codes, tokenizer) are then that run's. "": parameters are initialised.
+  c.init_from = ""
 
   c.seq_len = 4096  # Tokens per training row; at most model.max_seq_len.
   c.global_batch_size = 8  # Rows per optimiser step, summed over all devices.
@@ -156,6 +161,22 @@ def base_config() -> ml_collections.ConfigDict:
           max_relevance=0.9,  # More relevant candidates are near-duplicates, skipped.
           engine="exact",  # MIPS: exact (JAX), faiss_flat or faiss_ivfpq.
       )),
+  ))
+
+  # The sft source: instruction-tuning records (cm3jax/data/sft_stream.py), written once into
+  # task shards by cm3jax.tokenize_tasks (the pipeline's task-data stage).
+  c.sft = ml_collections.ConfigDict(dict(
+      tasks_dir="",  # The task shards; "" = WORKDIR/tasks.
+      dataset="shapes_tasks",  # What the pipeline tokenizes: shapes_tasks, or jsonl:PATH with
+      # {split} in PATH replaced by train, validation (and test).
+      examples_per_task=2000,  # shapes_tasks: train records per task (others: report_examples).
+      # TASK:RATE,...: each round of the stream draws RATE x a task's records (above 1 repeats
+      # it, below 1 takes part of it); a task not named has rate 1.
+      mixture="",
+      loss_on="all",  # all: every token is a target (the paper) | output: the output's only.
+      # The most spans masked in one record (at most cm3.max_spans); a record fits a row when
+      # it leaves room for them.
+      max_spans=4,
   ))
 
   c.report_examples = 1000  # The pipeline's last stage: eval_shapes examples per split.
@@ -224,4 +245,23 @@ def paper_config(num_layers: int, d_model: int, num_heads: int, peak_lr: float,
                  mlp_dim=4 * d_model, max_seq_len=4096)
   c.cross_entropy_chunk = 1024  # the [tokens, 65,536] float32 logits would dominate memory
   c.optimizer.update(peak_lr=peak_lr, warmup_steps=1500)
+  return c
+
+
+def paper_sft_config(pretraining: ml_collections.ConfigDict, init_from: str = ""
+                     ) -> ml_collections.ConfigDict:
+  """CM3Leon's instruction-tuning recipe (§4) after a pre-training config: the same model,
+  LR 5e-5 after 150 warm-up steps, sequences of 4,096 tokens, 512 per step (2.1M tokens: the
+  paper's 2M), 30B tokens (14,305 steps), on the sft source, from the parameters of the run in
+  `init_from`. Microbatches keep the pre-training config's rows, and so its memory."""
+  c = pretraining
+  rows = c.global_batch_size // c.grad_accum_steps
+  c.data = "sft"
+  c.init_from = init_from
+  c.global_batch_size = 512
+  c.grad_accum_steps = max(1, c.global_batch_size // rows)
+  c.num_train_steps = round(30e9 / (c.global_batch_size * c.seq_len))
+  c.eval_every = 500
+  c.checkpoint_every = 500
+  c.optimizer.update(peak_lr=5e-5, warmup_steps=150)
   return c

@@ -20,6 +20,13 @@ memory bank (or --memory) nearest it, each image being captioned those nearest t
 guidance is scored with the documents in the unconditional stream and without them. Given a
 retriever (--retriever, or the bank's), best of 8 reranked by the retriever's image-text score
 is scored too.
+
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft --tasks=edit,grounded,seg2image,\
+      image2seg,caption,vqa --splits=validation --num_examples=200 --baseline=workdirs/tiny
+
+scores the instruction-tuned tasks instead (cm3jax/eval_tasks.py) on each split's first
+--num_examples records of every task of the shapes task suite, for the run and, with
+--baseline, the run it was tuned from; the report goes to WORKDIR/eval_tasks.json and .md.
 """
 
 import dataclasses
@@ -29,110 +36,14 @@ import time
 from typing import Optional, Sequence
 
 import jax
-import numpy as np
 from absl import flags
 
-from cm3jax import checkpoint, cli, data, sampling
+from cm3jax import checkpoint, cli, data, eval_tasks, sampling
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, shapes
+from cm3jax.data import code_shards, sft, shapes
+from cm3jax.data.shapes_analyser import analyse, caption_matches
 from cm3jax.retrieval import augment, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-
-PALETTE = np.array(list(shapes.BACKGROUNDS) + list(shapes.COLOURS.values()), np.float32)
-COLOUR_NAMES = list(shapes.COLOURS)
-MIN_PIXELS = 6  # smaller specks of colour are noise
-MAX_EXTENT = 24  # pixels; only two large things in adjacent slots touch, and they span 32
-SLOTS = sorted(set(shapes.POSITIONS.values()))
-
-
-def analyse(image: np.ndarray) -> shapes.Described:
-  """uint8 [32, 32, 3] -> the things it shows (see shapes.described).
-
-  Pixels are snapped to the palette; the border's colour is the background. Each blob of other
-  colours is a thing (blobs wider or taller than one thing are cut in two): its colour is the
-  blob's commonest, its centre the nearest slot, and its shape and size the rendered template at
-  that slot that best fits the blob's coverage (blur-tolerant: coverage is graded by colour)."""
-  image = image.astype(np.float32)
-  distance = ((image[:, :, None, :] - PALETTE) ** 2).sum(-1)
-  snapped = distance.argmin(-1)
-  border = np.concatenate([snapped[0], snapped[-1], snapped[:, 0], snapped[:, -1]])
-  background = np.bincount(border, minlength=len(PALETTE)).argmax()
-  things = []
-  for mask in _components(snapped != background):
-    for part in _split(mask):
-      if part.sum() < MIN_PIXELS:
-        continue
-      colour = np.bincount(snapped[part], minlength=len(PALETTE)).argmax()
-      if colour < len(shapes.BACKGROUNDS):
-        continue
-      ys, xs = np.nonzero(part)
-      n = image.shape[0]
-      centre = ((xs.min() + xs.max() + 1) / 2 / n, (ys.min() + ys.max() + 1) / 2 / n)
-      slot = min(SLOTS, key=lambda s: (s[0] - centre[0]) ** 2 + (s[1] - centre[1]) ** 2)
-      coverage = _coverage(image, PALETTE[background], PALETTE[colour], slot)
-      shape, size = min(TEMPLATES, key=lambda t: np.sum((coverage - _template(*t, slot, n)) ** 2))
-      things.append((size, COLOUR_NAMES[colour - len(shapes.BACKGROUNDS)], shape, slot))
-  return frozenset(things)
-
-
-TEMPLATES = [(shape, size) for shape in shapes.SHAPES for size in shapes.SIZES]
-
-
-def _coverage(image, background, colour, slot) -> np.ndarray:
-  """How much of each pixel near `slot` is `colour` rather than background, in [0, 1]; 0 away
-  from the slot, so that another thing does not count."""
-  n = image.shape[0]
-  span = colour - background
-  fraction = np.clip(((image - background) @ span) / (span @ span), 0.0, 1.0)
-  ys, xs = np.mgrid[0:n, 0:n] + 0.5
-  near = (np.abs(xs - slot[0] * n) <= n / 4) & (np.abs(ys - slot[1] * n) <= n / 4)
-  return np.where(near, fraction, 0.0)
-
-
-def _template(shape: str, size: str, slot, n: int) -> np.ndarray:
-  return shapes.mask(shape, slot[0] * n, slot[1] * n, shapes.SIZES[size] * n, n).astype(np.float32)
-
-
-def _components(mask: np.ndarray) -> list[np.ndarray]:
-  """4-connected components of a boolean image."""
-  labels = np.zeros(mask.shape, int)
-  found = []
-  for start in zip(*np.nonzero(mask)):
-    if labels[start]:
-      continue
-    label = len(found) + 1
-    stack, members = [start], []
-    labels[start] = label
-    while stack:
-      y, x = stack.pop()
-      members.append((y, x))
-      for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-        if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not labels[ny, nx]:
-          labels[ny, nx] = label
-          stack.append((ny, nx))
-    found.append(labels == label)
-  return found
-
-
-def _split(mask: np.ndarray) -> list[np.ndarray]:
-  """Things in adjacent slots touch: a blob taller or wider than one thing is cut at the middle."""
-  ys, xs = np.nonzero(mask)
-  half = mask.shape[0] // 2
-  if ys.max() - ys.min() + 1 > MAX_EXTENT:
-    top = mask.copy()
-    top[half:] = False
-    return [top, mask & ~top]
-  if xs.max() - xs.min() + 1 > MAX_EXTENT:
-    left = mask.copy()
-    left[:, half:] = False
-    return [left, mask & ~left]
-  return [mask]
-
-
-def caption_matches(caption: str, truth: shapes.Described) -> bool:
-  scene = shapes.parse_caption(caption)
-  return scene is not None and shapes.described(scene) == truth
-
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -245,6 +156,10 @@ def _define_flags():
                       "(cm3.retrieval.memory, else WORKDIR/memory).")
   flags.DEFINE_string("retriever", None, "A retriever that reranks samples (a train_retriever "
                       "workdir or a CLIP checkpoint); default: the memory bank's, with --retrieve.")
+  flags.DEFINE_list("tasks", [], "Score these instruction-tuned tasks instead of text->image "
+                    f"and captions: {','.join(sft.TASKS)}.")
+  flags.DEFINE_string("baseline", "", "With --tasks: also score this run (the model before "
+                      "instruction tuning).")
 
 
 def columns(splits: Sequence[str], retrieve: int) -> dict[str, tuple[str, int]]:
@@ -322,6 +237,15 @@ def main(FLAGS):
     raise ConfigError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} "
                       "must be at least 1")
   t = time.perf_counter()
+  if FLAGS.tasks:
+    runs = eval_tasks.report(FLAGS.workdir, FLAGS.splits, FLAGS.tasks, FLAGS.num_examples,
+                             FLAGS.batch_size, FLAGS.seed, FLAGS.baseline)
+    print("\n".join(eval_tasks.table(runs)))
+    print(f"{time.perf_counter() - t:.0f}s; written to "
+          + " and ".join(os.path.join(FLAGS.workdir, f) for f in eval_tasks.REPORT_FILES))
+    return
+  if FLAGS.baseline:
+    raise ConfigError("--baseline scores the tasks of --tasks; name them")
   results = report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
                    FLAGS.retrieve, FLAGS.memory or "", FLAGS.retriever or "")
   print("\n".join(table(results)))

@@ -5,21 +5,40 @@ pixel analyser reads the scene of the record's output picture (an edit must make
 change and nothing else: the whole scene is compared), a caption when it describes the scene,
 an answer when it equals the record's. `outputs` decodes a model's outputs, `expected` gives the
 outputs that are right by construction (the VQGAN codes of each output picture, the record's
-text), whose score is the task's ceiling, and `judge` tells which outputs are right.
+text), whose score is the task's ceiling, and `judge` tells which outputs are right. `report`
+scores a run's checkpoint on each task, beside a baseline run's (`python -m cm3jax.eval_shapes
+--tasks=...`): the image tasks greedy without guidance and with top-p 0.9 and the paper's
+guidance (edit: instruct guidance s_img 1.5, s_txt 7.5; grounded, seg2image and text2image:
+CFG 3), the text tasks greedy.
 """
 
+import dataclasses
+import json
+import os
 from typing import Sequence, Union
 
 import jax
 import numpy as np
 
-from cm3jax import eval_shapes, instruct
-from cm3jax.data import sft, shapes, shapes_tasks
-from cm3jax.sampling import Sampler
+from cm3jax import checkpoint, data, instruct, sampling
+from cm3jax.config import ConfigError
+from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
+from cm3jax.sampling import Sampler, SamplingConfig
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 Output = Union[np.ndarray, str]  # image codes [T], or text
-IMAGE_OUTPUTS = ("edit", "grounded", "seg2image", "image2seg")
+IMAGE_OUTPUTS = ("edit", "grounded", "seg2image", "image2seg", "text2image")
+GUIDED = ("edit", "grounded", "seg2image", "text2image")  # decoded with the paper's guidance too
+REPORT_FILES = ("eval_tasks.json", "eval_tasks.md")  # in the workdir
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  sampling: SamplingConfig = SamplingConfig(greedy=True)
+  guided: bool = False  # the paper's guidance for GUIDED tasks; scales 1 (none) otherwise
+
+
+DECODINGS = {"greedy": Decoding(), "top-p 0.9, guided": Decoding(SamplingConfig(top_p=0.9), True)}
 
 
 def _pictures(records: Sequence[sft.Record], index: int) -> list[shapes_tasks.Picture]:
@@ -32,26 +51,33 @@ def _codes(vqgan: ImageTokenizer, pictures: Sequence[shapes_tasks.Picture]) -> n
 
 
 def outputs(sampler: Sampler, vqgan: ImageTokenizer, task: str, records: Sequence[sft.Record],
-            key: jax.Array) -> list[Output]:
+            key: jax.Array, decoding: Decoding = Decoding()) -> list[Output]:
   """The model's output for each record of `task`, decoded as `instruct` decodes the task."""
+  cfg, guided = decoding.sampling, decoding.guided
   if task == "edit":
     codes = _codes(vqgan, _pictures(records, 0))
-    return list(instruct.edit(sampler, codes, [r.input[2] for r in records], key))
+    scales = dict(s_img=1.5, s_txt=7.5) if guided else dict(s_img=1.0, s_txt=1.0)
+    return list(instruct.edit(sampler, codes, [r.input[2] for r in records], key, **scales,
+                              sampling=cfg))
   T = vqgan.cfg.tokens_per_image
+  guidance = 3.0 if guided else 1.0
   if task == "grounded":
     scenes = [r.output[0].scene for r in records]
     return list(instruct.grounded(sampler, [s.caption() for s in scenes],
-                                  [shapes_tasks.boxes(s) for s in scenes], T, key))
+                                  [shapes_tasks.boxes(s) for s in scenes], T, key, guidance, cfg))
   if task == "seg2image":
     return list(instruct.seg2image(sampler, _codes(vqgan, _pictures(records, 0)),
-                                   [r.input[2] for r in records], key))
+                                   [r.input[2] for r in records], key, guidance, cfg))
   if task == "image2seg":
-    return list(instruct.image2seg(sampler, _codes(vqgan, _pictures(records, 0)), key))
+    return list(instruct.image2seg(sampler, _codes(vqgan, _pictures(records, 0)), key, cfg))
+  if task == "text2image":
+    return list(sampling.text_to_image(sampler, [r.input[0] for r in records], 1, T, key,
+                                       guidance, cfg)[:, 0])
   if task == "caption":
-    return instruct.caption(sampler, _codes(vqgan, _pictures(records, 0)), key)
+    return instruct.caption(sampler, _codes(vqgan, _pictures(records, 0)), key, sampling=cfg)
   if task == "vqa":
     return instruct.vqa(sampler, _codes(vqgan, _pictures(records, 0)),
-                        [r.input[1][len("Question: "):] for r in records], key)
+                        [r.input[1][len("Question: "):] for r in records], key, sampling=cfg)
   raise ValueError(f"task {task!r} is not one of {list(sft.TASKS)}")
 
 
@@ -71,10 +97,88 @@ def judge(vqgan: ImageTokenizer, task: str, records: Sequence[sft.Record],
     raise ValueError(f"{len(made)} outputs for {len(records)} records")
   if task in IMAGE_OUTPUTS:
     images = vqgan.decode(np.stack(made))
-    return np.array([eval_shapes.analyse(image) == shapes.described(r.output[0].drawn())
+    return np.array([shapes_analyser.analyse(image) == shapes.described(r.output[0].drawn())
                      for image, r in zip(images, records)])
   if task == "caption":
-    return np.array([eval_shapes.caption_matches(text, shapes.described(r.input[0].scene))
+    return np.array([shapes_analyser.caption_matches(text, shapes.described(r.input[0].scene))
                      for text, r in zip(made, records)])
   return np.array([answer == sft.answer_of(r.output[0]) for answer, r in zip(made, records)])
 
+
+
+def parse_tasks(names: Sequence[str]) -> list[str]:
+  unknown = [t for t in names if t not in sft.TASKS]
+  if unknown or not names:
+    raise ConfigError(f"--tasks={','.join(names)}: each must be one of {list(sft.TASKS)}")
+  return list(names)
+
+
+def evaluate(workdir: str, split: str, tasks: Sequence[str], num_examples: int,
+             batch_size: int = 128, seed: int = 0) -> dict:
+  """The share of right outputs per task and decoding ("TASK, DECODING") and each task's
+  ceiling ("TASK, ceiling"), of the first `num_examples` records of the task suite's `split`,
+  for the newest checkpoint of `workdir`."""
+  tasks = parse_tasks(tasks)
+  sampler, config = sampling.load(workdir)
+  vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], workdir).vqgan_workdir)
+  results = {"split": split, "step": checkpoint.latest_step(workdir), "examples": num_examples}
+  key = jax.random.PRNGKey(seed)
+  for task in tasks:
+    records = [shapes_tasks.example(task, split, i) for i in range(num_examples)]
+    batches = [records[i:i + batch_size] for i in range(0, num_examples, batch_size)]
+    results[f"{task}, ceiling"] = float(np.mean(np.concatenate(
+        [judge(vqgan, task, b, expected(vqgan, task, b)) for b in batches])))
+    decodings = DECODINGS if task in GUIDED else {"greedy": DECODINGS["greedy"]}
+    for name, decoding in decodings.items():
+      right = [judge(vqgan, task, b, outputs(sampler, vqgan, task, b,
+                                             jax.random.fold_in(key, i), decoding))
+               for i, b in enumerate(batches)]
+      results[f"{task}, {name}"] = float(np.mean(np.concatenate(right)))
+  return results
+
+
+def report(workdir: str, splits: Sequence[str], tasks: Sequence[str], num_examples: int,
+           batch_size: int = 128, seed: int = 0, baseline: str = "") -> dict:
+  """`evaluate` of `workdir` and, when given, of the `baseline` run (the model before
+  instruction tuning) on each split, written to WORKDIR/eval_tasks.json ({"RUN, SPLIT":
+  results}) and, as the table `table` makes, WORKDIR/eval_tasks.md."""
+  if num_examples < 1:
+    raise ConfigError(f"num_examples={num_examples} must be at least 1")
+  unknown = [s for s in splits if s not in shapes.SPLITS]
+  if unknown or not splits:
+    raise ConfigError(f"splits {list(splits)}: each must be one of {list(shapes.SPLITS)}")
+  tasks = parse_tasks(tasks)
+  runs = {}
+  for run in [workdir] + ([baseline] if baseline else []):
+    for split in splits:
+      runs[f"{run}, {split}"] = {"run": run, **evaluate(run, split, tasks, num_examples,
+                                                        batch_size, seed)}
+  json_path, markdown_path = (os.path.join(workdir, f) for f in REPORT_FILES)
+  with open(json_path, "w") as f:
+    json.dump(runs, f, indent=1)
+  with open(markdown_path, "w") as f:
+    f.write("\n".join(table(runs)) + "\n")
+  return runs
+
+
+def saved(workdir: str) -> dict:
+  """The saved task report, {run: results}; {} when there is none."""
+  try:
+    with open(os.path.join(workdir, REPORT_FILES[0])) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def table(runs: dict) -> list[str]:
+  """A markdown table of `report`'s results: a row per task and decoding, a column per run and
+  split."""
+  heads = [f"{os.path.basename(os.path.normpath(r['run']))} step {r['step']}, {r['split']}"
+           for r in runs.values()]
+  first = next(iter(runs.values()))
+  rows = [k for k, v in first.items() if isinstance(v, float)]
+  lines = [f"eval_shapes --tasks, {first['examples']} examples per task and split", "",
+           "| task, decoding | " + " | ".join(heads) + " |",
+           "|---|" + "---|" * len(heads)]
+  return lines + [f"| {name} | " + " | ".join(f"{r[name]:.1%}" for r in runs.values()) + " |"
+                  for name in rows]

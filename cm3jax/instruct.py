@@ -12,9 +12,10 @@ objective masks spans, `<sentinel:i>` for the i-th masked segment:
   image2seg   the map, drawn like an image
   caption     the template's caption, as text
   vqa         the answer, read from the `Answer: {answer}.` segment
+  text2image  the pretraining document's prompt: `sampling.text_to_image`
 """
 
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import jax
 import numpy as np

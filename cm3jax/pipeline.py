@@ -16,13 +16,21 @@
                        printed as its table; with retrieval, each split is scored with and
                        without cm3.retrieval.documents documents retrieved from the bank
 
+An instruction-tuning config (data="sft", configs/tiny_sft.py) starts from the pretrained run
+in config.init_from, whose VQGAN, codes and tokenizer it uses, and has three stages:
+  1. task data         sft.dataset written into task shards in sft.tasks_dir (tokenize_tasks)
+  2. token model       the SFT run (python -m cm3jax.train), from init_from's parameters
+  3. report            on the shapes task suite: eval_shapes --tasks of this run and of
+                       init_from (eval_tasks.json, .md) and this run's text->image and captions
+                       (eval_shapes.json, .md), printed as their tables
+
 Each stage looks at what the workdir holds and prints one line: it reuses a complete output,
 resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan, WORKDIR/codes
 and WORKDIR/tokenizer.model (and WORKDIR/retriever, memory and neighbours); a path that names
 existing inputs (a VQGAN trained elsewhere, codes of your own data) is reused as it is. On
 several hosts (--multihost) a stage that is not sharded runs on process 0 while the others wait;
 sharded stages (the trainers and the memory bank) run on every host.
-The stages are the rows of `STAGES` and `RETRIEVAL_STAGES`.
+The stages are the rows of `STAGES`, `RETRIEVAL_STAGES` and `SFT_STAGES`.
 """
 
 import collections
@@ -34,11 +42,11 @@ from typing import Callable, Optional, Sequence
 import jax
 from jax.experimental import multihost_utils
 
-from cm3jax import build_memory, build_neighbours, checkpoint, cli, data, eval_shapes, faults
-from cm3jax import sample, sampling, tokenize_images, train, train_retriever, train_tokenizer
-from cm3jax import train_vqgan
+from cm3jax import build_memory, build_neighbours, checkpoint, cli, data, eval_shapes, eval_tasks
+from cm3jax import faults, sample, sampling, tokenize_images, tokenize_tasks, train
+from cm3jax import train_retriever, train_tokenizer, train_vqgan
 from cm3jax.config import ConfigError, check_ranges, load_config_file
-from cm3jax.data import code_shards
+from cm3jax.data import code_shards, sft, task_shards
 from cm3jax.retrieval import memory, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
@@ -257,6 +265,52 @@ def make_report(job: Job) -> str:
   return ", ".join(made)
 
 
+# Instruction tuning (data="sft").
+
+def task_splits(job: Job) -> list[str]:
+  """The splits of the task data: the shapes task suite's test split too."""
+  return ["train", "validation"] + (["test"] if job.config.sft.dataset == "shapes_tasks" else [])
+
+
+def tasks_status(job: Job) -> tuple[str, str]:
+  where = data.tasks_dir(job.config, job.workdir)
+  done = [s for s in task_splits(job) if os.path.exists(task_shards.manifest_path(where, s))]
+  if len(done) == len(task_splits(job)):
+    return COMPLETE, f"{', '.join(done)} in {where}"
+  return MISSING, f"{len(done)} of {len(task_splits(job))} splits in {where}"
+
+
+def make_tasks(job: Job) -> str:
+  c = job.config
+  tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
+  where = data.tasks_dir(c, job.workdir)
+  return "; ".join(tokenize_tasks.describe(tokenize_tasks.tokenize_split(
+      tokenizer, c.sft.dataset, split, where,
+      c.sft.examples_per_task if split == "train" else c.report_examples))
+      for split in task_splits(job))
+
+
+def sft_report_status(job: Job) -> tuple[str, str]:
+  if job.config.sft.dataset != "shapes_tasks":
+    return COMPLETE, "nothing to score: the report scores the shapes task suite only"
+  step = checkpoint.newest_step(job.workdir)
+  tasks = eval_tasks.saved(job.workdir).get(f"{job.workdir}, validation", {})
+  scored = eval_shapes.saved(job.workdir).get("validation", {})
+  if tasks.get("step") == step and scored.get("step") == step:
+    return COMPLETE, f"the reports of step {step}"
+  return MISSING, f"nothing for step {step}"
+
+
+def make_sft_report(job: Job) -> str:
+  runs = eval_tasks.report(job.workdir, ["validation"], sft.TASKS, job.config.report_examples,
+                           baseline=job.config.init_from)
+  print("\n".join(f"  {line}" for line in eval_tasks.table(runs)))
+  encoded = [s for s in eval_shapes.SPLITS
+             if os.path.exists(code_shards.manifest_path(job.paths.codes_dir, s))]
+  eval_shapes.report(job.workdir, encoded, job.config.report_examples)
+  return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES)
+
+
 STAGES = (
     Stage("image tokenizer", True, vqgan_status, make_vqgan),
     Stage("image codes", False, codes_status, make_codes),
@@ -271,7 +325,16 @@ RETRIEVAL_STAGES = (  # before the token model, when cm3.retrieval.documents > 0
 )
 
 
+SFT_STAGES = (
+    Stage("task data", False, tasks_status, make_tasks),
+    Stage("token model", True, model_status, make_model),
+    Stage("report", False, sft_report_status, make_sft_report),
+)
+
+
 def config_stages(config) -> tuple[Stage, ...]:
+  if config.data == "sft":
+    return SFT_STAGES
   if not config.cm3.retrieval.documents:
     return STAGES
   return STAGES[:3] + RETRIEVAL_STAGES + STAGES[3:]
@@ -304,16 +367,21 @@ def _define_flags():
 def main(FLAGS):
   config = FLAGS.config
   check_ranges(config)
-  if config.data != "cm3":
-    raise ConfigError(f"the pipeline makes the inputs of data='cm3'; this config has "
+  if config.data not in ("cm3", "sft"):
+    raise ConfigError(f"the pipeline makes the inputs of data='cm3' and 'sft'; this config has "
                       f"data={config.data!r}: train it with python -m cm3jax.train")
+  if config.data == "sft":
+    if not config.init_from:
+      raise ConfigError("an sft config starts from a pretrained run: set --config.init_from")
+    config = train.with_base_inputs(config)
   workdir = checkpoint.prepare_workdir(FLAGS.workdir)
   with faults.workdir_lock(workdir, "cm3jax.pipeline"):
     run(Job(config, workdir))
-  markdown = os.path.join(workdir, eval_shapes.REPORT_FILES[1])
-  if jax.process_index() == 0 and os.path.exists(markdown):
-    with open(markdown) as f:
-      print(f.read(), end="")
+  for name in (eval_tasks.REPORT_FILES[1], eval_shapes.REPORT_FILES[1]):
+    markdown = os.path.join(workdir, name)
+    if jax.process_index() == 0 and os.path.exists(markdown):
+      with open(markdown) as f:
+        print(f.read(), end="")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,21 @@ documents of --memory nearest the prompt (by the bank's retriever) before it, as
 configs/tiny_ra.py was trained; with guidance the unconditional stream keeps them unless
 --nouncond_retrieved. --rerank=N draws N images for each one kept, and keeps the one the
 retriever (--retriever, else the bank's) scores closest to the prompt.
+
+An instruction-tuned run (configs/tiny_sft.py) does its tasks (cm3jax/instruct.py):
+
+  python -m cm3jax.sample --workdir=workdirs/tiny_sft --task=edit --image=in.png \
+      --instruction="make the red circle blue" --out=edited.png
+  python -m cm3jax.sample --workdir=workdirs/tiny_sft --task=vqa --image=in.png \
+      --question="what colour is the circle?"
+  python -m cm3jax.sample --workdir=workdirs/tiny_sft --task=grounded \
+      --prompt="a small red circle on the left" --objects="red circle:2 10 14 22"
+  python -m cm3jax.sample --workdir=workdirs/tiny_sft --task=seg2image --image=map.png \
+      --prompt="a small red circle on the left"
+
+edit uses instruct guidance (--s_img, --s_txt; 1 and 1: none), grounded and seg2image
+classifier-free guidance (--cfg); image2seg draws the segmentation map of --image, caption
+describes it. Image tasks write --num_images images to --out; text tasks print the answer.
 """
 
 import os
@@ -22,7 +37,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from cm3jax import cli, data, sampling, tokenize_images
+from cm3jax import cli, data, instruct, sampling, tokenize_images
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards
 from cm3jax.retrieval import augment, retriever
@@ -107,6 +122,11 @@ class Watch:
         f"- {got!r} for an image of {want!r}" for got, want in zip(written, self.captions)))
 
 
+TASK_NEEDS = {"edit": ("image", "instruction"), "vqa": ("image", "question"),
+              "grounded": ("prompt", "objects"), "seg2image": ("image", "prompt"),
+              "image2seg": ("image",), "caption": ("image",)}
+
+
 def _define_flags():
   flags.DEFINE_string("workdir", None, "Workdir of a cm3jax.train run.")
   flags.DEFINE_string("prompt", None, "Caption to draw.")
@@ -132,11 +152,71 @@ def _define_flags():
                        "retriever's image-text score; 1: no reranking.")
   flags.DEFINE_string("retriever", None, "The retriever that reranks (a train_retriever workdir "
                       "or a CLIP checkpoint); default: --memory's.")
+  flags.DEFINE_enum("task", None, list(TASK_NEEDS), "An instruction-tuned task (see the "
+                    "module doc; text to image is --prompt); its input image is --image.")
+  flags.DEFINE_string("instruction", None, "--task=edit: what to change.")
+  flags.DEFINE_string("question", None, "--task=vqa: the question about --image.")
+  flags.DEFINE_string("objects", None, "--task=grounded: NAME:X0 Y0 X1 Y1;... boxes in pixels.")
+  flags.DEFINE_float("s_img", 1.5, "--task=edit: instruct guidance scale of the image.")
+  flags.DEFINE_float("s_txt", 7.5, "--task=edit: instruct guidance scale of the instruction.")
+
+
+def read_image(path: str, resolution: int) -> np.ndarray:
+  """An image file as uint8 [resolution, resolution, 3]; a ConfigError if it does not read."""
+  try:
+    with open(path, "rb") as f:
+      image_bytes = f.read()
+  except OSError as e:
+    raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
+  try:
+    return tokenize_images.decode_image(image_bytes, resolution)
+  except Exception:  # PIL raises many types (some of them OSError) for data that is not an image
+    raise ConfigError(f"cannot read {path}: not an image PIL can decode") from None
+
+
+def parse_objects(text: str) -> list[tuple[str, list[int]]]:
+  """`NAME:X0 Y0 X1 Y1;...` -> [(name, box)]."""
+  out = []
+  for item in filter(None, (p.strip() for p in text.split(";"))):
+    name, _, box = item.partition(":")
+    values = box.split()
+    if not name.strip() or len(values) != 4 or not all(v.lstrip("-").isdigit() for v in values):
+      raise ConfigError(f"--objects item {item!r} is not NAME:X0 Y0 X1 Y1")
+    out.append((name.strip(), [int(v) for v in values]))
+  if not out:
+    raise ConfigError("--objects names no object")
+  return out
+
+
+def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[str]:
+  """Does --task; returns what it printed or wrote, in lines."""
+  missing = [f"--{f}" for f in TASK_NEEDS[FLAGS.task] if not getattr(FLAGS, f)]
+  if missing:
+    raise ConfigError(f"--task={FLAGS.task} needs {' and '.join(missing)}")
+  n, T = FLAGS.num_images, vqgan.cfg.tokens_per_image
+  if FLAGS.image:
+    codes = np.repeat(vqgan.encode(read_image(FLAGS.image, vqgan.cfg.resolution)[None]), n, 0)
+  if FLAGS.task == "vqa":
+    return instruct.vqa(sampler, codes[:1], [FLAGS.question], key)
+  if FLAGS.task == "caption":
+    return instruct.caption(sampler, codes[:1], key)
+  if FLAGS.task == "edit":
+    made = instruct.edit(sampler, codes, [FLAGS.instruction] * n, key, FLAGS.s_img,
+                         FLAGS.s_txt, cfg)
+  elif FLAGS.task == "grounded":
+    made = instruct.grounded(sampler, [FLAGS.prompt] * n, [parse_objects(FLAGS.objects)] * n, T,
+                             key, FLAGS.cfg, cfg)
+  elif FLAGS.task == "seg2image":
+    made = instruct.seg2image(sampler, codes, [FLAGS.prompt] * n, key, FLAGS.cfg, cfg)
+  else:
+    made = instruct.image2seg(sampler, codes, key, cfg)
+  save_png(grid(vqgan.decode(made), FLAGS.scale), FLAGS.out)
+  return [f"wrote {n} images of --task={FLAGS.task} to {FLAGS.out}"]
 
 
 def main(FLAGS):
-  if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image):
-    raise ConfigError("--workdir and one of --prompt or --image are required")
+  if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image or FLAGS.task):
+    raise ConfigError("--workdir and one of --prompt, --image or --task are required")
   if FLAGS.num_images < 1 or FLAGS.num_captions < 1 or FLAGS.rerank < 1:
     raise ConfigError("--num_images, --num_captions and --rerank must be at least 1")
   if FLAGS.retrieve and not (FLAGS.memory and FLAGS.prompt):
@@ -149,6 +229,9 @@ def main(FLAGS):
   sampler, config = sampling.load(FLAGS.workdir)
   vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   key = jax.random.PRNGKey(FLAGS.seed)
+  if FLAGS.task:
+    print("\n".join(run_task(FLAGS, sampler, vqgan, cfg, key)))
+    return
   if FLAGS.prompt:
     found = None
     if FLAGS.retrieve or (FLAGS.rerank > 1 and not FLAGS.retriever):
@@ -170,15 +253,7 @@ def main(FLAGS):
     best_of = f", each the best of {FLAGS.rerank} by the retriever," if FLAGS.rerank > 1 else ""
     print(f"wrote {FLAGS.num_images} images{best_of} of {FLAGS.prompt!r} to {FLAGS.out}")
   if FLAGS.image:
-    try:
-      with open(FLAGS.image, "rb") as f:
-        image_bytes = f.read()
-    except OSError as e:
-      raise ConfigError(f"cannot read {FLAGS.image}: {e.strerror or e}") from None
-    try:
-      pixels = tokenize_images.decode_image(image_bytes, vqgan.cfg.resolution)
-    except Exception:  # PIL raises many types (some of them OSError) for data that is not an image
-      raise ConfigError(f"cannot read {FLAGS.image}: not an image PIL can decode") from None
+    pixels = read_image(FLAGS.image, vqgan.cfg.resolution)
     codes = np.repeat(vqgan.encode(pixels[None]), FLAGS.num_captions, 0)
     if FLAGS.num_captions == 1:
       captions = sampling.caption_images(sampler, codes, key)

@@ -3,11 +3,13 @@
   python -m cm3jax.train --config=configs/tiny.py --workdir=/tmp/cm3jax_tiny
   python -m cm3jax.train --config=configs/7b.py --compile_only --topology=v5p:4x4x4
 
-A run resumes from the latest checkpoint in --workdir. Config fields are overridden on the command
-line: --config.num_train_steps=100 --config.model.num_layers=2.
+A run resumes from the latest checkpoint in --workdir; a new run with --config.init_from=W starts
+from the parameters of W's newest checkpoint (instruction tuning: configs/tiny_sft.py). Config
+fields are overridden on the command line: --config.num_train_steps=100 --config.model.num_layers=2.
 """
 
 import contextlib
+import json
 import sys
 import time
 from typing import Optional
@@ -60,7 +62,43 @@ def train(config, workdir: str) -> list[dict[str, float]]:
   Raises NonFinite at a non-finite step and Preempted after saving on SIGTERM."""
   workdir = checkpoint.prepare_workdir(workdir)
   with faults.workdir_lock(workdir, "cm3jax.train"):
-    return _train(config, workdir)
+    return _train(with_base_inputs(config), workdir)
+
+
+def with_base_inputs(config):
+  """`config` with its empty cm3 input paths (VQGAN, codes, tokenizer) set to those of the run
+  it starts from (config.init_from), so that its checkpoints name them; unchanged without one."""
+  if not config.init_from:
+    return config
+  base = config.init_from
+  step = checkpoint.newest_step(base)
+  if step is None:
+    raise ConfigError(f"init_from={base} holds no checkpoint: train the run to start from "
+                      "first (python -m cm3jax.pipeline --config=configs/tiny.py "
+                      f"--workdir={base})")
+  saved = checkpoint.saved_config(base, step)
+  paths = data.input_paths(saved["cm3"], base)
+  config = config.copy_and_resolve_references()
+  for field, path in zip(("vqgan_workdir", "codes_dir", "tokenizer"), paths):
+    if not config.cm3[field]:
+      config.cm3[field] = path
+  return config
+
+
+def pretrained_params(s: Setup, config, vocab):
+  """The parameters of config.init_from's newest checkpoint, placed as this run's; a
+  ConfigError when its model or vocabulary is not this run's."""
+  base = config.init_from
+  step = checkpoint.latest_step(base)
+  diffs = checkpoint.differences(checkpoint.saved_config(base, step), json.loads(config.to_json()),
+                                 {"model": model_lib.ModelConfig.ARCHITECTURE})
+  if diffs:
+    raise ConfigError(f"init_from={base} (step {step}) is another model: {', '.join(diffs)}")
+  if vocab is not None and checkpoint.load_vocab(base, step) != vocab:
+    raise ConfigError(f"init_from={base} (step {step}) was trained with another vocabulary "
+                      f"({checkpoint.load_vocab(base, step).describe()}; this run: "
+                      f"{vocab.describe()}): use its tokenizer and VQGAN")
+  return checkpoint.restore_params(base, step, s.abstract_state.params)
 
 
 def _train(config, workdir: str) -> list[dict[str, float]]:
@@ -75,6 +113,8 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     restored = ckpts.restore(s.abstract_state)
     if restored is None:
       state, position = s.init_state(jax.random.PRNGKey(config.seed)), None
+      if config.init_from:
+        state = state.replace(params=pretrained_params(s, config, source.vocab))
     else:
       state, position = restored[0], _restored_position(restored[1])
     start = int(state.step)
@@ -82,7 +122,9 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     say(f"cm3jax.train: {len(devices)} x {devices[0].device_kind}, mesh "
         f"{sharding.describe(s.mesh)}; "
         f"{model_lib.num_params(state.params) / 1e6:.2f}M parameters; "
-        + (f"resumed from step {start} in {ckpts.directory}" if restored else "new run")
+        + (f"resumed from step {start} in {ckpts.directory}" if restored else
+           f"new run from the parameters of {config.init_from}" if config.init_from else
+           "new run")
         + f"; workdir {workdir}", flush=True)
     if start >= config.num_train_steps:
       say(f"already at step {start} of num_train_steps={config.num_train_steps}; nothing to do")

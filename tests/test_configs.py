@@ -45,6 +45,18 @@ def test_paper_sizes():
     assert c.seq_len == 4096 and c.global_batch_size * c.seq_len == 8 * 2**20
 
 
+@pytest.mark.parametrize("name", ["350m", "760m", "7b"])
+def test_paper_sft_recipe_keeps_the_model_and_its_microbatches(name):
+  base = load(os.path.join(REPO, "configs", f"{name}.py")).get_config()
+  c = load(os.path.join(REPO, "configs", f"{name}_sft.py")).get_config()
+  assert c.model.to_dict() == base.model.to_dict() and c.data == "sft"
+  assert c.optimizer.peak_lr == 5e-5 and c.optimizer.warmup_steps == 150
+  assert c.seq_len == 4096 and c.global_batch_size * c.seq_len == 2**21  # the paper: 2M
+  assert (c.global_batch_size // c.grad_accum_steps
+          == base.global_batch_size // base.grad_accum_steps)
+  assert abs(c.num_train_steps * c.global_batch_size * c.seq_len - 30e9) < 1e7
+
+
 def test_vqgan_config():
   from cm3jax.vqgan.model import VQGANConfig
   module = load(os.path.join(REPO, "configs", "vqgan_shapes.py"))

@@ -10,7 +10,9 @@ WITHOUT_TENSORFLOW = ["cm3jax.model", "cm3jax.train", "cm3jax.vqgan.model",
                       "cm3jax.vqgan.torch_io", "cm3jax.vqgan.tokenizer", "cm3jax.train_vqgan",
                       "cm3jax.tokenize_images", "cm3jax.vocab", "cm3jax.sampling",
                       "cm3jax.sample", "cm3jax.export", "cm3jax.pipeline", "cm3jax.eval_shapes",
-                      "cm3jax.instruct", "cm3jax.data.shapes_tasks", "cm3jax.eval_tasks"]
+                      "cm3jax.instruct", "cm3jax.data.shapes_tasks", "cm3jax.eval_tasks",
+                      "cm3jax.tokenize_tasks", "cm3jax.data.sft_stream",
+                      "cm3jax.data.shapes_analyser"]
 
 
 def test_model_and_tokenizer_import_without_tensorflow():

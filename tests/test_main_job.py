@@ -149,7 +149,7 @@ def test_bad_input_to_the_commands(main_job, tmp_path):
   assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a",
                                    "--top_p=1.5"), "cm3jax.sample", "top_p must be in (0, 1]")
   assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}"), "cm3jax.sample",
-                        "--workdir and one of --prompt or --image are required")
+                        "--workdir and one of --prompt, --image or --task are required")
   assert_one_line_error(run_module("cm3jax.eval_shapes", f"--workdir={tmp_path}"),
                         "cm3jax.eval_shapes", "no checkpoints in")
   assert_one_line_error(

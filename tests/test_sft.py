@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from cm3jax import eval_shapes, train_tokenizer
+from cm3jax import train_tokenizer
 from cm3jax.config import ConfigError
-from cm3jax.data import sft, shapes, shapes_tasks
+from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
 from cm3jax.vocab import EOS, Vocab
 
 SPLITS = ("train", "validation", "test")
@@ -27,7 +27,7 @@ def pictures(record):
 
 
 def read(picture):
-  return eval_shapes.analyse(picture.render())
+  return shapes_analyser.analyse(picture.render())
 
 
 def truth(picture):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax import data, loss, optimizer, sharding, train, trainer
+from cm3jax import checkpoint, data, loss, optimizer, sharding, train, trainer
 from cm3jax.config import ConfigError
 from tests.helpers import assert_one_line_error, run_module, tiny_config
 
@@ -185,6 +185,47 @@ def test_train_logs_checkpoints_and_falls(tmp_path):
   saved = json.load(open(tmp_path / "checkpoints" / "40" / "config" / "metadata"))
   assert saved["model"]["num_layers"] == config.model.num_layers
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+
+def saved_params(config, workdir, step):
+  abstract = trainer.setup(config).abstract_state.params
+  return jax.device_get(checkpoint.restore_params(str(workdir), step, abstract))
+
+
+def test_init_from_starts_a_run_from_the_parameters_only(tmp_path):
+  base = tiny_config(**{"optimizer.peak_lr": 1e-2})
+  train.train(base, str(tmp_path / "base"))
+  pretrained = saved_params(base, tmp_path / "base", 6)
+  # A learning rate too small to move the parameters: the run starts where the base ended,
+  # from step 0 with a fresh optimiser (base's schedule would be at its end).
+  tuned = tiny_config(num_train_steps=2, init_from=str(tmp_path / "base"),
+                      **{"optimizer.peak_lr": 1e-12, "optimizer.warmup_steps": 0})
+  history = train.train(tuned, str(tmp_path / "tuned"))
+  assert [h["step"] for h in history if "loss" in h] == [1, 2]
+  assert history[0]["learning_rate"] == pytest.approx(1e-12)
+  assert checkpoint.latest_step(str(tmp_path / "tuned")) == 2
+  after = saved_params(tuned, tmp_path / "tuned", 2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), after, pretrained)
+  tuned.init_from = ""
+  train.train(tuned, str(tmp_path / "fresh"))
+  fresh = saved_params(tuned, tmp_path / "fresh", 2)
+  assert not np.allclose(fresh["embed"], pretrained["embed"], atol=1e-3)
+
+
+def test_init_from_refuses_another_model_or_vocabulary(tmp_path):
+  train.train(tiny_config(num_train_steps=3), str(tmp_path / "base"))
+  other = tiny_config(init_from=str(tmp_path / "base"), **{"model.num_layers": 3})
+  with pytest.raises(ConfigError, match=r"init_from=.*base \(step 3\) is another model: "
+                     r"model.num_layers=4 \(this config: 3\)"):
+    train.train(other, str(tmp_path / "tuned"))
+  assert not os.path.exists(tmp_path / "tuned" / "checkpoints" / "3")
+  s = trainer.setup(tiny_config())
+  with pytest.raises(ConfigError, match="has no vocabulary: it was trained on synthetic data"):
+    train.pretrained_params(s, tiny_config(init_from=str(tmp_path / "base")), object())
+  result = run_module("cm3jax.train", "--config=configs/tiny.py", "--config.data=synthetic",
+                      f"--workdir={tmp_path / 'cli'}", f"--config.init_from={tmp_path / 'none'}")
+  assert_one_line_error(result, "cm3jax.train",
+                        f"init_from={tmp_path / 'none'} holds no checkpoint")
 
 
 def test_resume_continues_exactly(tmp_path):

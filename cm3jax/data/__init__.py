@@ -10,6 +10,9 @@ seen.
              index, offset). Its inputs (code shards and a text tokenizer) must exist: the
              pipeline makes them (python -m cm3jax.pipeline), or tokenize_images and
              train_tokenizer do, one command each.
+  sft        the instruction-tuning stream over task shards (cm3jax/data/sft_stream.py);
+             position = (round, index, offset). Its inputs are the task shards
+             (cm3jax.tokenize_tasks) and the text tokenizer.
 """
 
 import dataclasses
@@ -32,7 +35,7 @@ def batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> n
   return order[start:start + batch_size]
 
 
-SOURCES = ("synthetic", "cm3")
+SOURCES = ("synthetic", "cm3", "sft")
 SPLITS = ("train", "validation")
 
 
@@ -41,6 +44,11 @@ class InputPaths(NamedTuple):
   vqgan_workdir: str  # the image tokenizer (a cm3jax.train_vqgan workdir)
   codes_dir: str  # the image-code shards (cm3jax.tokenize_images)
   tokenizer: str  # the sentencepiece model (cm3jax.train_tokenizer)
+
+
+def tasks_dir(config, workdir: str) -> str:
+  """Where a run's task shards live (sft.tasks_dir)."""
+  return config.sft.tasks_dir or os.path.join(workdir, "tasks")
 
 
 class RetrievalPaths(NamedTuple):
@@ -89,8 +97,8 @@ def input_paths(cm3, workdir: str) -> InputPaths:
 @dataclasses.dataclass(frozen=True)
 class Source:
   config: object
-  vocab: Optional[Vocab] = None  # The cm3 source's vocabulary,
-  codes_dir: Optional[str] = None  # its image-code shards,
+  vocab: Optional[Vocab] = None  # The cm3 and sft sources' vocabulary,
+  shards: Optional[str] = None  # the image-code shards (cm3) or task shards (sft),
   workdir: Optional[str] = None  # and the run's workdir (the default retrieval paths).
 
   def batches(self, split: str, seed: Sequence[int], position: Optional[Sequence[int]] = None,
@@ -103,12 +111,20 @@ class Source:
     if config.data == "synthetic":
       step = 0 if position is None else int(position[0])
       return synthetic.batches(config, split, step, seed, slice(host[0] * rows, (host[0] + 1) * rows))
-    from cm3jax.data import cm3  # TensorFlow is imported by the cm3 source only.
-    retrieved = (retrieved_documents(config.cm3, self.workdir, self.codes_dir, split)
+    from cm3jax.data import cm3  # TensorFlow is imported by the cm3 and sft sources only.
+    start = cm3.START if position is None else cm3.Position(*position)
+    if config.data == "sft":
+      from cm3jax.data import sft_stream
+      return sft_stream.dataset(
+          self.shards, split, self.vocab, config.seq_len, rows, seed, start, host[0], host[1],
+          config.cm3.span_rate, config.cm3.whole_segment_rate, config.sft.mixture,
+          config.sft.loss_on, config.cm3.document_attention,
+          config.sft.max_spans).as_numpy_iterator()
+    retrieved = (retrieved_documents(config.cm3, self.workdir, self.shards, split)
                  if config.cm3.retrieval.documents else None)
-    return cm3.batches(codes_dir=self.codes_dir, split=split, vocab=self.vocab,
+    return cm3.batches(codes_dir=self.shards, split=split, vocab=self.vocab,
                        seq_len=config.seq_len, rows=rows, seed=seed,
-                       position=cm3.START if position is None else cm3.Position(*position),
+                       position=start,
                        host=host[0], num_hosts=host[1], span_rate=config.cm3.span_rate,
                        whole_segment_rate=config.cm3.whole_segment_rate,
                        shuffle_buffer=config.cm3.shuffle_buffer,
@@ -116,7 +132,7 @@ class Source:
 
   def skipped(self) -> dict[str, int]:
     """Documents this process has left out so far, by reason."""
-    if self.config.data != "cm3":
+    if self.config.data == "synthetic":
       return {}
     from cm3jax.data import cm3
     return dict(cm3.SKIPPED)
@@ -126,24 +142,37 @@ MAKE_THEM = "or run every stage with python -m cm3jax.pipeline --config=CONFIG -
 
 
 def source(config, workdir: str) -> Source:
-  """The source `config.data` names. For cm3 its inputs must exist: a missing one is a
+  """The source `config.data` names. For cm3 and sft its inputs must exist: a missing one is a
   ConfigError naming the command that makes it."""
   if config.data not in SOURCES:
     raise ConfigError(f"data={config.data!r} is not one of {list(SOURCES)}")
   if config.data == "synthetic":
     return Source(config)
   paths = input_paths(config.cm3, workdir)
+  if config.data == "sft":
+    tasks = tasks_dir(config, workdir)
+    for split in SPLITS:
+      if not os.path.exists(code_shards.manifest_path(tasks, split)):
+        raise ConfigError(
+            f"no complete {split} split of task records in {tasks} (sft.tasks_dir): make them "
+            f"with python -m cm3jax.tokenize_tasks --vqgan_workdir={paths.vqgan_workdir} "
+            f"--out={tasks}, {MAKE_THEM}")
+    return Source(config, _vocab(config, paths, tasks), tasks, workdir)
   for split in SPLITS:
     if not os.path.exists(code_shards.manifest_path(paths.codes_dir, split)):
       raise ConfigError(
           f"no complete {split} split of image codes in {paths.codes_dir} (cm3.codes_dir): make "
           f"them with python -m cm3jax.tokenize_images --vqgan_workdir={paths.vqgan_workdir} "
           f"--out={paths.codes_dir} --dataset=DATASET, {MAKE_THEM}")
+  return Source(config, _vocab(config, paths, paths.codes_dir), paths.codes_dir, workdir)
+
+
+def _vocab(config, paths: InputPaths, shards: str) -> Vocab:
+  """The vocabulary of the text tokenizer and the VQGAN that wrote `shards`."""
   if not os.path.exists(paths.tokenizer):
     raise ConfigError(
         f"no text tokenizer {paths.tokenizer} (cm3.tokenizer): train one with python -m "
         f"cm3jax.train_tokenizer --input={paths.codes_dir} --vocab_size="
         f"{config.cm3.text_vocab_size} --out={paths.tokenizer}, {MAKE_THEM}")
-  manifest = code_shards.read_manifest(paths.codes_dir, "train")
-  vocab = Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans, manifest["codebook_size"])
-  return Source(config, vocab, paths.codes_dir, workdir)
+  manifest = code_shards.read_manifest(shards, "train")
+  return Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans, manifest["codebook_size"])

@@ -74,6 +74,15 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
   (from the last `whole_from_last` segments only, if set: the query document after retrieved
   ones). Returns int32 [len(tokens) + 3 * spans].
   """
+  return masked_with_sources(tokens, seed, vocab, span_rate, max_spans, whole_segment_rate,
+                             whole_from_last)[0]
+
+
+def masked_with_sources(tokens, seed, vocab: Vocab, span_rate: float = 1.0,
+                        max_spans: Optional[int] = None, whole_segment_rate: float = 0.0,
+                        whole_from_last: int = 0):
+  """(`cm3_mask`'s document, the position in `tokens` each of its tokens comes from): a span's
+  sentinels come from its first token, its `<eoss>` from its last."""
   tf = tf_cpu.tensorflow()
   max_spans = vocab.num_sentinels if max_spans is None else max_spans
   tokens = tf.convert_to_tensor(tokens, tf.int32)
@@ -112,14 +121,21 @@ def cm3_mask(tokens, seed, vocab: Vocab, span_rate: float = 1.0, max_spans: Opti
   span_id = tf.cumsum(begin) - 1
   is_start = begin > 0
   sentinel_base = vocab.sentinel_base
-  causal = tf.boolean_mask(tf.where(is_start, sentinel_base + span_id, tokens), ~inside | is_start)
-  spans = tf.RaggedTensor.from_value_rowids(tf.boolean_mask(tokens, inside),
-                                            tf.boolean_mask(span_id, inside), nrows=k,
-                                            validate=False)
+  kept = ~inside | is_start
+  causal = tf.boolean_mask(tf.where(is_start, sentinel_base + span_id, tokens), kept)
   column = lambda values: tf.RaggedTensor.from_tensor(values[:, None], row_splits_dtype=tf.int32)
-  appended = tf.concat([column(sentinel_base + tf.range(k)), spans,
-                        column(tf.fill([k], vocab.eoss_id))], axis=1)
-  return tf.concat([causal, appended.flat_values], axis=0)
+
+  def appended(span_values, sentinels, ends):
+    spans = tf.RaggedTensor.from_value_rowids(tf.boolean_mask(span_values, inside),
+                                              tf.boolean_mask(span_id, inside), nrows=k,
+                                              validate=False)
+    return tf.concat([column(sentinels), spans, column(ends)], axis=1).flat_values
+
+  source = tf.range(length)
+  masked = tf.concat([causal, appended(tokens, sentinel_base + tf.range(k),
+                                       tf.fill([k], vocab.eoss_id))], axis=0)
+  sources = tf.concat([tf.boolean_mask(source, kept), appended(source, starts, ends - 1)], axis=0)
+  return masked, sources
 
 
 def document_fn(vocab: Vocab, max_length: int):
@@ -245,38 +261,60 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
         make_document, [ex["caption"], ex["codes"], tf.gather(bank_captions, safe),
                         tf.gather(bank_codes, safe), real], tf.int32, stateful=False)
 
-  def to_document(epoch, index, record):
-    doc = tf.ensure_shape(document(parse(record)), [None])
-    masked = tf.cond(tf.size(doc) > 0,
-                     lambda: cm3_mask(doc, tf.stack([base_seed, epoch * 2**32 + index]), vocab,
-                                      span_rate, whole_segment_rate=whole_segment_rate,
-                                      whole_from_last=2 if retrieved is not None else 0),
-                     lambda: doc)
+  def numbered_documents(epoch, index, record):
+    return epoch, index, tf.ensure_shape(document(parse(record)), [None]), tf.constant(0)
+
+  return batched_rows(records.map(numbered_documents, num_parallel_calls=AUTOTUNE,
+                                  deterministic=True),
+                      vocab, seq_len, rows, base_seed, position, span_rate, whole_segment_rate,
+                      2 if retrieved is not None else 0, document_attention)
+
+
+def batched_rows(documents, vocab: Vocab, seq_len: int, rows: int, base_seed: int,
+                 position: Position, span_rate: float, whole_segment_rate: float,
+                 whole_from_last: int, document_attention: bool,
+                 max_spans: Optional[int] = None):
+  """The batches of a dataset of numbered `documents` (epoch, index, tokens int32 [L], first
+  weighted): each CM3-masked with the seed of (base_seed, epoch, index), packed from `position`
+  on (see `dataset`). No token of a document before position `first weighted` is a weighted
+  target but its first (`</s>`); an empty document is skipped. At most `max_spans` spans
+  (default: the vocabulary's sentinels) are masked in a document."""
+  tf = tf_cpu.tensorflow()
+  window = seq_len + 1
+  AUTOTUNE = tf.data.AUTOTUNE
+
+  def to_document(epoch, index, doc, first_weighted):
+    masked, sources = tf.cond(
+        tf.size(doc) > 0,
+        lambda: masked_with_sources(doc, tf.stack([base_seed, epoch * 2**32 + index]), vocab,
+                                    span_rate, max_spans, whole_segment_rate, whole_from_last),
+        lambda: (doc, tf.zeros([0], tf.int32)))
+    is_sentinel = (masked >= vocab.sentinel_base) & (masked < vocab.image_offset)
+    # The document's first token, its `</s>`, is the target that ends the document before it.
+    weights = tf.cast(~is_sentinel & ((sources >= first_weighted) | (sources == 0)), tf.float32)
     first = tf.cast(tf.logical_and(epoch == position.epoch, index == position.index), tf.int32)
     offset = first * position.offset
     n = tf.shape(masked)[0]
     offsets = tf.range(offset, tf.maximum(n, offset))
     info = tf.stack([tf.fill(tf.shape(offsets), epoch), tf.fill(tf.shape(offsets), index),
                      tf.cast(offsets, tf.int64)], axis=1)
-    return masked[offset:], info
+    return masked[offset:], weights[offset:], info
 
-  docs = records.map(to_document, num_parallel_calls=AUTOTUNE, deterministic=True)
+  docs = documents.map(to_document, num_parallel_calls=AUTOTUNE, deterministic=True)
 
   def pack(buffer, doc):
-    tokens = tf.concat([buffer[0], doc[0]], 0)
-    info = tf.concat([buffer[1], doc[1]], 0)
-    full = tf.shape(tokens)[0] // window * window
-    windows = (tf.reshape(tokens[:full], [-1, window]), tf.reshape(info[:full], [-1, window, 3]))
-    return (tokens[full:], info[full:]), windows
+    parts = [tf.concat([b, d], 0) for b, d in zip(buffer, doc)]
+    full = tf.shape(parts[0])[0] // window * window
+    windows = tuple(tf.reshape(p[:full], tf.concat([[-1, window], tf.shape(p)[1:]], 0))
+                    for p in parts)
+    return tuple(p[full:] for p in parts), windows
 
-  empty = (tf.zeros([0], tf.int32), tf.zeros([0, 3], tf.int64))
+  empty = (tf.zeros([0], tf.int32), tf.zeros([0], tf.float32), tf.zeros([0, 3], tf.int64))
   windows = docs.scan(empty, pack).unbatch()
 
-  def to_row(tokens, info):
-    targets = tokens[1:]
-    is_sentinel = (targets >= vocab.sentinel_base) & (targets < vocab.image_offset)
-    row = {"inputs": tokens[:-1], "targets": targets,
-           "weights": 1.0 - tf.cast(is_sentinel, tf.float32), "position": info[0]}
+  def to_row(tokens, weights, info):
+    row = {"inputs": tokens[:-1], "targets": tokens[1:], "weights": weights[1:],
+           "position": info[0]}
     if document_attention:
       offsets = tf.cast(info[:-1, 2], tf.int32)
       row["positions"] = offsets

@@ -88,6 +88,12 @@ def vqa(image: Any, question: str, answer: str) -> Record:
   return Record("vqa", (image, question_text(question)), (f"Answer: {answer}.",))
 
 
+def text_to_image(text: str, image: Any) -> Record:
+  """`{caption} <break> {image}`: the pretraining document. CM3Leon's mixture holds text-to-image
+  data; without it, tuning on the other tasks alone unlearns drawing from a caption."""
+  return Record("text2image", (text,), (image,))
+
+
 def question_text(question: str) -> str:
   return f"Question: {question}"
 
@@ -100,7 +106,7 @@ def answer_of(text: str) -> str:
   return text[len("Answer: "):-1].strip()
 
 
-TASKS = ("edit", "grounded", "seg2image", "image2seg", "caption", "vqa")
+TASKS = ("edit", "grounded", "seg2image", "image2seg", "caption", "vqa", "text2image")
 
 
 def encode(vocab: Vocab, record: Record, image_codes: Callable[[Any], np.ndarray]

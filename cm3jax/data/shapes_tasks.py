@@ -2,7 +2,7 @@
 
 Every picture of an example is a `Picture`: a shapes scene drawn as a photo, or as its
 segmentation map (each thing flat in its shape's class colour on a dark background), so the
-truth of each output is known and `eval_shapes.analyse` reads generated ones back.
+truth of each output is known and `shapes_analyser.analyse` reads generated ones back.
 
   edit        a photo and an instruction -> the edited photo: one thing's colour, shape or size
               changed, a lone thing moved, one of two removed, or a thing added beside a lone one
@@ -12,6 +12,7 @@ truth of each output is known and `eval_shapes.analyse` reads generated ones bac
   caption     a photo -> its caption
   vqa         a photo and a question (a thing's colour or shape, how many things, a relation)
               -> the answer
+  text2image  a caption -> the photo (the pretraining document)
 
 The source scenes are `shapes.scene(split, index, seed=SEED)`, so the splits keep the held-out
 colour-shape pairs where `shapes` does: train and validation examples never show one, in any
@@ -165,4 +166,6 @@ def example(task: str, split: str, index: int) -> sft.Record:
       return sft.image2seg(photo, Picture(s, segmentation=True))
     if task == "caption":
       return sft.caption(photo, s.caption())
+    if task == "text2image":
+      return sft.text_to_image(s.caption(), photo)
     return sft.vqa(photo, *question(s, rng))

@@ -8,8 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from cm3jax import eval_shapes
-from cm3jax.data import shapes
+from cm3jax.data import shapes, shapes_analyser
 
 THINGS = [shapes.Thing(shape, colour, size) for shape in shapes.SHAPES
           for colour in shapes.COLOURS for size in shapes.SIZES]
@@ -36,7 +35,7 @@ def pair_scenes():
 
 
 def read(scene) -> bool:
-  return eval_shapes.analyse(shapes.render(scene)) == shapes.described(scene)
+  return shapes_analyser.analyse(shapes.render(scene)) == shapes.described(scene)
 
 
 def test_every_shape_colour_size_and_place_is_read_back():
@@ -82,17 +81,17 @@ def test_a_scene_that_differs_in_one_attribute_is_rejected():
     for other in perturbations(scene):
       if other.things[0] in other.things[1:]:
         continue
-      assert eval_shapes.analyse(shapes.render(other)) != truth, (scene, other)
-      assert not eval_shapes.caption_matches(other.caption(), truth), (scene, other)
+      assert shapes_analyser.analyse(shapes.render(other)) != truth, (scene, other)
+      assert not shapes_analyser.caption_matches(other.caption(), truth), (scene, other)
 
 
 def test_a_relation_read_from_either_side_is_the_same_scene():
   for scene in pair_scenes():
     truth = shapes.described(scene)
     flipped = shapes.Scene(scene.things[::-1], INVERSE[scene.place], scene.background)
-    assert eval_shapes.caption_matches(scene.caption(), truth)
-    assert eval_shapes.caption_matches(flipped.caption(), truth), flipped.caption()
-    assert eval_shapes.analyse(shapes.render(flipped)) == truth
+    assert shapes_analyser.caption_matches(scene.caption(), truth)
+    assert shapes_analyser.caption_matches(flipped.caption(), truth), flipped.caption()
+    assert shapes_analyser.analyse(shapes.render(flipped)) == truth
 
 
 def test_parse_caption_inverts_caption_and_refuses_other_text():
@@ -104,7 +103,7 @@ def test_parse_caption_inverts_caption_and_refuses_other_text():
                "a small red circle above a large blue", "the small red circle at the top",
                "a small red circle above a large blue square at the top"):
     assert shapes.parse_caption(text) is None, text
-    assert not eval_shapes.caption_matches(text, shapes.described(single_scenes()[0]))
+    assert not shapes_analyser.caption_matches(text, shapes.described(single_scenes()[0]))
 
 
 @pytest.mark.parametrize("blur", [0.25, 0.5])
@@ -115,4 +114,4 @@ def test_blurred_renders_are_still_read(blur):
     neighbours = (np.roll(image, 1, 0) + np.roll(image, -1, 0) + np.roll(image, 1, 1)
                   + np.roll(image, -1, 1)) / 4
     soft = ((1 - blur) * image + blur * neighbours).round().astype(np.uint8)
-    assert eval_shapes.analyse(soft) == shapes.described(scene), scene.caption()
+    assert shapes_analyser.analyse(soft) == shapes.described(scene), scene.caption()

@@ -1,0 +1,163 @@
+"""Write instruction-tuning records into task shards, their images as VQGAN codes, once.
+
+  python -m cm3jax.tokenize_tasks --vqgan_workdir=workdirs/tiny/vqgan --out=workdirs/tiny_sft/tasks
+
+  python -m cm3jax.tokenize_tasks --vqgan_workdir=VQ --out=TASKS --dataset=jsonl:sft_{split}.jsonl
+
+--dataset is shapes_tasks (the default: the shapes task suite of cm3jax/data/shapes_tasks.py,
+--examples_per_task train records and --eval_examples_per_task of each other split per task)
+or jsonl:PATH, whose lines are cm3jax/data/sft.py's JSON records ({split} in PATH is replaced by
+the split; image paths are relative to the file). Lines that are not records and records with
+an image that cannot be read are skipped and counted. Writes the shards and then OUT/SPLIT.json
+(cm3jax/data/task_shards.py); a split is written whole or not at all, and a complete one is
+reused.
+"""
+
+import collections
+import itertools
+import json
+import os
+from typing import Iterable, Iterator
+
+import numpy as np
+from absl import flags
+
+from cm3jax import cli, tokenize_images
+from cm3jax.config import ConfigError
+from cm3jax.data import sft, shapes_tasks, task_shards, tf_cpu
+from cm3jax.vqgan.tokenizer import ImageTokenizer
+
+ENCODE_RECORDS = 256  # records whose images are encoded in one batch
+
+
+def records(dataset: str, split: str, examples_per_task: int, skipped: collections.Counter
+            ) -> Iterator[sft.Record]:
+  """The records of one split of `dataset`; JSONL lines that are not records are counted in
+  `skipped`."""
+  if dataset == "shapes_tasks":
+    for task in sft.TASKS:
+      for i in range(examples_per_task):
+        yield shapes_tasks.example(task, split, i)
+    return
+  kind, _, path = dataset.partition(":")
+  if kind != "jsonl" or not path:
+    raise ConfigError(f"--dataset={dataset!r} is not shapes_tasks or jsonl:PATH")
+  path = path.replace("{split}", split)
+  good, bad = sft.read_jsonl(path)
+  skipped.update(bad)
+  folder = os.path.dirname(os.path.abspath(path))
+  for record in good:
+    place = lambda s: (sft.ImagePath(os.path.join(folder, s.path))
+                       if isinstance(s, sft.ImagePath) else s)
+    yield sft.Record(record.task, tuple(map(place, record.input)),
+                     tuple(map(place, record.output)))
+
+
+def _pixels(image, resolution: int) -> np.ndarray:
+  if isinstance(image, shapes_tasks.Picture):
+    return image.render()
+  with open(image.path, "rb") as f:
+    return tokenize_images.decode_image(f.read(), resolution)
+
+
+def encoded(tokenizer: ImageTokenizer, made: Iterable[sft.Record],
+            skipped: collections.Counter) -> Iterator[sft.Record]:
+  """Each record with its images as codes; one whose image cannot be read is counted and left
+  out."""
+  resolution = tokenizer.cfg.resolution
+  made = iter(made)
+  while chunk := list(itertools.islice(made, ENCODE_RECORDS)):
+    kept, pixels = [], []
+    for record in chunk:
+      try:
+        images = [_pixels(s, resolution) for s in record.input + record.output
+                  if not isinstance(s, str)]
+      except Exception:  # PIL and the file system raise many types for a bad image
+        skipped["unreadable image"] += 1
+        continue
+      kept.append(record)
+      pixels += images
+    codes = iter(tokenizer.encode(np.stack(pixels)) if pixels else [])
+    for record in kept:
+      swap = lambda s: s if isinstance(s, str) else next(codes)
+      yield sft.Record(record.task, tuple(map(swap, record.input)),
+                       tuple(map(swap, record.output)))
+
+
+def write_split(tokenizer: ImageTokenizer, made: Iterable[sft.Record], out: str, split: str,
+                shard_size: int = 4096, skipped=None) -> dict:
+  """Writes the records' shards and OUT/SPLIT.json; returns the manifest (a complete split's
+  is returned as it is)."""
+  if shard_size < 1:
+    raise ConfigError(f"--shard_size={shard_size} must be at least 1")
+  tf = tf_cpu.tensorflow()
+  manifest_path = task_shards.manifest_path(out, split)
+  if os.path.exists(manifest_path):
+    return task_shards.read_manifest(out, split)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
+  skipped = collections.Counter() if skipped is None else skipped
+  tasks: collections.Counter = collections.Counter()
+  shards = 0
+  stream = encoded(tokenizer, made, skipped)
+  while chunk := list(itertools.islice(stream, shard_size)):
+    with tf.io.TFRecordWriter(task_shards.shard_path(out, split, shards) + ".tmp") as writer:
+      for record in chunk:
+        writer.write(task_shards.serialize(record))
+        tasks[record.task] += 1
+    shards += 1
+  if not shards:
+    raise ConfigError(f"split {split} has no usable record (skipped: {dict(skipped) or 'none'})")
+  for i in range(shards):
+    path = task_shards.shard_path(out, split, i)
+    os.replace(path + ".tmp", path)
+  summary = {"split": split, "records": sum(tasks.values()), "tasks": dict(sorted(tasks.items())),
+             "shards": shards, "tokens_per_image": tokenizer.cfg.tokens_per_image,
+             "codebook_size": tokenizer.cfg.n_embed, "skipped": dict(skipped)}
+  with open(manifest_path + ".tmp", "w") as f:
+    json.dump(summary, f, indent=1)
+  os.replace(manifest_path + ".tmp", manifest_path)
+  return summary
+
+
+def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str,
+                   examples_per_task: int, shard_size: int = 4096) -> dict:
+  skipped: collections.Counter = collections.Counter()
+  return write_split(tokenizer, records(dataset, split, examples_per_task, skipped), out, split,
+                     shard_size, skipped)
+
+
+def describe(summary: dict) -> str:
+  tasks = ", ".join(f"{n} {t}" for t, n in summary["tasks"].items())
+  skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
+  return f"{summary['split']}: {summary['records']} records ({tasks}); skipped: {skipped}"
+
+
+def _define_flags():
+  flags.DEFINE_string("vqgan_workdir", None, "Workdir of cm3jax.train_vqgan.")
+  flags.DEFINE_string("out", None, "Directory for the task shards.")
+  flags.DEFINE_string("dataset", "shapes_tasks", "shapes_tasks or jsonl:PATH ({split} in PATH is "
+                      "replaced by the split).")
+  flags.DEFINE_list("splits", ["train", "validation", "test"], "Splits to write.")
+  flags.DEFINE_integer("examples_per_task", 2000, "shapes_tasks: train records per task.")
+  flags.DEFINE_integer("eval_examples_per_task", 500, "shapes_tasks: records per task of the "
+                       "other splits.")
+  flags.DEFINE_integer("shard_size", 4096, "Records per shard.")
+
+
+def main(FLAGS):
+  if not FLAGS.vqgan_workdir or not FLAGS.out:
+    raise ConfigError("--vqgan_workdir and --out are required")
+  if FLAGS.examples_per_task < 1 or FLAGS.eval_examples_per_task < 1:
+    raise ConfigError("--examples_per_task and --eval_examples_per_task must be at least 1")
+  tokenizer = ImageTokenizer.load(FLAGS.vqgan_workdir)
+  for split in FLAGS.splits:
+    count = FLAGS.examples_per_task if split == "train" else FLAGS.eval_examples_per_task
+    print(describe(tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, count,
+                                  FLAGS.shard_size)), flush=True)
+
+
+if __name__ == "__main__":
+  cli.run("tokenize_tasks", _define_flags, main)

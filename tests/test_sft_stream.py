@@ -1,0 +1,240 @@
+"""The instruction-tuning stream and its shards: the loss weights of loss_on, the task mixture's
+rounds, exact resume, the hosts' partition, and tokenize_tasks with its bad rows."""
+
+import collections
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cm3jax import tokenize_tasks, train_tokenizer
+from cm3jax.config import ConfigError
+from cm3jax.data import cm3, sft, sft_stream, shapes, shapes_tasks, task_shards
+from cm3jax.vocab import EOS, Vocab
+from tests.test_cm3_data import unmask
+
+CODES, T = 64, 8
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  texts = [shapes.scene("train", i).caption() for i in range(500)]
+  return Vocab(train_tokenizer.train(texts, 320), num_sentinels=16, num_image_codes=CODES)
+
+
+def text_to_image(n, seed=0, task="draw"):
+  """Records of text in and an image out, so a token's kind tells which part it came from."""
+  rng = np.random.default_rng(seed)
+  return [sft.Record(task, (shapes.scene("train", seed * 1000 + i).caption(),),
+                     (rng.integers(0, CODES, T),)) for i in range(n)]
+
+
+def stream(vocab, records, split="validation", rows=4, seq_len=64, **kwargs):
+  return sft_stream.dataset("", split, vocab, seq_len, rows, (0,), records=records,
+                            **kwargs).as_numpy_iterator()
+
+
+def windows(batches, count):
+  """The stream's first `count` batches as windows: tokens [seq_len + 1] and their weights."""
+  out = []
+  for _ in range(count):
+    b = next(batches)
+    for inputs, targets, weights in zip(b["inputs"], b["targets"], b["weights"]):
+      out.append((np.concatenate([inputs[:1], targets]), np.concatenate([[0.0], weights])))
+  return out
+
+
+@pytest.mark.parametrize("loss_on", ["all", "output"])
+def test_loss_on_weights_the_output_or_every_token(vocab, loss_on):
+  """Each masked document, moved back: with loss_on="output" exactly its image tokens (the
+  output), the <eoss> of a span of them and its </s> are weighted targets; with "all" every
+  token but the sentinels."""
+  records = {"draw": text_to_image(40)}
+  made = windows(stream(vocab, records, loss_on=loss_on, span_rate=2.0, max_spans=4), 12)
+  tokens = np.concatenate([w[0] for w in made])
+  weights = np.concatenate([w[1] for w in made])
+  known = np.concatenate([np.arange(len(w[0])) > 0 for w in made])  # a window's first: no target
+  starts = np.flatnonzero(tokens == EOS)
+  checked = 0
+  for begin, end in zip(starts[:-1], starts[1:]):
+    doc, w, seen = tokens[begin:end], weights[begin:end], known[begin:end]
+    _, spans = unmask(doc, vocab)  # a whole CM3-masked document; <eoss> i closes span i
+    eoss = iter(bool(vocab.is_image(span[0])) for span in spans)
+    expected = []
+    for i, t in enumerate(doc):
+      if vocab.is_sentinel(t):
+        expected.append(0.0)
+      elif loss_on == "all" or i == 0:
+        expected.append(1.0)
+      elif t == vocab.eoss_id:
+        expected.append(float(next(eoss)))
+      else:
+        expected.append(float(vocab.is_image(t)))
+    np.testing.assert_array_equal(w[seen], np.array(expected)[seen])
+    checked += 1
+  assert checked > 5
+
+
+def test_round_draws_repeat_or_take_part_of_each_task_by_its_rate():
+  sizes, rates = [10, 20, 5], [2.0, 0.5, 0.0]
+  first = sft_stream.round_draws(sizes, rates, seed=3, round_=0, shuffle=True)
+  counts = collections.Counter(first.tolist())
+  assert sorted(set(counts.values())) == [1, 2]
+  assert all(counts[i] == 2 for i in range(10))  # the upsampled task: each record twice
+  halves = [set(sft_stream.round_draws(sizes, rates, 3, r, True).tolist()) - set(range(10))
+            for r in range(2)]
+  assert all(len(h) == 10 and h <= set(range(10, 30)) for h in halves)  # half of task 2
+  assert halves[0] != halves[1]  # another half each round
+  assert len(first) == 30 and not set(first.tolist()) & set(range(30, 35))  # rate 0: none
+  in_order = sft_stream.round_draws([3, 2], [1.0, 1.0], 3, 0, shuffle=False)
+  assert sorted(in_order[:3].tolist()) == [0, 1, 2] and sorted(in_order[3:].tolist()) == [3, 4]
+
+
+@pytest.mark.parametrize("mixture, message", [
+    ("draw:x", "is not TASK:RATE with a rate >= 0"), ("draw:-1", "is not TASK:RATE"),
+    ("paint:2", r"names task 'paint'; the shards hold \['draw', 'say'\]"),
+    ("draw:0,say:0", "gives every task rate 0")])
+def test_bad_mixtures_are_one_line_errors(mixture, message):
+  with pytest.raises(ConfigError, match=message):
+    sft_stream.rates(mixture, ["draw", "say"])
+
+
+def test_the_train_stream_follows_the_mixture(vocab):
+  """Task `say` (rate 3, its codes in the upper half) holds a third of the records and gives
+  60% of the draws."""
+  say = [dataclasses.replace(r, output=(r.output[0] // 2 + CODES // 2,))
+         for r in text_to_image(20, 1, "say")]
+  records = {"draw": [dataclasses.replace(r, output=(r.output[0] // 2,))
+                      for r in text_to_image(40, 0, "draw")], "say": say}
+  made = windows(stream(vocab, records, "train", rows=8, mixture="say:3"), 30)
+  codes = vocab.image_codes(np.concatenate([w[0][vocab.is_image(w[0])] for w in made]))
+  share = np.mean(codes >= CODES // 2)
+  assert 0.55 < share < 0.65, share
+
+
+@pytest.mark.parametrize("host, num_hosts", [(0, 1), (1, 2)])
+def test_resume_continues_with_identical_batches(vocab, host, num_hosts):
+  records = {"draw": text_to_image(30, 0, "draw"), "say": text_to_image(12, 1, "say")}
+  kwargs = dict(split="train", mixture="say:2.5,draw:0.5", host=host, num_hosts=num_hosts,
+                loss_on="output")
+  straight = stream(vocab, records, **kwargs)
+  batches = [next(straight) for _ in range(14)]  # crosses rounds
+  for k in (3, 9):
+    position = cm3.Position(*batches[k]["position"][0])
+    resumed = stream(vocab, records, position=position, **kwargs)
+    for want in batches[k:k + 4]:
+      got = next(resumed)
+      for key in ("inputs", "targets", "weights", "position"):
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def documents_of(vocab, made):
+  """The records whose documents the windows hold whole, by their codes (see `numbered`)."""
+  tokens = np.concatenate([w[0] for w in made])
+  starts = np.flatnonzero(tokens == EOS)
+  ids = []
+  for begin, end in zip(starts[:-1], starts[1:]):
+    doc, _ = unmask(tokens[begin:end], vocab)
+    codes = vocab.image_codes(np.array([t for t in doc if vocab.is_image(t)]))
+    ids.append(int(codes[0]) * CODES + int(codes[1]))
+  return ids
+
+
+def numbered(n, task):
+  """Records whose first two codes number them."""
+  return [sft.Record(task, (r.input[0],), (np.concatenate([[i // CODES, i % CODES],
+                                                           r.output[0][2:]]),))
+          for i, r in enumerate(text_to_image(n))]
+
+
+def test_the_hosts_read_their_share_of_each_round_in_order(vocab):
+  records = {"draw": numbered(40, "draw")}
+  kwargs = dict(split="train", mixture="draw:1.5", span_rate=0.5, max_spans=1)
+  rounds = [sft_stream.round_draws([40], [1.5], cm3.stream_seed((0,), "train"), r, True)
+            for r in range(3)]
+  for host in (0, 1):
+    made = windows(stream(vocab, records, host=host, num_hosts=2, **kwargs), 6)
+    ids = documents_of(vocab, made)
+    share = np.concatenate([draws[host::2] for draws in rounds]).tolist()
+    assert len(ids) > 30 and ids == share[:len(ids)]  # past the first round of 30 each
+
+
+def test_records_too_long_are_skipped_and_counted(vocab):
+  cm3.SKIPPED.clear()
+  long = sft.Record("draw", ("a small red circle " * 20,), (np.zeros(T, int),))
+  next(stream(vocab, {"draw": text_to_image(10) + [long]}, seq_len=64, max_spans=4))
+  assert cm3.SKIPPED == {"record longer than the sequence": 1}
+  with pytest.raises(ConfigError, match="sft.max_spans=17 must be in"):
+    stream(vocab, {"draw": text_to_image(10)}, max_spans=17)
+  with pytest.raises(ConfigError, match="sft.loss_on='inputs' is not one of"):
+    stream(vocab, {"draw": text_to_image(10)}, loss_on="inputs")
+
+
+class Tokenizer:
+  """A VQGAN stand-in: an image's codes are its first T pixels' red values modulo CODES."""
+
+  @dataclasses.dataclass
+  class Config:
+    resolution: int = 8
+    tokens_per_image: int = T
+    n_embed: int = CODES
+
+  cfg = Config()
+
+  def encode(self, images):
+    return np.stack([np.asarray(i)[0, :T, 0].astype(np.int64) % CODES for i in images])
+
+
+def test_tokenize_tasks_writes_jsonl_records_and_counts_bad_rows(tmp_path):
+  rng = np.random.default_rng(0)
+  pixels = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
+  for i, p in enumerate(pixels):
+    Image.fromarray(p).save(tmp_path / f"{i}.png")
+  (tmp_path / "broken.png").write_bytes(b"not a png")
+  lines = [{"task": "edit", "input": ["Edit", {"image": "0.png"}, "make it blue"],
+            "output": [{"image": "1.png"}]},
+           {"task": "vqa", "input": [{"image": "1.png"}, "Question: what?"],
+            "output": ["Answer: red."]},
+           {"task": "edit", "input": [{"image": "broken.png"}, "x"],
+            "output": [{"image": "0.png"}]},
+           {"task": "vqa", "input": "not a list", "output": ["x"]}]
+  (tmp_path / "train.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\nnot json\n")
+  out = str(tmp_path / "tasks")
+  summary = tokenize_tasks.tokenize_split(Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl",
+                                          "train", out, examples_per_task=1, shard_size=1)
+  assert summary["tasks"] == {"edit": 1, "vqa": 1} and summary["shards"] == 2
+  assert summary["skipped"] == {"unreadable image": 1, "not JSON": 1,
+                                "input or output is not a list": 1}
+  assert json.load(open(task_shards.manifest_path(out, "train"))) == summary
+  edit, vqa = task_shards.read_split(out, "train")
+  codes = [p[0, :T, 0].astype(np.int32) % CODES for p in pixels]
+  assert edit.task == "edit" and edit.input[0] == "Edit" and edit.input[2] == "make it blue"
+  np.testing.assert_array_equal(edit.input[1], codes[0])
+  np.testing.assert_array_equal(edit.output[0], codes[1])
+  np.testing.assert_array_equal(vqa.input[0], codes[1])
+  assert vqa.input[1:] == ("Question: what?",) and vqa.output == ("Answer: red.",)
+  # A complete split is reused as it is; a dataset of no record is refused.
+  assert tokenize_tasks.tokenize_split(Tokenizer(), "jsonl:nowhere", "train", out, 1) == summary
+  (tmp_path / "validation.jsonl").write_text("not json\n")
+  with pytest.raises(ConfigError, match="split validation has no usable record"):
+    tokenize_tasks.tokenize_split(Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl",
+                                  "validation", out, 1)
+  with pytest.raises(ConfigError, match="is not shapes_tasks or jsonl:PATH"):
+    tokenize_tasks.tokenize_split(Tokenizer(), "csv:x", "test", out, 1)
+
+
+def test_tokenize_tasks_writes_the_shapes_suite_with_each_picture_encoded(tmp_path):
+  out = str(tmp_path / "tasks")
+  summary = tokenize_tasks.tokenize_split(Tokenizer(), "shapes_tasks", "validation", out, 3)
+  assert summary["tasks"] == {t: 3 for t in sorted(sft.TASKS)} and summary["skipped"] == {}
+  made = task_shards.read_split(out, "validation")
+  suite = [shapes_tasks.example(t, "validation", i) for t in sft.TASKS for i in range(3)]
+  for record, truth in zip(made, suite, strict=True):  # in the order written
+    assert record.task == truth.task
+    for got, want in zip(record.input + record.output, truth.input + truth.output, strict=True):
+      if isinstance(want, str):
+        assert got == want
+      else:
+        np.testing.assert_array_equal(got, Tokenizer().encode([want.render()])[0])
