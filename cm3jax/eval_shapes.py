@@ -30,7 +30,6 @@ scores the instruction-tuned tasks instead (cm3jax/eval_tasks.py) on each split'
 """
 
 import dataclasses
-import json
 import os
 import time
 from typing import Optional, Sequence
@@ -38,7 +37,7 @@ from typing import Optional, Sequence
 import jax
 from absl import flags
 
-from cm3jax import checkpoint, cli, data, eval_tasks, sampling
+from cm3jax import checkpoint, cli, data, eval_tasks, reports, sampling
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards, sft, shapes
 from cm3jax.data.shapes_analyser import analyse, caption_matches
@@ -194,21 +193,13 @@ def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: i
   for column, (split, retrieved) in columns(splits, retrieve).items():
     results[column] = evaluate(workdir, split, num_examples, batch_size, seed, memory=memory,
                                retrieve=retrieved, reranker=reranker)
-  json_path, markdown_path = (os.path.join(workdir, f) for f in REPORT_FILES)
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=1)
-  with open(markdown_path, "w") as f:
-    f.write("\n".join(table(results)) + "\n")
+  reports.write(workdir, REPORT_FILES, results, table(results))
   return results
 
 
 def saved(workdir: str) -> dict:
-  """The saved report, {split: results}; {} when there is none."""
-  try:
-    with open(os.path.join(workdir, REPORT_FILES[0])) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return {}
+  """The saved report, {column: results}; {} when there is none."""
+  return reports.saved(workdir, REPORT_FILES)
 
 
 def table(results: dict) -> list[str]:

@@ -13,14 +13,13 @@ CFG 3), the text tasks greedy.
 """
 
 import dataclasses
-import json
 import os
 from typing import Sequence, Union
 
 import jax
 import numpy as np
 
-from cm3jax import checkpoint, data, instruct, sampling
+from cm3jax import checkpoint, data, instruct, reports, sampling
 from cm3jax.config import ConfigError
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
 from cm3jax.sampling import Sampler, SamplingConfig
@@ -153,21 +152,13 @@ def report(workdir: str, splits: Sequence[str], tasks: Sequence[str], num_exampl
     for split in splits:
       runs[f"{run}, {split}"] = {"run": run, **evaluate(run, split, tasks, num_examples,
                                                         batch_size, seed)}
-  json_path, markdown_path = (os.path.join(workdir, f) for f in REPORT_FILES)
-  with open(json_path, "w") as f:
-    json.dump(runs, f, indent=1)
-  with open(markdown_path, "w") as f:
-    f.write("\n".join(table(runs)) + "\n")
+  reports.write(workdir, REPORT_FILES, runs, table(runs))
   return runs
 
 
 def saved(workdir: str) -> dict:
-  """The saved task report, {run: results}; {} when there is none."""
-  try:
-    with open(os.path.join(workdir, REPORT_FILES[0])) as f:
-      return json.load(f)
-  except (OSError, json.JSONDecodeError):
-    return {}
+  """The saved task report, {"RUN, SPLIT": results}; {} when there is none."""
+  return reports.saved(workdir, REPORT_FILES)
 
 
 def table(runs: dict) -> list[str]:
