@@ -16,8 +16,7 @@ exists, the model alone trains with
       --config.init_from=workdirs/tiny
 
 Expected: 1.16M parameters; 8 min 36 s for the 1,000 steps on a 2-core AMD EPYC at about 8k
-tokens/s, validation loss (outputs only) 0.589. eval_shapes --tasks on 200 validation records
-per task, greedy: VQA 76.5%, captions 63.0%, seg2image 43.5%, grounded 42.0%, image2seg 16.5%,
+tokens/s. eval_shapes --tasks on 200 validation records per task, greedy: VQA 76.5%, captions 63.0%, seg2image 43.5%, grounded 42.0%, image2seg 16.5%,
 edit 8.5% (the pretrained model: 0% on each); text->image 55.8% greedy on 500 validation
 captions (57.6% before). The paper's guidance (CFG 3, instruct guidance 7.5) scores under 8% at
 this size (benchmarks/RESULTS.md, "Instruction tuning").

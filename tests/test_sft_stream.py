@@ -79,17 +79,17 @@ def test_loss_on_weights_the_output_or_every_token(vocab, loss_on):
 
 def test_round_draws_repeat_or_take_part_of_each_task_by_its_rate():
   sizes, rates = [10, 20, 5], [2.0, 0.5, 0.0]
-  first = sft_stream.round_draws(sizes, rates, seed=3, round_=0, shuffle=True)
+  first = sft_stream.round_draws(sizes, rates, seed=3, round_=0)
   counts = collections.Counter(first.tolist())
   assert sorted(set(counts.values())) == [1, 2]
   assert all(counts[i] == 2 for i in range(10))  # the upsampled task: each record twice
-  halves = [set(sft_stream.round_draws(sizes, rates, 3, r, True).tolist()) - set(range(10))
+  halves = [set(sft_stream.round_draws(sizes, rates, 3, r).tolist()) - set(range(10))
             for r in range(2)]
   assert all(len(h) == 10 and h <= set(range(10, 30)) for h in halves)  # half of task 2
   assert halves[0] != halves[1]  # another half each round
   assert len(first) == 30 and not set(first.tolist()) & set(range(30, 35))  # rate 0: none
-  in_order = sft_stream.round_draws([3, 2], [1.0, 1.0], 3, 0, shuffle=False)
-  assert sorted(in_order[:3].tolist()) == [0, 1, 2] and sorted(in_order[3:].tolist()) == [3, 4]
+  np.testing.assert_array_equal(first, sft_stream.round_draws(sizes, rates, 3, 0))
+  assert not np.array_equal(np.sort(first), first)  # the tasks are mixed, not one after another
 
 
 @pytest.mark.parametrize("mixture, message", [
@@ -112,6 +112,15 @@ def test_the_train_stream_follows_the_mixture(vocab):
   codes = vocab.image_codes(np.concatenate([w[0][vocab.is_image(w[0])] for w in made]))
   share = np.mean(codes >= CODES // 2)
   assert 0.55 < share < 0.65, share
+
+
+def test_the_first_validation_batch_holds_every_task(vocab):
+  """Evaluations read a few batches: they must not be all of the first task."""
+  records = {t: [dataclasses.replace(r, output=(r.output[0] // 4 + i * CODES // 4,))
+                 for r in text_to_image(30, i, t)] for i, t in enumerate(("a", "b", "c", "d"))}
+  made = windows(stream(vocab, records, "validation", rows=4), 1)
+  codes = vocab.image_codes(np.concatenate([w[0][vocab.is_image(w[0])] for w in made]))
+  assert set(codes // (CODES // 4)) == {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("host, num_hosts", [(0, 1), (1, 2)])
@@ -152,7 +161,7 @@ def numbered(n, task):
 def test_the_hosts_read_their_share_of_each_round_in_order(vocab):
   records = {"draw": numbered(40, "draw")}
   kwargs = dict(split="train", mixture="draw:1.5", span_rate=0.5, max_spans=1)
-  rounds = [sft_stream.round_draws([40], [1.5], cm3.stream_seed((0,), "train"), r, True)
+  rounds = [sft_stream.round_draws([40], [1.5], cm3.stream_seed((0,), "train"), r)
             for r in range(3)]
   for host in (0, 1):
     made = windows(stream(vocab, records, host=host, num_hosts=2, **kwargs), 6)

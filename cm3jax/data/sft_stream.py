@@ -4,8 +4,9 @@ pretraining stream packs (`cm3.batched_rows`).
 
   rounds     round r draws RATE x N_t records of each task t of N_t records (`sft.mixture`:
              a rate above 1 repeats a task, below 1 takes part of it, a new part each round),
-             each task's records in a seeded order per round; the round is shuffled (train)
-             by the seed every host shares and host h takes its draws h, h + num_hosts, ...
+             each task's records in a seeded order per round; the round is shuffled by the
+             seed every host shares (validation too: its first batches then hold every task,
+             the same ones at each evaluation) and host h takes draws h, h + num_hosts, ...
   documents  each record's `</s> input <break> output` (`sft.encode`); with loss_on="output"
              only the output's tokens and the `</s>` that ends the record are weighted
              targets (a span masked from the input and moved to the end is not one)
@@ -46,11 +47,11 @@ def rates(mixture: str, tasks: Sequence[str]) -> dict[str, float]:
   return out
 
 
-def round_draws(sizes: Sequence[int], task_rates: Sequence[float], seed: int, round_: int,
-                shuffle: bool) -> np.ndarray:
+def round_draws(sizes: Sequence[int], task_rates: Sequence[float], seed: int, round_: int
+                ) -> np.ndarray:
   """The records of round `round_` as indices into the tasks' records end to end (int64): task t
   gives round(rate_t * N_t) of its N_t records, its seeded order repeated as often as that
-  needs."""
+  needs; the round in a seeded order."""
   parts, first = [], 0
   for t, (n, rate) in enumerate(zip(sizes, task_rates)):
     take = int(round(rate * n))
@@ -61,9 +62,7 @@ def round_draws(sizes: Sequence[int], task_rates: Sequence[float], seed: int, ro
       parts.append(first + order[:take])
     first += n
   draws = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-  if shuffle:
-    draws = np.random.default_rng([seed, round_]).permutation(draws)
-  return draws.astype(np.int64)
+  return np.random.default_rng([seed, round_]).permutation(draws).astype(np.int64)
 
 
 def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
@@ -72,7 +71,7 @@ def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
             mixture: str = "", loss_on: str = "all", document_attention: bool = False,
             max_spans: int = 4, records: Optional[Mapping[str, Sequence[sft.Record]]] = None):
   """A tf.data.Dataset of this host's batches, as `cm3.dataset`'s. The validation split draws
-  every record once per round, in order. At most `max_spans` spans are masked in a record, so a
+  every record once per round. At most `max_spans` spans are masked in a record, so a
   record fits when it leaves room for them. `records` (by task) replaces the shards, for tests."""
   if loss_on not in LOSS_ON:
     raise ConfigError(f"sft.loss_on={loss_on!r} is not one of {list(LOSS_ON)}")
@@ -113,7 +112,7 @@ def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
 
   def draws_of_round(round_):
     def draws(r):
-      return round_draws(sizes, rate_list, shared_seed, int(r), split == "train")[host::num_hosts]
+      return round_draws(sizes, rate_list, shared_seed, int(r))[host::num_hosts]
     ids = tf.ensure_shape(tf.numpy_function(draws, [round_], tf.int64, stateful=False), [None])
     return tf.data.Dataset.from_tensor_slices(ids).enumerate().map(
         lambda index, row: (round_, index, row))
