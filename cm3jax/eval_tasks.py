@@ -146,7 +146,6 @@ def report(workdir: str, splits: Sequence[str], tasks: Sequence[str], num_exampl
   unknown = [s for s in splits if s not in shapes.SPLITS]
   if unknown or not splits:
     raise ConfigError(f"splits {list(splits)}: each must be one of {list(shapes.SPLITS)}")
-  tasks = parse_tasks(tasks)
   runs = {}
   for run in [workdir] + ([baseline] if baseline else []):
     for split in splits:

@@ -94,10 +94,10 @@ def pretrained_params(s: Setup, config, vocab):
                                  {"model": model_lib.ModelConfig.ARCHITECTURE})
   if diffs:
     raise ConfigError(f"init_from={base} (step {step}) is another model: {', '.join(diffs)}")
-  if vocab is not None and checkpoint.load_vocab(base, step) != vocab:
+  if vocab is not None and (saved_vocab := checkpoint.load_vocab(base, step)) != vocab:
     raise ConfigError(f"init_from={base} (step {step}) was trained with another vocabulary "
-                      f"({checkpoint.load_vocab(base, step).describe()}; this run: "
-                      f"{vocab.describe()}): use its tokenizer and VQGAN")
+                      f"({saved_vocab.describe()}; this run: {vocab.describe()}): use its "
+                      "tokenizer and VQGAN")
   return checkpoint.restore_params(base, step, s.abstract_state.params)
 
 

@@ -221,9 +221,7 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
   tf = tf_cpu.tensorflow()
   paths = code_shards.shard_paths(codes_dir, split)
   manifest = code_shards.read_manifest(codes_dir, split)
-  if manifest["codebook_size"] != vocab.num_image_codes:
-    raise ConfigError(f"{codes_dir} holds codes of a {manifest['codebook_size']}-code VQGAN but "
-                      f"the vocabulary has {vocab.num_image_codes} image codes")
+  code_shards.check_codebook(codes_dir, manifest, vocab.num_image_codes)
   window = seq_len + 1
   max_length = window - 3 * vocab.num_sentinels  # room for the most spans
   if max_length < manifest["tokens_per_image"] + 3:

@@ -28,14 +28,23 @@ def settings_path(directory: str, split: str) -> str:
   return os.path.join(directory, f"{split}.settings.json")
 
 
-def read_manifest(directory: str, split: str) -> dict:
-  """The counts of a complete split, or a ConfigError saying how to make it."""
+def read_manifest(directory: str, split: str, contents: str = "",
+                  maker: str = "cm3jax.tokenize_images") -> dict:
+  """The counts of a complete split (of `contents`, written by `maker`: the task shards share
+  this layout), or a ConfigError saying how to make it."""
   path = manifest_path(directory, split)
   if not os.path.exists(path):
-    raise ConfigError(f"{directory} holds no complete {split} split ({os.path.basename(path)} is "
-                      "missing): run python -m cm3jax.tokenize_images first")
+    raise ConfigError(f"{directory} holds no complete {split} split{contents} "
+                      f"({os.path.basename(path)} is missing): run python -m {maker} first")
   with open(path) as f:
     return json.load(f)
+
+
+def check_codebook(directory: str, manifest: dict, num_image_codes: int):
+  """A ConfigError when the shards' VQGAN has another codebook than the vocabulary."""
+  if manifest["codebook_size"] != num_image_codes:
+    raise ConfigError(f"{directory} holds codes of a {manifest['codebook_size']}-code VQGAN but "
+                      f"the vocabulary has {num_image_codes} image codes")
 
 
 def shard_paths(directory: str, split: str) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.data import cm3, sft, task_shards, tf_cpu
+from cm3jax.data import cm3, code_shards, sft, task_shards, tf_cpu
 from cm3jax.vocab import Vocab
 
 LOSS_ON = ("all", "output")
@@ -77,10 +77,8 @@ def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
     raise ConfigError(f"sft.loss_on={loss_on!r} is not one of {list(LOSS_ON)}")
   tf = tf_cpu.tensorflow()
   if records is None:
-    manifest = task_shards.read_manifest(tasks_dir, split)
-    if manifest["codebook_size"] != vocab.num_image_codes:
-      raise ConfigError(f"{tasks_dir} holds codes of a {manifest['codebook_size']}-code VQGAN "
-                        f"but the vocabulary has {vocab.num_image_codes} image codes")
+    code_shards.check_codebook(tasks_dir, task_shards.read_manifest(tasks_dir, split),
+                               vocab.num_image_codes)
     records = by_task(task_shards.read_split(tasks_dir, split))
   if not 1 <= max_spans <= vocab.num_sentinels:
     raise ConfigError(f"sft.max_spans={max_spans} must be in [1, {vocab.num_sentinels}] (the "

@@ -8,7 +8,6 @@ the images' codes end to end). `DIR/SPLIT.json`, written once the split is whole
 records per task, the VQGAN's tokens_per_image and codebook_size, and the rows skipped by reason.
 """
 
-import json
 import os
 
 import numpy as np
@@ -20,13 +19,7 @@ shard_path, manifest_path = code_shards.shard_path, code_shards.manifest_path
 
 
 def read_manifest(directory: str, split: str) -> dict:
-  path = manifest_path(directory, split)
-  if not os.path.exists(path):
-    raise ConfigError(f"{directory} holds no complete {split} split of task records "
-                      f"({os.path.basename(path)} is missing): run python -m "
-                      "cm3jax.tokenize_tasks first")
-  with open(path) as f:
-    return json.load(f)
+  return code_shards.read_manifest(directory, split, " of task records", "cm3jax.tokenize_tasks")
 
 
 def serialize(record: sft.Record) -> bytes:
