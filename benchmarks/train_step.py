@@ -2,6 +2,7 @@ r"""Training-step throughput on synthetic batches, over a grid of settings; prin
 
   python -m benchmarks.train_step --sizes=350m --batch=4 --remat=none,nothing_saveable \
       --attention=cudnn --scan=true,false --ce_chunk=0,1024 --results=RESULTS.md
+  python -m benchmarks.train_step --sizes=tiny --batch=32 --switches=none,opt,fairseq
 
 Sizes name configs/*.py (350m, 760m, 7b; tiny for a quick check on a CPU); 1.3b is the 350m
 config at L24 d2048 (32 heads), the PyTorch peer's 1.3b shape. MFU is measured against this device's own
@@ -29,6 +30,14 @@ _REMAT = flags.DEFINE_list("remat", ["none"], "model.remat_policy values.")
 _ATTENTION = flags.DEFINE_list("attention", ["auto"], "model.attention values.")
 _SCAN = flags.DEFINE_list("scan", ["true"], "model.scan_layers values.")
 _CE_CHUNK = flags.DEFINE_list("ce_chunk", ["0"], "cross_entropy_chunk values (0: plain logits).")
+# Named sets of model switches (docs/design.md, "Token model switches"); "none" is CM3Leon's.
+SWITCH_SETS = {
+    "none": {},
+    "opt": dict(bias=True, layer_norm_affine=True, tie_embeddings=True),
+    "fairseq": dict(bias=True, layer_norm_affine=True, positions="sinusoidal",
+                    scale_embeddings=True, tie_embeddings=True),
+}
+_SWITCHES = flags.DEFINE_list("switches", ["none"], f"Model switch sets: {list(SWITCH_SETS)}.")
 _ACTIVATION = flags.DEFINE_string("activation", "gelu", "model.activation (the peer uses gelu).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per setting, after 2 warm-up steps.")
 _RESULTS = flags.DEFINE_string("results", None, "Append the table to this markdown file.")
@@ -76,15 +85,16 @@ def run(config, steps):
 
 def settings():
   """(the table row's first cells, config) for each combination of the grid flags."""
-  for size, batch, remat, attention, scan, chunk in itertools.product(
-      _SIZES.value, _BATCH.value, _REMAT.value, _ATTENTION.value, _SCAN.value, _CE_CHUNK.value):
+  for size, batch, remat, attention, scan, chunk, switches in itertools.product(
+      _SIZES.value, _BATCH.value, _REMAT.value, _ATTENTION.value, _SCAN.value, _CE_CHUNK.value,
+      _SWITCHES.value):
     config = size_config(size)
     config.global_batch_size = int(batch)
     config.grad_accum_steps = 1
     config.cross_entropy_chunk = int(chunk)
     config.model.update(remat_policy=remat, attention=attention, scan_layers=scan == "true",
-                        activation=_ACTIVATION.value)
-    yield f"| {size} | {batch} | {remat} | {attention} | {scan} | {chunk} |", config
+                        activation=_ACTIVATION.value, **SWITCH_SETS[switches])
+    yield f"| {size} | {batch} | {remat} | {attention} | {scan} | {chunk} | {switches} |", config
 
 
 def main(_):
@@ -93,8 +103,8 @@ def main(_):
   lines = [f"device: {len(jax.devices())} x {device.device_kind}; jax {jax.__version__}; "
            f"{datetime.date.today()}; measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s per "
            "device", "",
-           "| size | batch | remat | attention | scan | ce_chunk | step s | tokens/s | "
-           "TFLOP/s/device | MFU | memory GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| size | batch | remat | attention | scan | ce_chunk | switches | step s | tokens/s | "
+           "TFLOP/s/device | MFU | memory GiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   print("\n".join(lines), flush=True)
   for row, config in settings():
     try:

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -23,12 +23,13 @@ class Checkpoints:
   """Saves the train state when asked (asynchronously if configured), keeps the newest
   `config.keep_checkpoints`, and restores the latest one into a matching train state.
 
-  `architecture` names the config fields that fix the parameters, by config section
-  ({"model": ("num_layers", ...)}); a checkpoint whose saved config differs in any of them, or
+  `architecture` names the config fields that fix the parameters, by config section, each with
+  the value a saved config without it means ({"model": {"num_layers": None, "bias": False, ...}},
+  see `differences`); a checkpoint whose saved config differs in any of them, or
   that was trained with another vocabulary, is refused with a message that says what differs.
   """
 
-  def __init__(self, workdir: str, config, architecture: dict[str, Sequence[str]],
+  def __init__(self, workdir: str, config, architecture: dict[str, dict[str, Any]],
                vocab: Optional[Vocab] = None):
     self.directory = directory(workdir)
     self.config_json = json.loads(config.to_json())
@@ -124,13 +125,18 @@ class Checkpoints:
     self.manager.close()
 
 
-def differences(saved: dict, config_json: dict, fields: dict[str, Sequence[str]]) -> list[str]:
+def differences(saved: dict, config_json: dict, fields: dict[str, dict[str, Any]]) -> list[str]:
   """`section.field=saved (this config: value)` for each of `fields` (by config section) where
-  a saved config and this run's differ."""
-  return [f"{section}.{k}={saved.get(section, {}).get(k)!r} (this config: "
-          f"{config_json[section][k]!r})"
-          for section, names in fields.items() for k in names
-          if saved.get(section, {}).get(k) != config_json[section][k]]
+  a saved config and this run's differ. `fields[section]` maps each field to the value a config
+  that lacks it means (a field added after the checkpoint was written; None: no default)."""
+  out = []
+  for section, names in fields.items():
+    for k, default in names.items():
+      theirs = saved.get(section, {}).get(k, default)
+      ours = config_json.get(section, {}).get(k, default)
+      if theirs != ours:
+        out.append(f"{section}.{k}={theirs!r} (this config: {ours!r})")
+  return out
 
 
 class DamagedCheckpoint(Exception):

@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Positions restart at every document and attention stays inside it (as when sampling
       # one document); False: metaseq's stream, attention across packed documents.
       document_attention=False,
+      # How an image sits in its document: "break" (CM3Leon's `caption <break> image`) or
+      # "html" (CM3's `<img alt="caption" src="image">`; sample it with --task=html_image).
+      document_form="break",
       # Retrieval augmentation (CM3Leon §2.1): documents retrieved from a memory bank of the
       # train split, placed before each training document (docs/design.md, "Retrieval").
       retrieval=ml_collections.ConfigDict(dict(
@@ -199,6 +202,16 @@ def base_config() -> ml_collections.ConfigDict:
       init_std=0.006,
       pos_init_std=0.0002,
       attention="auto",  # auto (cuDNN flash on GPU in bf16/fp16, else XLA) | cudnn | xla
+      # Switches for CM3 / OPT / fairseq decoders (docs/design.md, "Token model switches");
+      # these defaults are CM3Leon's and change nothing.
+      bias=False,  # Biases on the attention projections and the MLP.
+      layer_norm_affine=False,  # A scale and a bias on every LayerNorm.
+      pre_layer_norm=True,  # False: post-LayerNorm layers, no final LayerNorm.
+      positions="learned",  # learned | sinusoidal (fairseq's, position p at row p + 2)
+      scale_embeddings=False,  # Token embeddings times sqrt(d_model).
+      embed_layer_norm=False,  # A LayerNorm on the summed embeddings.
+      tie_embeddings=False,  # The LM head is the token embedding, transposed.
+      word_embed_dim=0,  # Word embeddings narrower than d_model (project_in/out); 0: d_model.
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(

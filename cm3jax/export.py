@@ -4,6 +4,8 @@
   python -m cm3jax.export --workdir=workdirs/tiny --out=exported/tiny [--dtype=bfloat16]
   python -m cm3jax.export --import_from=exported/tiny --workdir=workdirs/imported \
       --config=configs/tiny.py
+  python -m cm3jax.export --import_from=model_13B.pt --dict=dict.txt --spm=dict.model \
+      --workdir=workdirs/cm3_13b --config=configs/7b.py
 
 The export writes OUT/ as `transformers.OPTForCausalLM.from_pretrained(OUT)` loads it
 (config.json, model.safetensors, generation_config.json), OUT/vqgan/ (the image tokenizer in the
@@ -11,12 +13,22 @@ taming / Chameleon layout), OUT/tokenizer/ (tokenizer.model and vocab.json, the 
 multimodal vocabulary) and OUT/README.md, a model card with a PyTorch sampling snippet. Tensors
 are gathered and written one at a time; OUT appears only when complete.
 
+The export carries the model switches OPT has (biases, LayerNorm affines, post-LayerNorm, tied
+or narrower word embeddings) and refuses the ones it lacks (sinusoidal positions, scaled or
+normalised embeddings) with one line naming the switch.
+
 The import reads an OPT checkpoint (config.json and model.safetensors or pytorch_model.bin):
-bias-free with non-affine LayerNorms, or a standard OPT whose biases are all 0 and LayerNorm
-scales all 1 (anything else is refused), and writes a step-0 cm3jax checkpoint of --config with
-the model section taken from the OPT config, ready to train and sample.
+cm3jax's own exports, and every transformers OPT (biases, LayerNorm affines, post-LayerNorm
+OPT-350m with its project_in / project_out, tied embeddings), and writes a step-0 cm3jax
+checkpoint of --config with the model section taken from the OPT config, ready to train and
+sample. Tensors are read one at a time from the mapped file and placed on the devices leaf by
+leaf.
+
+The fairseq import reads CM3's released files (cm3jax/fairseq_io.py): the architecture from the
+checkpoint's stored fairseq config, the vocabulary from the dictionary and sentencepiece model.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -31,7 +43,8 @@ import ml_dtypes
 import numpy as np
 from absl import flags
 
-from cm3jax import checkpoint, cli, data, faults, sampling, sharding, train, trainer
+from cm3jax import (checkpoint, cli, data, fairseq_io, faults, sampling, sharding, torch_layout,
+                    train, trainer)
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError, load_config_file
 from cm3jax.vqgan import torch_io
@@ -40,17 +53,26 @@ from cm3jax.vocab import BOS, EOS, PAD, Vocab
 
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16")}
-POSITION_OFFSET = 2  # OPT's position table has 2 leading rows that real positions never use.
 
 
 def opt_config(cfg: model_lib.ModelConfig, dtype: str) -> dict:
+  """transformers' OPTConfig of `cfg`, or a ConfigError naming the switch OPT lacks."""
+  if cfg.positions != "learned":
+    raise ConfigError(f"model.positions={cfg.positions!r}: OPT has learned positions only")
+  if cfg.scale_embeddings:
+    raise ConfigError("model.scale_embeddings=True: OPT does not scale its embeddings")
+  if cfg.embed_layer_norm:
+    raise ConfigError("model.embed_layer_norm=True: an OPT decoder has no LayerNorm on its "
+                      "embeddings")
   return {
       "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.d_model, "word_embed_proj_dim": cfg.d_model,
+      "hidden_size": cfg.d_model, "word_embed_proj_dim": cfg.embed_dim,
       "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
       "ffn_dim": cfg.mlp_dim, "max_position_embeddings": cfg.max_seq_len,
-      "activation_function": ACTIVATIONS[cfg.activation], "do_layer_norm_before": True,
-      "enable_bias": False, "layer_norm_elementwise_affine": False, "tie_word_embeddings": False,
+      "activation_function": ACTIVATIONS[cfg.activation],
+      "do_layer_norm_before": cfg.pre_layer_norm, "enable_bias": cfg.bias,
+      "layer_norm_elementwise_affine": cfg.layer_norm_affine,
+      "tie_word_embeddings": cfg.tie_embeddings,
       "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0, "layerdrop": 0.0,
       "init_std": cfg.init_std, "bos_token_id": BOS, "pad_token_id": PAD, "eos_token_id": EOS,
       "torch_dtype": dtype, "use_cache": True,
@@ -58,52 +80,29 @@ def opt_config(cfg: model_lib.ModelConfig, dtype: str) -> dict:
 
 
 def model_config_from_opt(opt: dict) -> dict:
-  """The `config.model` fields of an OPT config.json, or a ConfigError naming what cm3jax lacks."""
+  """The `config.model` fields of an OPT config.json (transformers' defaults where it is
+  silent), or a ConfigError naming what cm3jax lacks."""
   if opt.get("model_type") != "opt":
     raise ConfigError(f"unsupported architecture {opt.get('model_type')!r}: cm3jax imports OPT "
                       "(OPTForCausalLM) checkpoints")
-  checks = [(opt.get("do_layer_norm_before", True), "post-LayerNorm OPT (do_layer_norm_before=false)"),
-            (opt.get("word_embed_proj_dim", opt["hidden_size"]) == opt["hidden_size"],
-             "word_embed_proj_dim != hidden_size (project_in / project_out layers)"),
-            (not opt.get("_remove_final_layer_norm", False), "no final LayerNorm"),
-            (opt.get("activation_function", "relu") in ACTIVATIONS.values(),
-             f"activation {opt.get('activation_function')!r}")]
-  for ok, what in checks:
-    if not ok:
-      raise ConfigError(f"unsupported OPT variant: {what}")
-  activation = {v: k for k, v in ACTIVATIONS.items()}[opt.get("activation_function", "relu")]
+  pre_layer_norm = opt.get("do_layer_norm_before", True)
+  if pre_layer_norm and opt.get("_remove_final_layer_norm", False):
+    raise ConfigError("unsupported OPT variant: _remove_final_layer_norm=true (a pre-LayerNorm "
+                      "model without its final LayerNorm)")
+  activation = opt.get("activation_function", "relu")
+  if activation not in ACTIVATIONS.values():
+    raise ConfigError(f"unsupported OPT variant: activation {activation!r} (cm3jax has "
+                      f"{sorted(ACTIVATIONS.values())})")
+  word_embed_dim = opt.get("word_embed_proj_dim", opt["hidden_size"])
   return dict(vocab_size=opt["vocab_size"], num_layers=opt["num_hidden_layers"],
               d_model=opt["hidden_size"], num_heads=opt["num_attention_heads"],
               mlp_dim=opt["ffn_dim"], max_seq_len=opt["max_position_embeddings"],
-              activation=activation)
-
-
-def _layer(params, cfg: model_lib.ModelConfig, i: int):
-  if cfg.scan_layers:
-    return jax.tree.map(lambda x: x[i], params["layers"])
-  return params[f"layers_{i}"]
-
-
-def tensors(params, cfg: model_lib.ModelConfig) -> Iterator[tuple[str, tuple, Callable]]:
-  """(OPT key, shape, () -> float32 numpy tensor) for every tensor, fetched only when called."""
-  D, H, K, F, V = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
-  get = lambda f: lambda: np.asarray(jax.device_get(f()), np.float32)
-  prefix = "model.decoder."
-  yield prefix + "embed_tokens.weight", (V, D), get(lambda: params["embed"])
-  yield (prefix + "embed_positions.weight", (cfg.max_seq_len + POSITION_OFFSET, D),
-         get(lambda: np.pad(np.asarray(params["pos_embed"], np.float32),
-                            ((POSITION_OFFSET, 0), (0, 0)))))
-  for i in range(cfg.num_layers):
-    layer = lambda i=i: _layer(params, cfg, i)
-    key = f"{prefix}layers.{i}."
-    for name, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
-      yield (f"{key}self_attn.{theirs}.weight", (H * K, D),
-             get(lambda name=name, layer=layer: layer()["attn"][name].reshape(D, H * K).T))
-    yield (f"{key}self_attn.out_proj.weight", (D, H * K),
-           get(lambda layer=layer: layer()["attn"]["out"].reshape(H * K, D).T))
-    yield f"{key}fc1.weight", (F, D), get(lambda layer=layer: layer()["mlp"]["wi"].T)
-    yield f"{key}fc2.weight", (D, F), get(lambda layer=layer: layer()["mlp"]["wo"].T)
-  yield "lm_head.weight", (V, D), get(lambda: params["lm_head"].T)
+              activation={v: k for k, v in ACTIVATIONS.items()}[activation],
+              bias=opt.get("enable_bias", True),
+              layer_norm_affine=opt.get("layer_norm_elementwise_affine", True),
+              pre_layer_norm=pre_layer_norm, positions="learned", scale_embeddings=False,
+              embed_layer_norm=False, tie_embeddings=opt.get("tie_word_embeddings", True),
+              word_embed_dim=0 if word_embed_dim == opt["hidden_size"] else word_embed_dim)
 
 
 def write_safetensors(path: str, items, dtype: str):
@@ -131,7 +130,7 @@ def write_safetensors(path: str, items, dtype: str):
 MODEL_CARD = '''# {name}
 
 A CM3Leon-style causal-masked multimodal model trained with cm3jax, exported to the
-`transformers` OPT layout (bias-free, non-affine LayerNorm, {activation}): {layers} layers of
+`transformers` OPT layout ({switches}, {activation}): {layers} layers of
 width {d_model}, {heads} heads, {params:,} parameters, {dtype}, trained for {step} steps.
 
 - `config.json`, `model.safetensors`: load with `OPTForCausalLM.from_pretrained`.
@@ -178,6 +177,7 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   vocab = checkpoint.load_vocab(workdir, step)
   cfg = model_lib.ModelConfig.from_dict(config["model"])
   vocab.check_fits(cfg.vocab_size)
+  hf_config = opt_config(cfg, dtype)
   params = checkpoint.restore_params(workdir, step, sampling.abstract_params(
       cfg, sampling.default_mesh()), host=True)
   vqgan_dir = data.input_paths(config["cm3"], workdir).vqgan_workdir
@@ -189,11 +189,12 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
     with open(os.path.join(staging, STAGING_OWNER), "w") as f:
       json.dump(faults.this_process("cm3jax.export"), f)
     with open(os.path.join(staging, "config.json"), "w") as f:
-      json.dump(opt_config(cfg, dtype), f, indent=1)
+      json.dump(hf_config, f, indent=1)
     with open(os.path.join(staging, "generation_config.json"), "w") as f:
       json.dump({"bos_token_id": BOS, "eos_token_id": [EOS, vocab.eoss_id], "pad_token_id": PAD},
                 f, indent=1)
-    write_safetensors(os.path.join(staging, "model.safetensors"), tensors(params, cfg), dtype)
+    write_safetensors(os.path.join(staging, "model.safetensors"),
+                      torch_layout.tensors(params, cfg, torch_layout.OPT_NAMES), dtype)
     os.makedirs(os.path.join(staging, "tokenizer"))
     with open(os.path.join(staging, "tokenizer", "tokenizer.model"), "wb") as f:
       f.write(vocab.spm_model)
@@ -202,6 +203,7 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
     with open(os.path.join(staging, "README.md"), "w") as f:
       f.write(MODEL_CARD.format(
           name=os.path.basename(out), activation=ACTIVATIONS[cfg.activation],
+          switches=_describe(cfg),
           layers=cfg.num_layers, d_model=cfg.d_model, heads=cfg.num_heads,
           params=model_lib.num_params(params), dtype=dtype, step=step, out=out,
           caption="a red circle above a blue square"))
@@ -210,6 +212,15 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return out
+
+
+def _describe(cfg: model_lib.ModelConfig) -> str:
+  return ", ".join([
+      "biases" if cfg.bias else "bias-free",
+      "affine LayerNorm" if cfg.layer_norm_affine else "non-affine LayerNorm",
+      "pre-LayerNorm" if cfg.pre_layer_norm else "post-LayerNorm",
+      *(["tied embeddings"] if cfg.tie_embeddings else []),
+      *([f"{cfg.embed_dim}-wide word embeddings"] if cfg.word_embed_dim else [])])
 
 
 STAGING_PREFIX, STAGING_OWNER = ".export-", ".owner"
@@ -235,77 +246,40 @@ def _export_vqgan(vqgan_workdir: str, directory: str):
   torch_io.export_torch_vqgan(tokenizer.params, tokenizer.cfg, directory)
 
 
-def read_opt_tensors(directory: str) -> dict[str, np.ndarray]:
-  """float32 tensors of model.safetensors or pytorch_model.bin."""
+@contextlib.contextmanager
+def opt_tensors(directory: str) -> Iterator[tuple[set[str], Callable[[str], np.ndarray]]]:
+  """The keys of model.safetensors or pytorch_model.bin and a reader of one tensor as float32;
+  both formats are mapped, not loaded, so only the tensors read are in memory."""
   path = os.path.join(directory, "model.safetensors")
-  try:
-    if os.path.exists(path):
-      from safetensors import safe_open
-      with safe_open(path, framework="flax") as f:
-        return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
-    path = os.path.join(directory, "pytorch_model.bin")
-    if os.path.exists(path):
-      import torch
-      state = torch.load(path, map_location="cpu", weights_only=True)
-      return {k: v.float().numpy() for k, v in state.items()}
-  except Exception as e:  # safetensors and torch raise their own types for damaged files
-    raise ConfigError(f"cannot read {path}: {str(e).strip().splitlines()[0][:200]}") from None
-  raise ConfigError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+  if os.path.exists(path):
+    from safetensors import safe_open
+    try:
+      f = safe_open(path, framework="flax")
+      keys = set(f.keys())
+    except Exception as e:
+      raise torch_layout.unreadable(path, e) from None
 
-
-def params_from_opt(tensors: dict[str, np.ndarray], cfg: model_lib.ModelConfig) -> dict:
-  """cm3jax parameters (scanned or not, as cfg says); biases must be 0 and LayerNorm scales 1."""
-  for key in sorted(tensors):
-    if key.endswith(".bias") and np.any(tensors[key] != 0):
-      raise ConfigError(f"{key} is not zero: cm3jax's decoder has no biases")
-    if "layer_norm" in key and key.endswith(".weight") and np.any(tensors[key] != 1):
-      raise ConfigError(f"{key} is not one: cm3jax's LayerNorms have no scale")
-  tensors = {k.removeprefix("model."): v for k, v in tensors.items()}
-  D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
-
-  def take(key, shape):
-    if key not in tensors:
-      raise ConfigError(f"the checkpoint has no {key}")
-    if tensors[key].shape != shape:
-      raise ConfigError(f"{key} is {tensors[key].shape}, the config says {shape}")
-    return tensors[key]
-
-  embed = take("decoder.embed_tokens.weight", (cfg.vocab_size, D))
-  params = {"embed": embed,
-            "pos_embed": take("decoder.embed_positions.weight",
-                              (cfg.max_seq_len + POSITION_OFFSET, D))[POSITION_OFFSET:],
-            "lm_head": (tensors["lm_head.weight"] if "lm_head.weight" in tensors else embed).T}
-  for i in range(cfg.num_layers):
-    key = f"decoder.layers.{i}."
-    proj = lambda name: take(f"{key}self_attn.{name}.weight", (H * K, D)).T.reshape(D, H, K)
-    params[f"layers_{i}"] = {
-        "attn": {"query": proj("q_proj"), "key": proj("k_proj"), "value": proj("v_proj"),
-                 "out": take(f"{key}self_attn.out_proj.weight", (D, H * K)).T.reshape(H, K, D)},
-        "mlp": {"wi": take(f"{key}fc1.weight", (cfg.mlp_dim, D)).T,
-                "wo": take(f"{key}fc2.weight", (D, cfg.mlp_dim)).T}}
-  params = jax.tree.map(np.ascontiguousarray, params)
-  return model_lib.stack_layers(params, cfg.num_layers) if cfg.scan_layers else params
-
-
-def import_opt(source: str, workdir: str, config) -> int:
-  """Writes a step-0 checkpoint of `config` (model section from the OPT config) into `workdir`."""
-  path = os.path.join(source, "config.json")
+    def get(key):
+      try:
+        return np.asarray(f.get_tensor(key), np.float32)
+      except Exception as e:
+        raise torch_layout.unreadable(path, e) from None
+    yield keys, get
+    return
+  path = os.path.join(directory, "pytorch_model.bin")
   if not os.path.exists(path):
-    raise ConfigError(f"{source} has no config.json")
-  try:
-    with open(path) as f:
-      opt = json.load(f)
-  except ValueError as e:
-    raise ConfigError(f"{path} is not JSON: {e}") from None
-  config = config.copy_and_resolve_references()
-  config.model.update(model_config_from_opt(opt))
-  vocab = None
-  vocab_path = os.path.join(source, "tokenizer", "vocab.json")
-  if os.path.exists(vocab_path):
-    vocab = Vocab.load(vocab_path)
-    vocab.check_fits(config.model.vocab_size, vocab_path)
+    raise ConfigError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
+  state = torch_layout.torch_state(path)
+  yield set(state), lambda key: state[key].float().numpy()
+
+
+def write_imported(workdir: str, config, vocab: Vocab | None,
+                   load_params: Callable[[dict, Callable], dict]) -> int:
+  """Writes a step-0 checkpoint of `config` into a new `workdir` whose parameters are
+  `load_params(shapes, place)`: the tree of parameter shapes, and `place(path, leaf)`, which
+  puts one leaf on the devices (see torch_layout.params_from_tensors). Returns the parameter
+  count; on any failure nothing is left behind."""
   s = trainer.setup(config)
-  params = params_from_opt(read_opt_tensors(source), s.model_cfg)
   if checkpoint.newest_step(workdir) is not None:
     raise ConfigError(f"{workdir} already holds checkpoints; import into a new --workdir")
   made = not os.path.exists(workdir)
@@ -314,8 +288,20 @@ def import_opt(source: str, workdir: str, config) -> int:
   try:
     with sharding.use_mesh(s.mesh):
       state = s.init_state(jax.random.PRNGKey(config.seed))
-      state = state.replace(params=jax.device_put(params, jax.tree.map(lambda x: x.sharding,
-                                                                        state.params)))
+      shardings = jax.tree.map(lambda x: x.sharding, state.params)
+      shapes = jax.tree.map(lambda x: x.shape, state.params)
+
+      def place(path, leaf):
+        target = shardings
+        for k in path:
+          target = target[k]
+        return jax.device_put(leaf, target)
+
+      params = load_params(shapes, place)
+      if jax.tree.structure(params) != jax.tree.structure(state.params):
+        raise AssertionError(f"the layout builds {jax.tree.structure(params)}, the model has "
+                             f"{jax.tree.structure(state.params)}")
+      state = state.replace(params=params)
       ckpts.save(0, state)
       ckpts.wait()
   except BaseException:
@@ -326,11 +312,60 @@ def import_opt(source: str, workdir: str, config) -> int:
   return model_lib.num_params(params)
 
 
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ConfigError(f"{path} is not JSON: {e}") from None
+
+
+def import_opt(source: str, workdir: str, config) -> int:
+  """Writes a step-0 checkpoint of `config` (model section from the OPT config) into `workdir`."""
+  path = os.path.join(source, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{source} has no config.json")
+  config = config.copy_and_resolve_references()
+  config.model.update(model_config_from_opt(_read_json(path)))
+  vocab = None
+  vocab_path = os.path.join(source, "tokenizer", "vocab.json")
+  if os.path.exists(vocab_path):
+    vocab = Vocab.load(vocab_path)
+    vocab.check_fits(config.model.vocab_size, vocab_path)
+  cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
+  with opt_tensors(source) as (keys, get):
+    return write_imported(workdir, config, vocab, lambda shapes, place: (
+        torch_layout.params_from_tensors(keys, get, cfg, torch_layout.OPT_NAMES, shapes, place)))
+
+
+def import_cm3(path: str, dict_path: str, spm_path: str, workdir: str, config,
+               image_token: str = fairseq_io.DEFAULT_IMAGE_TOKEN,
+               sentinel_token: str = fairseq_io.DEFAULT_SENTINEL_TOKEN) -> tuple[int, int, dict]:
+  """Writes a step-0 checkpoint of `config` (model section from the fairseq config, vocabulary
+  from the dictionary and sentencepiece model) into `workdir`: (parameters, vocabulary ids
+  without a fairseq row, the config.model fields)."""
+  model, vocab, rows, keys, get = fairseq_io.import_fairseq(path, dict_path, spm_path,
+                                                           image_token, sentinel_token)
+  config = config.copy_and_resolve_references()
+  config.model.update(model)
+  cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
+  count = write_imported(workdir, config, vocab, lambda shapes, place: (
+      torch_layout.params_from_tensors(keys, get, cfg, torch_layout.FAIRSEQ_NAMES, shapes, place)))
+  return count, fairseq_io.missing_rows(rows, vocab), model
+
+
 def _define_flags():
   flags.DEFINE_string("workdir", None, "A cm3jax.train workdir: exported from, or imported into.")
   flags.DEFINE_string("out", None, "Export: the directory to write (must not exist).")
   flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Export: dtype of the weights.")
-  flags.DEFINE_string("import_from", None, "Import: an OPT checkpoint directory.")
+  flags.DEFINE_string("import_from", None, "Import: an OPT checkpoint directory, or a fairseq "
+                      "model file (CM3's model_13B.pt) with --dict and --spm.")
+  flags.DEFINE_string("dict", None, "fairseq import: the model's fairseq dictionary (dict.txt).")
+  flags.DEFINE_string("spm", None, "fairseq import: its sentencepiece model (dict.model).")
+  flags.DEFINE_string("image_token", fairseq_io.DEFAULT_IMAGE_TOKEN,
+                      "fairseq import: how the dictionary writes image code {}.")
+  flags.DEFINE_string("sentinel_token", fairseq_io.DEFAULT_SENTINEL_TOKEN,
+                      "fairseq import: how the dictionary writes sentinel {}.")
   flags.DEFINE_string("config", None, "Import: the cm3jax config whose model section the OPT "
                       "config replaces (configs/*.py).")
 
@@ -342,12 +377,20 @@ def main(FLAGS):
     if not FLAGS.config:
       raise ConfigError("--import_from needs --config (e.g. configs/tiny.py)")
     config = load_config_file(FLAGS.config)
-    count = import_opt(FLAGS.import_from, FLAGS.workdir, config)
-    with open(os.path.join(FLAGS.import_from, "config.json")) as f:
-      model = model_config_from_opt(json.load(f))
+    if os.path.isdir(FLAGS.import_from):
+      count = import_opt(FLAGS.import_from, FLAGS.workdir, config)
+      with open(os.path.join(FLAGS.import_from, "config.json")) as f:
+        model = model_config_from_opt(json.load(f))
+      note = ""
+    else:
+      if not FLAGS.dict or not FLAGS.spm:
+        raise ConfigError("a fairseq --import_from needs --dict (dict.txt) and --spm (dict.model)")
+      count, missing, model = import_cm3(FLAGS.import_from, FLAGS.dict, FLAGS.spm, FLAGS.workdir,
+                                         config, FLAGS.image_token, FLAGS.sentinel_token)
+      note = f" ({missing} vocabulary ids without a fairseq row start at zero)" if missing else ""
     overrides = " ".join(f"--config.model.{k}={v}" for k, v in model.items()
-                         if config.model[k] != v)
-    print(f"imported {count:,} parameters into {FLAGS.workdir} (step 0); train it with\n"
+                         if config.model.get(k) != v)
+    print(f"imported {count:,} parameters into {FLAGS.workdir} (step 0){note}; train it with\n"
           f"  python -m cm3jax.train --config={FLAGS.config} --workdir={FLAGS.workdir} {overrides}")
   else:
     if not FLAGS.out:

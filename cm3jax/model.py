@@ -1,7 +1,11 @@
 """The CM3Leon token model: an OPT-style decoder with no biases, no dropout and no LayerNorm affines.
 
+Switches in `ModelConfig` add what CM3, OPT and fairseq decoders have (biases, LayerNorm affines,
+post-LayerNorm layers, fairseq's sinusoidal positions, a scaled or normalised embedding, tied or
+narrower word embeddings); at their defaults the parameters and the function are CM3Leon's.
+
 Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_dim, V vocab,
-T cache slots. Every parameter and the main activations carry logical axis names;
+E word embedding width (d_model unless word_embed_dim is set), T cache slots. Every parameter and the main activations carry logical axis names;
 `cm3jax.sharding` maps them onto the device mesh.
 
 `Decoder` has three entry points, each with one return type: logits (training and evaluation),
@@ -11,6 +15,7 @@ and returns a typed `KVCache` (docs/design.md, "Token model").
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax
@@ -29,7 +34,11 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_with_no_batch_dims_saveable",
                   "dots_saveable", "everything_saveable")
 ATTENTION_IMPLS = ("auto", "cudnn", "xla")
+POSITIONS = ("learned", "sinusoidal")
 LAYER_NORM_EPS = 1e-5
+# fairseq's sinusoidal table (and OPT's learned one) start real positions at row padding_idx + 1,
+# with fairseq's padding_idx of 1.
+POSITION_OFFSET = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +58,22 @@ class ModelConfig:
   init_std: float = 0.006
   pos_init_std: float = 0.0002
   attention: str = "auto"
+  # The switches (docs/design.md, "Token model switches"); the defaults are CM3Leon's.
+  bias: bool = False                  # biases on the attention projections and the MLP
+  layer_norm_affine: bool = False     # a scale and a bias on every LayerNorm
+  pre_layer_norm: bool = True         # False: post-LayerNorm layers and no final LayerNorm
+  positions: str = "learned"          # or "sinusoidal": fairseq's, at row position + 2
+  scale_embeddings: bool = False      # token embeddings times sqrt(d_model), as fairseq does
+  embed_layer_norm: bool = False      # a LayerNorm on the summed embeddings
+  tie_embeddings: bool = False        # the LM head is the token embedding, transposed
+  word_embed_dim: int = 0             # E != d_model: project_in / project_out (OPT-350m); 0: D
 
   # Fields that fix the parameters or the function they compute; a checkpoint restores only
   # into a config that agrees on all of them.
   ARCHITECTURE = ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len",
-                  "activation", "scan_layers")
+                  "activation", "scan_layers", "bias", "layer_norm_affine", "pre_layer_norm",
+                  "positions", "scale_embeddings", "embed_layer_norm", "tie_embeddings",
+                  "word_embed_dim")
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "d_model", "num_heads", "mlp_dim", "max_seq_len"):
@@ -67,6 +87,25 @@ class ModelConfig:
     _check_choice("dtype", self.dtype, DTYPES)
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
     _check_choice("attention", self.attention, ATTENTION_IMPLS)
+    _check_choice("positions", self.positions, POSITIONS)
+    for name in ("bias", "layer_norm_affine", "pre_layer_norm", "scale_embeddings",
+                 "embed_layer_norm", "tie_embeddings", "scan_layers", "zero_init_residual"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"model.{name} must be True or False, got {getattr(self, name)!r}")
+    if (not isinstance(self.word_embed_dim, int) or isinstance(self.word_embed_dim, bool)
+        or self.word_embed_dim < 0):
+      raise ConfigError(f"model.word_embed_dim must be 0 (d_model) or a positive integer, "
+                        f"got {self.word_embed_dim!r}")
+    if self.positions == "sinusoidal" and self.d_model < 4:
+      raise ConfigError(f"model.positions='sinusoidal' needs model.d_model >= 4, got {self.d_model}")
+
+  @classmethod
+  def architecture(cls) -> dict[str, Any]:
+    """The ARCHITECTURE fields, each with its default (None where it has none): what a
+    checkpoint saved before a field existed had."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return {name: (None if defaults[name] is dataclasses.MISSING else defaults[name])
+            for name in cls.ARCHITECTURE}
 
   @classmethod
   def from_dict(cls, fields: dict[str, Any]) -> "ModelConfig":
@@ -78,6 +117,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def embed_dim(self) -> int:
+    """E, the width of the token embeddings and of the LM head's input."""
+    return self.word_embed_dim or self.d_model
 
   @property
   def compute_dtype(self):
@@ -108,10 +152,49 @@ def layer_norm(x: jax.Array) -> jax.Array:
   return ((x32 - mean) * jax.lax.rsqrt(var + LAYER_NORM_EPS)).astype(x.dtype)
 
 
+class Norm(nn.Module):
+  """LayerNorm with a scale and a bias (model.layer_norm_affine), computed in float32."""
+
+  @nn.compact
+  def __call__(self, x):
+    D = x.shape[-1]
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (D,), jnp.float32)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                      (D,), jnp.float32)
+    return (layer_norm(x.astype(jnp.float32)) * scale + bias).astype(x.dtype)
+
+
+def norm(cfg: ModelConfig, name: str | None = None):
+  """The LayerNorm the config asks for: a Norm module (named `name`, or by its attribute in a
+  setup), or the parameter-free function."""
+  return Norm(name=name) if cfg.layer_norm_affine else layer_norm
+
+
+def sinusoidal_positions(positions_BxL: jax.Array, d: int) -> jax.Array:
+  """fairseq's SinusoidalPositionalEmbedding at table rows positions + POSITION_OFFSET:
+  [sin | cos] of half = d // 2 frequencies 10000^(-i / (half - 1)), a zero column if d is odd."""
+  half = d // 2
+  freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(math.log(10000.0) / (half - 1)))
+  angle_BxLxhalf = (positions_BxL + POSITION_OFFSET).astype(jnp.float32)[..., None] * freq
+  table = [jnp.sin(angle_BxLxhalf), jnp.cos(angle_BxLxhalf)]
+  if d % 2:
+    table.append(jnp.zeros_like(angle_BxLxhalf[..., :1]))
+  return jnp.concatenate(table, -1)
+
+
 def _weight(module: nn.Module, name: str, shape, axes, init):
   """A float32 parameter with logical axis names, cast to the compute dtype for use."""
   w = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
   return w.astype(module.cfg.compute_dtype)
+
+
+def _bias(module: nn.Module, name: str, y, axes):
+  """y plus a zero-initialised bias over y's trailing `axes`, if the config has biases."""
+  if not module.cfg.bias:
+    return y
+  shape = y.shape[y.ndim - len(axes):]
+  return y + _weight(module, name, shape, axes, nn.initializers.zeros)
 
 
 def _residual_out_init(cfg: ModelConfig):
@@ -161,7 +244,9 @@ class Attention(nn.Module):
 
     def project(name):
       w_DxHxK = _weight(self, name, (D, H, K), ("embed", "heads", "kv"), init)
-      return nn.with_logical_constraint(jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK), ACT_HEADS)
+      y_BxLxHxK = _bias(self, f"{name}_bias", jnp.einsum("bld,dhk->blhk", x_BxLxD, w_DxHxK),
+                        ("heads", "kv"))
+      return nn.with_logical_constraint(y_BxLxHxK, ACT_HEADS)
 
     q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = project("query"), project("key"), project("value")
     if kv is None and segments_BxL is None:
@@ -185,7 +270,8 @@ class Attention(nn.Module):
           q_BxLxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask_Bx1xLxT, implementation="xla")
     o_BxLxHxK = nn.with_logical_constraint(o_BxLxHxK, ACT_HEADS)
     w_HxKxD = _weight(self, "out", (H, K, D), ("heads", "kv", "embed"), _residual_out_init(cfg))
-    return jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD), kv
+    out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD)
+    return _bias(self, "out_bias", out_BxLxD, ("embed",)), kv
 
 
 class Mlp(nn.Module):
@@ -199,26 +285,33 @@ class Mlp(nn.Module):
     # Recomputed from its input in the backward pass: otherwise autodiff keeps intermediates
     # of the activation (exact GELU's erf term: one more [B, L, F] write and read).
     activation = jax.checkpoint(ACTIVATIONS[cfg.activation])
-    h_BxLxF = activation(jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF))
+    h_BxLxF = activation(_bias(self, "wi_bias", jnp.einsum("bld,df->blf", x_BxLxD, wi_DxF),
+                               ("mlp",)))
     h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("act_batch", "act_len", "act_mlp"))
     wo_FxD = _weight(self, "wo", (F, D), ("mlp", "embed"), _residual_out_init(cfg))
-    return jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD)
+    return _bias(self, "wo_bias", jnp.einsum("blf,fd->bld", h_BxLxF, wo_FxD), ("embed",))
 
 
 RESIDUAL_AXES = ("act_batch", "act_len", "act_embed")
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer layer: (x, this layer's kv cache, what attention may see) ->
-  (x, kv), the carry / scanned-input signature that nn.scan stacks (see Attention)."""
+  """Transformer layer, pre-LayerNorm (or post-, model.pre_layer_norm=False): (x, this layer's kv
+  cache, what attention may see) -> (x, kv), the carry / scanned-input signature that nn.scan
+  stacks (see Attention)."""
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x_BxLxD, kv, segments_BxL, valid_BxT, index):
-    h_BxLxD, kv = Attention(self.cfg, name="attn")(layer_norm(x_BxLxD), kv, segments_BxL,
-                                                   valid_BxT, index)
-    x_BxLxD = nn.with_logical_constraint(x_BxLxD + h_BxLxD, RESIDUAL_AXES)
-    x_BxLxD = x_BxLxD + Mlp(self.cfg, name="mlp")(layer_norm(x_BxLxD))
+    cfg = self.cfg
+    attn_norm, mlp_norm = norm(cfg, "attn_norm"), norm(cfg, "mlp_norm")
+    before = attn_norm if cfg.pre_layer_norm else (lambda x: x)
+    after = (lambda x: x) if cfg.pre_layer_norm else attn_norm
+    h_BxLxD, kv = Attention(cfg, name="attn")(before(x_BxLxD), kv, segments_BxL, valid_BxT, index)
+    x_BxLxD = nn.with_logical_constraint(after(x_BxLxD + h_BxLxD), RESIDUAL_AXES)
+    before = mlp_norm if cfg.pre_layer_norm else (lambda x: x)
+    after = (lambda x: x) if cfg.pre_layer_norm else mlp_norm
+    x_BxLxD = after(x_BxLxD + Mlp(cfg, name="mlp")(before(x_BxLxD)))
     return nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES), kv
 
 
@@ -226,8 +319,8 @@ class Decoder(nn.Module):
   """The token model. Three entry points, each with one return type:
 
     model.apply(v, tokens_BxL)                    float32 logits [B, L, V] (training, evaluation)
-    model.apply(v, tokens_BxL, method="hidden")   final hidden states [B, L, D] and the LM head
-                                                  [D, V], for a loss fused with the head
+    model.apply(v, tokens_BxL, method="hidden")   final hidden states [B, L, E] and the LM head
+                                                  [E, V], for a loss fused with the head
     model.apply(v, tokens_BxL, positions_BxL, cache, method="decode")
                                                   logits of the last position [B, V] and the
                                                   updated KVCache
@@ -238,13 +331,22 @@ class Decoder(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    D, V = cfg.d_model, cfg.vocab_size
-    self.embed = self.param("embed", nn.with_logical_partitioning(
-        truncated_normal(cfg.init_std), ("vocab", "embed")), (V, D), jnp.float32)
-    self.pos_embed = self.param("pos_embed", nn.with_logical_partitioning(
-        truncated_normal(cfg.pos_init_std), ("pos", "embed")), (cfg.max_seq_len, D), jnp.float32)
-    self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
-        nn.initializers.zeros, ("embed", "vocab")), (D, V), jnp.float32)
+    D, E, V = cfg.d_model, cfg.embed_dim, cfg.vocab_size
+    param = lambda name, init, axes, shape: self.param(
+        name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    self.embed = param("embed", truncated_normal(cfg.init_std), ("vocab", "embed"), (V, E))
+    if cfg.positions == "learned":
+      self.pos_embed = param("pos_embed", truncated_normal(cfg.pos_init_std), ("pos", "embed"),
+                             (cfg.max_seq_len, D))
+    if not cfg.tie_embeddings:
+      self.lm_head = param("lm_head", nn.initializers.zeros, ("embed", "vocab"), (E, V))
+    if cfg.word_embed_dim:
+      self.project_in = param("project_in", truncated_normal(cfg.init_std),
+                              ("word_embed", "embed"), (E, D))
+      self.project_out = param("project_out", truncated_normal(cfg.init_std),
+                               ("embed", "word_embed"), (D, E))
+    self.embed_norm = norm(cfg) if cfg.embed_layer_norm else (lambda x: x)
+    self.final_norm = norm(cfg) if cfg.pre_layer_norm else (lambda x: x)
     block = Block
     if cfg.remat_policy != "none":  # affects differentiation only, so decoding is unchanged
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
@@ -262,8 +364,15 @@ class Decoder(nn.Module):
     cfg = self.cfg
     if positions_BxL is None:
       positions_BxL = jnp.arange(tokens_BxL.shape[1])[None, :]
-    x_BxLxD = (jnp.take(self.embed, tokens_BxL, axis=0)
-               + jnp.take(self.pos_embed, positions_BxL, axis=0)).astype(cfg.compute_dtype)
+    x_BxLxE = jnp.take(self.embed, tokens_BxL, axis=0)
+    if cfg.scale_embeddings:
+      x_BxLxE = x_BxLxE * math.sqrt(cfg.d_model)
+    x_BxLxD = x_BxLxE @ self.project_in if cfg.word_embed_dim else x_BxLxE
+    if cfg.positions == "learned":
+      x_BxLxD = x_BxLxD + jnp.take(self.pos_embed, positions_BxL, axis=0)
+    else:
+      x_BxLxD = x_BxLxD + sinusoidal_positions(positions_BxL, cfg.d_model)
+    x_BxLxD = self.embed_norm(x_BxLxD.astype(cfg.compute_dtype))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
     if cfg.scan_layers:
       return self.layers(x_BxLxD, kv, segments_BxL, valid_BxT, index)
@@ -277,11 +386,19 @@ class Decoder(nn.Module):
     return x_BxLxD, tuple(tuple(layer[j] for layer in per_layer) for j in (0, 1))
 
   def _head(self):
-    return self.lm_head.astype(self.cfg.compute_dtype)
+    head_ExV = self.embed.T if self.cfg.tie_embeddings else self.lm_head
+    return head_ExV.astype(self.cfg.compute_dtype)
+
+  def _final(self, x_BxLxD):
+    """The final LayerNorm (pre-LN models) and the projection to E: the LM head's input."""
+    x_BxLxD = self.final_norm(x_BxLxD)
+    if self.cfg.word_embed_dim:
+      return x_BxLxD @ self.project_out.astype(self.cfg.compute_dtype)
+    return x_BxLxD
 
   def _logits(self, x_BxLxD):
     # bf16 operands, float32 result: the softmax over V needs more than bf16's 8 mantissa bits.
-    logits_BxLxV = jnp.einsum("bld,dv->blv", layer_norm(x_BxLxD), self._head(),
+    logits_BxLxV = jnp.einsum("ble,ev->blv", self._final(x_BxLxD), self._head(),
                               preferred_element_type=jnp.float32)
     return nn.with_logical_constraint(logits_BxLxV, ("act_batch", "act_len", "act_vocab"))
 
@@ -291,9 +408,9 @@ class Decoder(nn.Module):
     return self._logits(x_BxLxD)
 
   def hidden(self, tokens_BxL, positions_BxL=None, segments_BxL=None):
-    """The final (normalised) hidden states [B, L, D] and the LM head [D, V]."""
+    """The final hidden states [B, L, E] (normalised, projected) and the LM head [E, V]."""
     x_BxLxD, _ = self._trunk(tokens_BxL, positions_BxL, None, segments_BxL)
-    return layer_norm(x_BxLxD), self._head()
+    return self._final(x_BxLxD), self._head()
 
   def decode(self, tokens_BxL, positions_BxL, cache: KVCache):
     """Writes the tokens' keys and values at cache.index: (logits [B, V] of the last position,
@@ -327,10 +444,12 @@ def num_params(params) -> int:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   """Model FLOPs of one training token (forward + backward, no remat recompute).
 
-  6 per matmul weight (the LM head included, the embedding lookups not), plus causal attention:
+  6 per matmul weight (the LM head and any word-embedding projections included, the embedding
+  lookups not), plus causal attention:
   QK^T and AV cost 4·L·D per token forward over the full square, half of it under the causal
   mask, times 3 for forward + backward.
   """
-  D, F = cfg.d_model, cfg.mlp_dim
-  matmul_weights = cfg.num_layers * (4 * D * D + 2 * D * F) + D * cfg.vocab_size
+  D, E, F = cfg.d_model, cfg.embed_dim, cfg.mlp_dim
+  projections = 2 * D * E if cfg.word_embed_dim else 0
+  matmul_weights = cfg.num_layers * (4 * D * D + 2 * D * F) + E * cfg.vocab_size + projections
   return 6.0 * matmul_weights + 6.0 * cfg.num_layers * seq_len * D

@@ -25,8 +25,14 @@ An instruction-tuned run (configs/tiny_sft.py) does its tasks (cm3jax/instruct.p
   python -m cm3jax.sample --workdir=workdirs/tiny_sft --task=seg2image --image=map.png \
       --prompt="a small red circle on the left"
 
-edit uses instruct guidance (--s_img, --s_txt; 1 and 1: none), grounded and seg2image
-classifier-free guidance (--cfg); image2seg draws the segmentation map of --image, caption
+A run trained on CM3's HTML documents (cm3.document_form="html") draws from an `alt` prompt and
+fills a page's <mask>:
+
+  python -m cm3jax.sample --workdir=W --task=html_image --prompt="a red circle" --out=img.png
+  python -m cm3jax.sample --workdir=W --task=html_infill --page='<p><mask></p><img alt="a car"'
+
+edit uses instruct guidance (--s_img, --s_txt; 1 and 1: none), grounded, seg2image and
+html_image classifier-free guidance (--cfg); image2seg draws the segmentation map of --image, caption
 describes it. Image tasks write --num_images images to --out; text tasks print the answer.
 """
 
@@ -124,7 +130,8 @@ class Watch:
 
 TASK_NEEDS = {"edit": ("image", "instruction"), "vqa": ("image", "question"),
               "grounded": ("prompt", "objects"), "seg2image": ("image", "prompt"),
-              "image2seg": ("image",), "caption": ("image",)}
+              "image2seg": ("image",), "caption": ("image",),
+              "html_image": ("prompt",), "html_infill": ("page",)}
 
 
 def _define_flags():
@@ -157,6 +164,7 @@ def _define_flags():
   flags.DEFINE_string("instruction", None, "--task=edit: what to change.")
   flags.DEFINE_string("question", None, "--task=vqa: the question about --image.")
   flags.DEFINE_string("objects", None, "--task=grounded: NAME:X0 Y0 X1 Y1;... boxes in pixels.")
+  flags.DEFINE_string("page", None, "--task=html_infill: HTML with one <mask> to fill.")
   flags.DEFINE_float("s_img", 1.5, "--task=edit: instruct guidance scale of the image.")
   flags.DEFINE_float("s_txt", 7.5, "--task=edit: instruct guidance scale of the instruction.")
 
@@ -196,6 +204,8 @@ def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[s
   n, T = FLAGS.num_images, vqgan.cfg.tokens_per_image
   if FLAGS.image:
     codes = np.repeat(vqgan.encode(read_image(FLAGS.image, vqgan.cfg.resolution)[None]), n, 0)
+  if FLAGS.task == "html_infill":
+    return sampling.infill_html(sampler, [FLAGS.page], key)
   if FLAGS.task == "vqa":
     return instruct.vqa(sampler, codes[:1], [FLAGS.question], key)
   if FLAGS.task == "caption":
@@ -206,6 +216,8 @@ def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[s
   elif FLAGS.task == "grounded":
     made = instruct.grounded(sampler, [FLAGS.prompt] * n, [parse_objects(FLAGS.objects)] * n, T,
                              key, FLAGS.cfg, cfg)
+  elif FLAGS.task == "html_image":
+    made = sampling.html_text_to_image(sampler, [FLAGS.prompt], n, T, key, FLAGS.cfg, cfg)[0]
   elif FLAGS.task == "seg2image":
     made = instruct.seg2image(sampler, codes, [FLAGS.prompt] * n, key, FLAGS.cfg, cfg)
   else:

@@ -24,6 +24,7 @@ import numpy as np
 from cm3jax import checkpoint, sharding
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.data import html
 from cm3jax.vocab import EOS, PAD, Vocab
 
 MODES = ("image", "text")
@@ -392,6 +393,32 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
               for i, c in enumerate(captions) for j in range(num_images)]
   tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
   return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
+
+
+def html_text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int,
+                       tokens_per_image: int, key: jax.Array, guidance: float = 1.0,
+                       sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+  """Codes [len(captions), num_images, tokens_per_image] of a model trained on CM3's HTML
+  documents (cm3.document_form="html"): the `src` it writes after `<img alt="caption" src="`;
+  with guidance, the unconditional stream's alt is empty."""
+  guided = guidance != 1.0 or sampling.cd_k > 0
+  uncond = html.alt_prompt(sampler.vocab, "") if guided else None
+  keys = jax.random.split(key, len(captions) * num_images)
+  requests = [Request(html.alt_prompt(sampler.vocab, c), keys[i * num_images + j], uncond,
+                      guidance)
+              for i, c in enumerate(captions) for j in range(num_images)]
+  tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
+  return np.stack([html.codes_from_tokens(sampler.vocab, t) for t in tokens]).reshape(
+      len(captions), num_images, tokens_per_image)
+
+
+def infill_html(sampler: Sampler, pages: Sequence[str], key: jax.Array, max_tokens: int = 32,
+                sampling: SamplingConfig = SamplingConfig(greedy=True)) -> list[str]:
+  """Each page with its `<mask>` replaced by the span the model writes (CM3's infilling)."""
+  spans = complete_texts(sampler, [html.infill_prompt(sampler.vocab, p) for p in pages], key,
+                         max_tokens, sampling)
+  return [before + span + after
+          for (before, after), span in zip(map(html.split_mask, pages), spans)]
 
 
 def caption_log_likelihood(sampler: Sampler, codes: np.ndarray, captions: Sequence[str]

@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES = (
     ("mlp", "tensor"),
     ("kv", None),
     ("pos", None),
+    ("word_embed", None),
     ("layers", None),
     # activations
     ("act_batch", ("data", "fsdp")),
@@ -81,8 +82,21 @@ def sharded_shapes(init_fn: Callable, mesh: Mesh, *args):
   is_boxed = lambda x: isinstance(x, nn.Partitioned)
   values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_boxed(x) else x, boxed,
                         is_leaf=is_boxed)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                         sharding=_fitted(sh, s.shape)),
                       values, shardings)
+
+
+def _fitted(sharding: NamedSharding, shape) -> NamedSharding:
+  """`sharding` with the mesh axes of each dimension they do not divide dropped (that
+  dimension replicated): imported models may have widths such as 36 or 45."""
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  size = lambda axes: math.prod(sharding.mesh.shape[a] for a in (
+      () if axes is None else (axes,) if isinstance(axes, str) else axes))
+  fitted = [axes if n % size(axes) == 0 else None for axes, n in zip(spec, shape)]
+  if fitted == spec:
+    return sharding
+  return NamedSharding(sharding.mesh, PartitionSpec(*fitted), memory_kind=sharding.memory_kind)
 
 
 def shardings_of(shapes):

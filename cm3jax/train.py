@@ -32,7 +32,7 @@ FINITE_METRICS = ("loss", "grad_norm")  # a step where either is not finite stop
 
 def checkpoints(workdir: str, config, vocab=None) -> checkpoint.Checkpoints:
   """The token model's checkpoints in `workdir`."""
-  return checkpoint.Checkpoints(workdir, config, {"model": model_lib.ModelConfig.ARCHITECTURE},
+  return checkpoint.Checkpoints(workdir, config, {"model": model_lib.ModelConfig.architecture()},
                                 vocab)
 
 
@@ -91,7 +91,7 @@ def pretrained_params(s: Setup, config, vocab):
   base = config.init_from
   step = checkpoint.latest_step(base)
   diffs = checkpoint.differences(checkpoint.saved_config(base, step), json.loads(config.to_json()),
-                                 {"model": model_lib.ModelConfig.ARCHITECTURE})
+                                 {"model": model_lib.ModelConfig.architecture()})
   if diffs:
     raise ConfigError(f"init_from={base} (step {step}) is another model: {', '.join(diffs)}")
   if vocab is not None and (saved_vocab := checkpoint.load_vocab(base, step)) != vocab:

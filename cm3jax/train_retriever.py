@@ -175,7 +175,7 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   saved_config = config.copy_and_resolve_references()  # with every field of the CLIP's config
   with saved_config.unlocked():
     saved_config.clip = ml_collections.ConfigDict(s.cfg.to_dict())
-  ckpts = checkpoint.Checkpoints(workdir, saved_config, {"clip": ARCHITECTURE})
+  ckpts = checkpoint.Checkpoints(workdir, saved_config, {"clip": dict.fromkeys(ARCHITECTURE)})
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts), faults.Preemption() as preemption:
     restored = ckpts.restore(s.abstract_state)
     resumed = restored is not None

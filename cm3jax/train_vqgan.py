@@ -214,7 +214,7 @@ def train(config, workdir: str) -> list[dict[str, float]]:
 def _train(config, workdir: str) -> list[dict[str, float]]:
   s = setup(config)
   chief = jax.process_index() == 0
-  ckpts = checkpoint.Checkpoints(workdir, config, {"vqgan": ARCHITECTURE})
+  ckpts = checkpoint.Checkpoints(workdir, config, {"vqgan": dict.fromkeys(ARCHITECTURE)})
   train_images = load_images(config, config.train_split)
   eval_images = load_images(config, "validation")[:config.eval_images]
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts), faults.Preemption() as preemption:

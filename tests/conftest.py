@@ -6,7 +6,14 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # Never probe for TPUs, even where libtpu i
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The interop tests run transformers, whose torch (the CUDA build's) imports triton; libtriton
+# segfaults while loading if TensorFlow (the data pipeline) loaded first, so it loads first.
+if importlib.util.find_spec("triton") is not None:
+  import triton  # noqa: E402, F401
 
 from tests.helpers import tiny_config, vqgan_config  # noqa: E402
 

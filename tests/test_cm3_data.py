@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from cm3jax import train_tokenizer
 from cm3jax.config import ConfigError  # noqa: E402
-from cm3jax.data import cm3, code_shards, shapes  # noqa: E402
+from cm3jax.data import cm3, code_shards, html, shapes  # noqa: E402
 from cm3jax.vocab import EOS, Vocab  # noqa: E402
 
 CAPTIONS = [shapes.scene("train", i).caption() for i in range(2000)]
@@ -164,6 +164,20 @@ def test_packing_neither_drops_nor_duplicates_a_token(vocab, tmp_path, host, num
   for r in rows:  # each row's position names its first token
     epoch, index, offset = r["position"][0]
     assert epoch == 0 and masked[index][offset] == r["inputs"][0, 0]
+
+
+def test_the_html_form_packs_cm3s_documents(vocab, tmp_path):
+  records = random_records(30)
+  write_shards(tmp_path, "validation", records, shard_size=30)
+  rows = list(stream(tmp_path, vocab, split="validation", rows=1, repeat=False,
+                     document_form="html"))
+  base = cm3.stream_seed((0, 1), "validation", 0)
+  documents = [html.image_document(vocab, c.decode(), codes) for c, codes in records]
+  assert vocab.break_id not in np.concatenate(documents)
+  expected = np.concatenate([mask(d, (base, i), vocab) for i, d in enumerate(documents)])
+  windows = np.concatenate([np.concatenate([r["inputs"][0], r["targets"][0, -1:]]) for r in rows])
+  assert len(expected) - len(windows) < 97
+  np.testing.assert_array_equal(windows, expected[:len(windows)])
 
 
 def test_weights_are_zero_exactly_on_sentinel_targets(vocab, tmp_path):

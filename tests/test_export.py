@@ -50,24 +50,15 @@ def jax_logits(cfg, params, tokens):
   return np.asarray(model_lib.Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)))
 
 
-@pytest.mark.parametrize("activation, scan", [("relu", True), ("gelu", True),
-                                              ("gelu_tanh", False)])
-def test_transformers_logits_and_greedy_tokens_equal_cm3jax(activation, scan, vocab,
-                                                            vqgan_workdir, tmp_path):
-  cfg, params = make_workdir(tmp_path / "run", vocab, vqgan_workdir, activation=activation,
-                             scan_layers=scan)
-  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
-  hf = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, vocab.size, (3, 20))
-  want = jax_logits(cfg, params, tokens)
+def assert_equals_transformers(hf, cfg, params, vocab):
+  """cm3jax's logits equal `hf`'s to 1e-4, unpadded and on a left-padded batch, and 32 greedy
+  text tokens (stopping at </s> or <eoss>) from cm3jax's sampler equal `generate`'s."""
+  tokens = np.random.default_rng(0).integers(0, vocab.size, (3, 20))
   with torch.no_grad():
     got = hf(torch.from_numpy(tokens)).logits.numpy()
-  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
-
+  np.testing.assert_allclose(got, jax_logits(cfg, params, tokens), atol=1e-4, rtol=0)
   lengths = [20, 13, 6]  # left-padded: real positions start at 0 in both
-  padded = np.full((3, 20), PAD)
-  mask = np.zeros((3, 20), int)
+  padded, mask = np.full((3, 20), PAD), np.zeros((3, 20), int)
   for b, n in enumerate(lengths):
     padded[b, 20 - n:], mask[b, 20 - n:] = tokens[b, :n], 1
   with torch.no_grad():
@@ -76,11 +67,10 @@ def test_transformers_logits_and_greedy_tokens_equal_cm3jax(activation, scan, vo
     np.testing.assert_allclose(got[b, 20 - n:], jax_logits(cfg, params, tokens[b:b + 1, :n])[0],
                                atol=1e-4, rtol=0)
 
-  # 32 greedy text tokens, stopping at </s> or <eoss>, are the same in both.
   prompts = [vocab.encode_document([c]) for c in ("a red circle", "a small blue square above")]
-  s = sampling.Sampler(cfg, params, vocab)
-  ours = s.generate([sampling.Request(p, jax.random.PRNGKey(0)) for p in prompts], 32, "text",
-                    sampling.SamplingConfig(greedy=True))
+  ours = sampling.Sampler(cfg, params, vocab).generate(
+      [sampling.Request(p, jax.random.PRNGKey(0)) for p in prompts], 32, "text",
+      sampling.SamplingConfig(greedy=True))
   allowed = sampling.allowed_tokens(vocab, "text", cfg.vocab_size)
   for p, row in zip(prompts, ours):
     with torch.no_grad():
@@ -89,6 +79,17 @@ def test_transformers_logits_and_greedy_tokens_equal_cm3jax(activation, scan, vo
                            suppress_tokens=np.flatnonzero(~allowed).tolist())[0, len(p):].numpy()
     theirs = np.pad(theirs, (0, 32 - len(theirs)), constant_values=PAD)
     np.testing.assert_array_equal(theirs, row)
+
+
+@pytest.mark.parametrize("activation, scan", [("relu", True), ("gelu", True),
+                                              ("gelu_tanh", False)])
+def test_transformers_logits_and_greedy_tokens_equal_cm3jax(activation, scan, vocab,
+                                                            vqgan_workdir, tmp_path):
+  cfg, params = make_workdir(tmp_path / "run", vocab, vqgan_workdir, activation=activation,
+                             scan_layers=scan)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  hf = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  assert_equals_transformers(hf, cfg, params, vocab)
 
 
 @pytest.mark.parametrize("dtype, saved_as", [("float32", "model.safetensors"),
@@ -162,54 +163,118 @@ def test_model_card_snippet_samples(vocab, vqgan_workdir, tmp_path, capsys):
   assert len(codes) == 16 and all(0 <= c < 64 for c in codes)  # 4x4 codes of 64
 
 
-def _standard_opt(tmp_path, vocab, bias=0.0, ln_scale=1.0, **overrides):
-  """A transformers OPT with biases and LayerNorm affines, saved; biases `bias`, scales `ln_scale`."""
-  config = transformers.OPTConfig(vocab_size=vocab.size, hidden_size=32, num_hidden_layers=2,
-                                  ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
-                                  word_embed_proj_dim=overrides.pop("word_embed_proj_dim", 32),
-                                  enable_bias=True, layer_norm_elementwise_affine=True,
-                                  activation_function="relu", **overrides)
+def _random_opt(tmp_path, vocab, **overrides):
+  """A transformers OPT with every parameter random (biases, LayerNorm scales around 1 and
+  biases), saved to tmp_path/opt."""
+  fields = dict(vocab_size=vocab.size, hidden_size=36, num_hidden_layers=3, ffn_dim=52,
+                num_attention_heads=3, max_position_embeddings=64, word_embed_proj_dim=36,
+                enable_bias=True, layer_norm_elementwise_affine=True, activation_function="relu",
+                pad_token_id=PAD, bos_token_id=2, eos_token_id=EOS)
+  config = transformers.OPTConfig(**(fields | overrides))
+  torch.manual_seed(0)
   model = transformers.OPTForCausalLM(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
-      if name.endswith(".bias"):
-        p.fill_(bias)
-      elif "layer_norm" in name:
-        p.fill_(ln_scale)
+      p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "layer_norm.weight" in name else 0.0))
   model.save_pretrained(tmp_path / "opt")
+  (tmp_path / "opt" / "tokenizer").mkdir()
   return model
 
 
-def test_standard_opt_with_zero_biases_imports_and_matches(vocab, tmp_path):
-  model = _standard_opt(tmp_path, vocab)
-  export.import_opt(str(tmp_path / "opt"), str(tmp_path / "run"), tiny_config())
-  step = checkpoint.latest_step(str(tmp_path / "run"))
-  cfg = model_lib.ModelConfig.from_dict(checkpoint.saved_config(str(tmp_path / "run"), step)["model"])
-  params = checkpoint.restore_params(str(tmp_path / "run"), step,
+def _imported(workdir):
+  step = checkpoint.latest_step(workdir)
+  cfg = model_lib.ModelConfig.from_dict(checkpoint.saved_config(workdir, step)["model"])
+  params = checkpoint.restore_params(workdir, step,
                                      sampling.abstract_params(cfg, sampling.default_mesh()))
-  tokens = np.random.default_rng(1).integers(0, vocab.size, (2, 16))
-  with torch.no_grad():
-    want = model(torch.from_numpy(tokens)).logits.numpy()
-  np.testing.assert_allclose(jax_logits(cfg, jax.device_get(params), tokens), want, atol=1e-4,
-                             rtol=0)
-  # The imported checkpoint trains on.
+  return cfg, jax.device_get(params)
+
+
+OPT_VARIANTS = {
+    # every OPT size's form: pre-LN with biases and affines, tied (125m, 1.3b ... 66b)
+    "pre_ln_tied_relu": dict(),
+    # OPT-350m's form: post-LN, no final LayerNorm, narrower word embeddings
+    "post_ln_project_gelu": dict(do_layer_norm_before=False, word_embed_proj_dim=20,
+                                 activation_function="gelu"),
+    "untied_gelu_new": dict(tie_word_embeddings=False, activation_function="gelu_new"),
+}
+
+
+@pytest.mark.parametrize("variant", OPT_VARIANTS)
+def test_a_real_opt_imports_matches_trains_and_exports_back(variant, vocab, vqgan_workdir,
+                                                            tmp_path):
+  model = _random_opt(tmp_path, vocab, **OPT_VARIANTS[variant])
+  vocab.save(str(tmp_path / "opt" / "tokenizer" / "vocab.json"))
+  export.import_opt(str(tmp_path / "opt"), str(tmp_path / "run"),
+                    tiny_config(data="cm3", **{"cm3.vqgan_workdir": vqgan_workdir}))
+  cfg, params = _imported(str(tmp_path / "run"))
+  assert cfg.bias and cfg.layer_norm_affine
+  assert cfg.pre_layer_norm == OPT_VARIANTS[variant].get("do_layer_norm_before", True)
+  assert_equals_transformers(model, cfg, params, vocab)
+
+  # It exports back to the same tensors, and trains on.
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  back = transformers.OPTForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+  theirs, again = model.state_dict(), back.state_dict()
+  assert sorted(again) == sorted(theirs)
+  for key in theirs:  # the position table's two leading rows are never read, and come back 0
+    unused = 2 if key.endswith("embed_positions.weight") else 0
+    np.testing.assert_array_equal(again[key].numpy()[unused:], theirs[key].numpy()[unused:],
+                                  err_msg=key)
   config = tiny_config(num_train_steps=2, **{f"model.{k}": v for k, v in cfg.to_dict().items()})
   history = train.train(config, str(tmp_path / "run"))
   assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
+def test_the_default_switches_export_a_bias_free_opt(vocab, vqgan_workdir, tmp_path):
+  make_workdir(tmp_path / "run", vocab, vqgan_workdir)
+  out = export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  with open(os.path.join(out, "config.json")) as f:
+    config = json.load(f)
+  assert (config["enable_bias"], config["layer_norm_elementwise_affine"],
+          config["tie_word_embeddings"], config["do_layer_norm_before"]) == (False, False, False,
+                                                                            True)
+  from safetensors import safe_open
+  with safe_open(os.path.join(out, "model.safetensors"), framework="numpy") as f:
+    assert not [k for k in f.keys() if k.endswith(".bias") or "layer_norm" in k]
+
+
 @pytest.mark.parametrize("change, message", [
-    (dict(bias=0.5), "model.decoder.final_layer_norm.bias is not zero: cm3jax's decoder has "
-     "no biases"),
-    (dict(ln_scale=2.0), "model.decoder.final_layer_norm.weight is not one"),
-    (dict(word_embed_proj_dim=16), "unsupported OPT variant: word_embed_proj_dim != hidden_size"),
-    (dict(do_layer_norm_before=False), "unsupported OPT variant: post-LayerNorm OPT"),
+    (dict(_remove_final_layer_norm=True), "unsupported OPT variant: _remove_final_layer_norm"),
+    (dict(activation_function="silu"), "unsupported OPT variant: activation 'silu'"),
 ])
 def test_import_refuses_what_cm3jax_cannot_represent(vocab, tmp_path, change, message):
-  _standard_opt(tmp_path, vocab, **change)
+  _random_opt(tmp_path, vocab, num_hidden_layers=1, **change)
   with pytest.raises(ConfigError, match=re.escape(message)):
     export.import_opt(str(tmp_path / "opt"), str(tmp_path / "run"), tiny_config())
-  assert not glob.glob(str(tmp_path / "run" / "checkpoints" / "*"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_import_refuses_tensors_that_disagree_with_the_config(vocab, tmp_path):
+  _random_opt(tmp_path, vocab, num_hidden_layers=1)
+  path = tmp_path / "opt" / "config.json"
+  good = json.loads(path.read_text())
+  cases = [(dict(enable_bias=False), "holds model.decoder.layers.0.fc1.bias, which this "
+            "configuration has no place for (6 such tensors)"),
+           (dict(ffn_dim=40), "model.decoder.layers.0.fc1.weight is (52, 36), the config says "
+            "(40, 36)"),
+           (dict(num_hidden_layers=2), "the checkpoint has no model.decoder.layers.1.")]
+  for i, (change, message) in enumerate(cases):
+    path.write_text(json.dumps(good | change))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      export.import_opt(str(tmp_path / "opt"), str(tmp_path / f"run{i}"), tiny_config())
+    assert not os.path.exists(tmp_path / f"run{i}")
+
+
+@pytest.mark.parametrize("switch, message", [
+    (dict(positions="sinusoidal"), "model.positions='sinusoidal': OPT has learned positions only"),
+    (dict(scale_embeddings=True), "model.scale_embeddings=True: OPT does not scale"),
+    (dict(embed_layer_norm=True), "model.embed_layer_norm=True: an OPT decoder has no LayerNorm"),
+])
+def test_export_refuses_switches_opt_lacks(switch, message, vocab, vqgan_workdir, tmp_path):
+  make_workdir(tmp_path / "run", vocab, vqgan_workdir, **switch)
+  with pytest.raises(ConfigError, match=re.escape(message)):
+    export.export(str(tmp_path / "run"), str(tmp_path / "out"))
+  assert not os.path.exists(tmp_path / "out")
 
 
 def test_bad_inputs(vocab, vqgan_workdir, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Faults injected into training runs: divergence, SIGTERM, kill -9 during a save, two processes
 on one workdir, damaged checkpoints, and settings no run should accept."""
 
+import contextlib
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from cm3jax import checkpoint, faults, sampling, train, train_vqgan, trainer
+from cm3jax import checkpoint, faults, sampling, torch_layout, train, train_vqgan, trainer
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
 from cm3jax.data import synthetic
@@ -304,10 +305,12 @@ def test_a_bad_import_says_why_and_leaves_nothing(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / "w1") and not os.path.exists(tmp_path / "w2")
 
   # A readable checkpoint, then a save that fails: the new workdir goes again.
-  monkeypatch.setattr(export, "read_opt_tensors", lambda _: "tensors")
-  monkeypatch.setattr(export, "params_from_opt", lambda tensors, cfg: jax.tree.map(
-      np.asarray, jax.device_get(trainer.setup(tiny_config()).init_state(
-          jax.random.PRNGKey(0)).params)))
+  @contextlib.contextmanager
+  def readable(directory):
+    yield set(), None
+  monkeypatch.setattr(export, "opt_tensors", readable)
+  monkeypatch.setattr(torch_layout, "params_from_tensors", lambda *args: trainer.setup(
+      tiny_config()).init_state(jax.random.PRNGKey(0)).params)
 
   def full_disk(*args, **kwargs):
     raise OSError("disk full")

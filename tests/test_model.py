@@ -1,9 +1,12 @@
+import re
+
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cm3jax import checkpoint
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
 from tests.helpers import nontrivial
@@ -180,9 +183,12 @@ def test_attention_implementation_on_cpu_is_xla():
     (dict(remat_policy="save_some"), "model.remat_policy='save_some' is not one of"),
     (dict(num_layers=0), "model.num_layers must be a positive integer"),
     (dict(d_model=32.0), "model.d_model must be a positive integer"),
+    (dict(positions="rope"), "model.positions='rope' is not one of ['learned', 'sinusoidal']"),
+    (dict(bias=1), "model.bias must be True or False, got 1"),
+    (dict(word_embed_dim=-4), "model.word_embed_dim must be 0 (d_model) or a positive integer"),
 ])
 def test_bad_model_config(overrides, message):
-  with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     make(**overrides)
 
 
@@ -196,3 +202,53 @@ def test_flops_per_token_counts_matmul_weights():
   params = flax.linen.unbox(init(model))
   matmul = model_lib.num_params(params) - params["embed"].size - params["pos_embed"].size
   assert model_lib.train_flops_per_token(cfg, 16) == 6 * matmul + 6 * 3 * 16 * 32
+
+
+ALL_SWITCHES = dict(bias=True, layer_norm_affine=True, pre_layer_norm=False, positions="sinusoidal",
+                    scale_embeddings=True, embed_layer_norm=True, tie_embeddings=True,
+                    word_embed_dim=24)
+
+
+def test_the_switches_add_exactly_their_parameters():
+  cfg, model = make(**ALL_SWITCHES, scan_layers=False)
+  params = flax.linen.unbox(init(model))
+  D, E, H, K, F, V = 32, 24, 4, 8, 64, 96
+  shapes = jax.tree.map(lambda x: x.shape, params)
+  assert {k: v for k, v in shapes.items() if not k.startswith("layers_")} == {
+      "embed": (V, E), "project_in": (E, D), "project_out": (D, E),
+      "embed_norm": {"scale": (D,), "bias": (D,)}}  # no pos_embed, lm_head or final_norm
+  assert shapes["layers_0"] == {
+      "attn": {"query": (D, H, K), "query_bias": (H, K), "key": (D, H, K), "key_bias": (H, K),
+               "value": (D, H, K), "value_bias": (H, K), "out": (H, K, D), "out_bias": (D,)},
+      "mlp": {"wi": (D, F), "wi_bias": (F,), "wo": (F, D), "wo_bias": (D,)},
+      "attn_norm": {"scale": (D,), "bias": (D,)}, "mlp_norm": {"scale": (D,), "bias": (D,)}}
+  assert model_lib.train_flops_per_token(cfg, 16) == 6 * (3 * (4 * D * D + 2 * D * F) + E * V
+                                                          + 2 * D * E) + 6 * 3 * 16 * D
+
+
+@pytest.mark.parametrize("switches", [ALL_SWITCHES, dict(bias=True, layer_norm_affine=True)],
+                         ids=["all", "opt"])
+def test_switched_models_scan_and_decode_as_they_run_whole(switches):
+  cfg, model = make(**switches)
+  params = nontrivial(flax.linen.unbox(init(model)))
+  x = tokens((2, 12))
+  want = model.apply({"params": params}, x)
+  _, unrolled = make(**switches, scan_layers=False)
+  got = unrolled.apply({"params": model_lib.unstack_layers(params, 3)}, x)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  cache = model_lib.init_cache(cfg, jnp.ones((2, 12), bool))
+  positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  _, cache = model.apply({"params": params}, x[:, :7], positions[:, :7], cache, method="decode")
+  for t in range(7, 12):
+    step, cache = model.apply({"params": params}, x[:, t:t + 1], positions[:, t:t + 1], cache,
+                              method="decode")
+    np.testing.assert_allclose(step, want[:, t], atol=1e-4)
+
+
+def test_a_checkpoint_saved_before_a_switch_existed_means_its_default():
+  fields = {"model": model_lib.ModelConfig.architecture()}
+  old = {"model": {k: v for k, v in CFG.items()}}
+  now = {"model": {**CFG, **model_lib.ModelConfig(**CFG).to_dict()}}
+  assert checkpoint.differences(old, now, fields) == []
+  now["model"]["bias"] = True
+  assert checkpoint.differences(old, now, fields) == ["model.bias=False (this config: True)"]

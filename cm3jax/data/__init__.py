@@ -22,7 +22,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, synthetic
+from cm3jax.data import code_shards, html, synthetic
 from cm3jax.vocab import Vocab
 
 def batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
@@ -128,7 +128,8 @@ class Source:
                        host=host[0], num_hosts=host[1], span_rate=config.cm3.span_rate,
                        whole_segment_rate=config.cm3.whole_segment_rate,
                        shuffle_buffer=config.cm3.shuffle_buffer,
-                       document_attention=config.cm3.document_attention, retrieved=retrieved)
+                       document_attention=config.cm3.document_attention, retrieved=retrieved,
+                       document_form=config.cm3.document_form)
 
   def skipped(self) -> dict[str, int]:
     """Documents this process has left out so far, by reason."""
@@ -148,6 +149,9 @@ def source(config, workdir: str) -> Source:
     raise ConfigError(f"data={config.data!r} is not one of {list(SOURCES)}")
   if config.data == "synthetic":
     return Source(config)
+  if config.cm3.document_form not in html.DOCUMENT_FORMS:
+    raise ConfigError(f"cm3.document_form={config.cm3.document_form!r} is not one of "
+                      f"{list(html.DOCUMENT_FORMS)}")
   paths = input_paths(config.cm3, workdir)
   if config.data == "sft":
     tasks = tasks_dir(config, workdir)

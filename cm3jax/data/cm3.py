@@ -26,7 +26,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, tf_cpu
+from cm3jax.data import code_shards, html, tf_cpu
 from cm3jax.vocab import EOS, Vocab
 
 SKIPPED: collections.Counter = collections.Counter()  # Documents left out, by reason, this process.
@@ -138,11 +138,12 @@ def masked_with_sources(tokens, seed, vocab: Vocab, span_rate: float = 1.0,
   return masked, sources
 
 
-def document_fn(vocab: Vocab, max_length: int):
+def document_fn(vocab: Vocab, max_length: int, form: str = "break"):
   """(caption bytes, codes[, retrieved captions [k], their codes [k, T], which are real [k]]) ->
-  the int32 document, `</s> text <break> image` per retrieved document and then the record's own,
-  or [] for one to skip (counted in SKIPPED). A retrieved document that cannot be made is left
-  out."""
+  the int32 document, `</s> text <break> image` (or, in the "html" form, CM3's
+  `</s> <img alt="text" src="` image `">`, data/html.py) per retrieved document and then the
+  record's own, or [] for one to skip (counted in SKIPPED). A retrieved document that cannot be
+  made is left out."""
   def part(caption: bytes, codes: np.ndarray) -> tuple[Optional[np.ndarray], str]:
     try:
       text = caption.decode("utf-8")
@@ -152,6 +153,8 @@ def document_fn(vocab: Vocab, max_length: int):
       return None, "empty caption"
     if codes.min() < 0 or codes.max() >= vocab.num_image_codes:
       return None, "image code out of range"
+    if form == "html":
+      return html.image_document(vocab, text, codes), ""
     return np.concatenate([[EOS], vocab.encode_text(text), [vocab.break_id],
                            codes + vocab.image_offset]).astype(np.int32), ""
 
@@ -212,12 +215,14 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
             seed: Sequence[int], position: Position = START, host: int = 0, num_hosts: int = 1,
             span_rate: float = 1.0, whole_segment_rate: float = 0.0,
             shuffle_buffer: int = 10_000, repeat: bool = True,
-            document_attention: bool = False, retrieved: Optional[Retrieved] = None):
+            document_attention: bool = False, retrieved: Optional[Retrieved] = None,
+            document_form: str = "break"):
   """A tf.data.Dataset of this host's batches from `position` on: `inputs`, `targets` (int32),
   `weights` (float32) of shape [rows, seq_len], `position` (int64 [rows, 3]) and, with
   `document_attention`, `positions` and `segments` (int32 [rows, seq_len]). With `retrieved`,
   each record's document follows its retrieved ones, one document for masking and attention,
-  whose whole-segment spans come from the record's own caption and image."""
+  whose whole-segment spans come from the record's own caption and image. `document_form`:
+  "break" (CM3Leon's) or "html" (CM3's, see document_fn)."""
   tf = tf_cpu.tensorflow()
   paths = code_shards.shard_paths(codes_dir, split)
   manifest = code_shards.read_manifest(codes_dir, split)
@@ -228,7 +233,7 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
     raise ConfigError(f"seq_len={seq_len} cannot hold an image of {manifest['tokens_per_image']} "
                       f"codes, its caption and {vocab.num_sentinels} masked spans")
   parse = code_shards.parser(manifest["tokens_per_image"])
-  make_document = document_fn(vocab, max_length)
+  make_document = document_fn(vocab, max_length, document_form)
   base_seed = stream_seed(seed, split, host)
   AUTOTUNE = tf.data.AUTOTUNE
 
