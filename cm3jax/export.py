@@ -61,9 +61,7 @@ def opt_config(cfg: model_lib.ModelConfig, dtype: str) -> dict:
     raise ConfigError(f"model.positions={cfg.positions!r}: OPT has learned positions only")
   if cfg.scale_embeddings:
     raise ConfigError("model.scale_embeddings=True: OPT does not scale its embeddings")
-  if cfg.embed_layer_norm:
-    raise ConfigError("model.embed_layer_norm=True: an OPT decoder has no LayerNorm on its "
-                      "embeddings")
+  torch_layout.layout(cfg, torch_layout.OPT_NAMES)  # refuses what OPT's keys cannot hold
   return {
       "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "word_embed_proj_dim": cfg.embed_dim,
