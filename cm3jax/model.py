@@ -303,15 +303,14 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, kv, segments_BxL, valid_BxT, index):
-    cfg = self.cfg
+    cfg, pre = self.cfg, self.cfg.pre_layer_norm
     attn_norm, mlp_norm = norm(cfg, "attn_norm"), norm(cfg, "mlp_norm")
-    before = attn_norm if cfg.pre_layer_norm else (lambda x: x)
-    after = (lambda x: x) if cfg.pre_layer_norm else attn_norm
-    h_BxLxD, kv = Attention(cfg, name="attn")(before(x_BxLxD), kv, segments_BxL, valid_BxT, index)
-    x_BxLxD = nn.with_logical_constraint(after(x_BxLxD + h_BxLxD), RESIDUAL_AXES)
-    before = mlp_norm if cfg.pre_layer_norm else (lambda x: x)
-    after = (lambda x: x) if cfg.pre_layer_norm else mlp_norm
-    x_BxLxD = after(x_BxLxD + Mlp(cfg, name="mlp")(before(x_BxLxD)))
+    h_BxLxD, kv = Attention(cfg, name="attn")(attn_norm(x_BxLxD) if pre else x_BxLxD, kv,
+                                              segments_BxL, valid_BxT, index)
+    x_BxLxD = x_BxLxD + h_BxLxD if pre else attn_norm(x_BxLxD + h_BxLxD)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
+    h_BxLxD = Mlp(cfg, name="mlp")(mlp_norm(x_BxLxD) if pre else x_BxLxD)
+    x_BxLxD = x_BxLxD + h_BxLxD if pre else mlp_norm(x_BxLxD + h_BxLxD)
     return nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES), kv
 
 
