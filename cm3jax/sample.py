@@ -217,7 +217,8 @@ def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[s
     made = instruct.grounded(sampler, [FLAGS.prompt] * n, [parse_objects(FLAGS.objects)] * n, T,
                              key, FLAGS.cfg, cfg)
   elif FLAGS.task == "html_image":
-    made = sampling.html_text_to_image(sampler, [FLAGS.prompt], n, T, key, FLAGS.cfg, cfg)[0]
+    made = sampling.text_to_image(sampler, [FLAGS.prompt], n, T, key, FLAGS.cfg, cfg,
+                                  form="html")[0]
   elif FLAGS.task == "seg2image":
     made = instruct.seg2image(sampler, codes, [FLAGS.prompt] * n, key, FLAGS.cfg, cfg)
   else:

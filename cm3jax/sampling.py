@@ -366,15 +366,27 @@ def caption_prompt(vocab: Vocab, codes) -> np.ndarray:
   return np.concatenate([[EOS, s0, vocab.break_id], vocab.image_tokens(codes), [s0]]).astype(np.int32)
 
 
+# cm3.document_form -> (the prompt of a caption, the unconditional prompt)
+IMAGE_PROMPTS = {
+    "break": (image_prompt, unconditional_image_prompt),
+    "html": (html.alt_prompt, lambda vocab: html.alt_prompt(vocab, "")),
+}
+
+
 def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, tokens_per_image: int,
                   key: jax.Array, guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig(),
                   context: Optional[Sequence[np.ndarray]] = None,
-                  context_in_uncond: bool = True) -> np.ndarray:
+                  context_in_uncond: bool = True, form: str = "break") -> np.ndarray:
   """Codes [len(captions), num_images, tokens_per_image]; guidance != 1 (or CD-K) runs the
   unconditional stream beside each request. `context`: per caption, tokens placed before its
   prompt (retrieved documents, `augment.Memory.context`); the unconditional stream keeps them
-  with `context_in_uncond`, else it is the caption-free prompt alone."""
+  with `context_in_uncond`, else it is the caption-free prompt alone. `form`: the document form
+  the model was trained on (cm3.document_form); "html" prompts `</s> <img alt="caption" src="`,
+  its unconditional stream with an empty alt."""
   vocab = sampler.vocab
+  if form not in IMAGE_PROMPTS:
+    raise ConfigError(f"form={form!r} is not one of {list(IMAGE_PROMPTS)}")
+  prompt, unconditional = IMAGE_PROMPTS[form]
   guided = guidance != 1.0 or sampling.cd_k > 0
   if context is not None and len(context) != len(captions):
     raise ConfigError(f"{len(context)} contexts for {len(captions)} captions")
@@ -385,31 +397,14 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
     if not guided:
       return None
     return np.concatenate([before(i) if context_in_uncond else none,
-                           unconditional_image_prompt(vocab)]).astype(np.int32)
+                           unconditional(vocab)]).astype(np.int32)
 
   keys = jax.random.split(key, len(captions) * num_images)
-  requests = [Request(np.concatenate([before(i), image_prompt(vocab, c)]).astype(np.int32),
+  requests = [Request(np.concatenate([before(i), prompt(vocab, c)]).astype(np.int32),
                       keys[i * num_images + j], uncond(i), guidance)
               for i, c in enumerate(captions) for j in range(num_images)]
   tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
   return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
-
-
-def html_text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int,
-                       tokens_per_image: int, key: jax.Array, guidance: float = 1.0,
-                       sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
-  """Codes [len(captions), num_images, tokens_per_image] of a model trained on CM3's HTML
-  documents (cm3.document_form="html"): the `src` it writes after `<img alt="caption" src="`;
-  with guidance, the unconditional stream's alt is empty."""
-  guided = guidance != 1.0 or sampling.cd_k > 0
-  uncond = html.alt_prompt(sampler.vocab, "") if guided else None
-  keys = jax.random.split(key, len(captions) * num_images)
-  requests = [Request(html.alt_prompt(sampler.vocab, c), keys[i * num_images + j], uncond,
-                      guidance)
-              for i, c in enumerate(captions) for j in range(num_images)]
-  tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
-  return np.stack([html.codes_from_tokens(sampler.vocab, t) for t in tokens]).reshape(
-      len(captions), num_images, tokens_per_image)
 
 
 def infill_html(sampler: Sampler, pages: Sequence[str], key: jax.Array, max_tokens: int = 32,

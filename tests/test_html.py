@@ -69,11 +69,11 @@ def test_infilling_moves_the_masked_span_after_a_sentinel(vocab):
 
 
 def test_the_sampling_tasks(vocab, sampler):
-  codes = sampling.html_text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
-                                      jax.random.PRNGKey(0), guidance=2.0)
+  codes = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
+                                 jax.random.PRNGKey(0), guidance=2.0, form="html")
   assert codes.shape == (2, 2, 16) and codes.min() >= 0 and codes.max() < CODES
-  again = sampling.html_text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
-                                      jax.random.PRNGKey(0), guidance=2.0)
+  again = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
+                                 jax.random.PRNGKey(0), guidance=2.0, form="html")
   np.testing.assert_array_equal(codes, again)
   filled = sampling.infill_html(sampler, ["a red <mask> above"], jax.random.PRNGKey(0), 6)
   assert filled[0].startswith("a red ") and filled[0].endswith(" above")
