@@ -104,7 +104,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.data = "synthetic"  # synthetic | cm3 | sft (see cm3jax/data/__init__.py)
+  c.data = "synthetic"  # synthetic | cm3 | text | sft (see cm3jax/data/__init__.py)
   # A cm3jax.train workdir whose newest parameters start a new run (fine-tuning, SFT): the
   # optimiser is fresh and the step 0; its model and vocabulary must be this run's. Empty cm3
   # input paths (VQGAN, codes, tokenizer) are then that run's. "": parameters are initialised.
@@ -130,12 +130,14 @@ def base_config() -> ml_collections.ConfigDict:
   # The cm3 source: the CM3 stream over image-code shards and a text tokenizer, which
   # cm3jax.train reads and cm3jax.pipeline makes where missing (its stages 1 to 3).
   c.cm3 = ml_collections.ConfigDict(dict(
-      dataset="",  # What the pipeline encodes: shapes, a TFDS name, tsv:PATH, coco:PATH.
+      # What the pipeline encodes: shapes, a TFDS name, tsv:PATH, coco:PATH; for data="text",
+      # shapes_text, files:PATTERN or tfds:NAME:FIELD (cm3jax/data/text_corpus.py).
+      dataset="",
       data_dir=os.path.expanduser("~/tensorflow_datasets"),
       splits="train,validation",  # Splits to encode.
       vqgan_config="configs/vqgan_shapes.py",  # What the pipeline trains (on shapes data only).
       vqgan_workdir="",  # "" = WORKDIR/vqgan
-      codes_dir="",  # "" = WORKDIR/codes
+      codes_dir="",  # Image-code shards, or text records for data="text"; "" = WORKDIR/codes
       tokenizer="",  # A sentencepiece model; "" = WORKDIR/tokenizer.model.
       text_vocab_size=56320,  # Pieces of a tokenizer trained by the pipeline (4 specials included).
       max_spans=16,  # Sentinels in the vocabulary, and the most spans masked in one document.

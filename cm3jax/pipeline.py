@@ -16,6 +16,12 @@
                        printed as its table; with retrieval, each split is scored with and
                        without cm3.retrieval.documents documents retrieved from the bank
 
+A text-only config (data="text", configs/text_tiny.py) has no images and three stages:
+  1. text records      every split of cm3.splits of the corpus cm3.dataset written into record
+                       shards in cm3.codes_dir (cm3jax.tokenize_text)
+  2. text tokenizer    as above, on the train records
+  3. token model       the config's CM3 model on `</s> text` documents
+
 An instruction-tuning config (data="sft", configs/tiny_sft.py) starts from the pretrained run
 in config.init_from, whose VQGAN, codes and tokenizer it uses, and has three stages:
   1. task data         sft.dataset written into task shards in sft.tasks_dir (tokenize_tasks)
@@ -30,7 +36,7 @@ and WORKDIR/tokenizer.model (and WORKDIR/retriever, memory and neighbours); a pa
 existing inputs (a VQGAN trained elsewhere, codes of your own data) is reused as it is. On
 several hosts (--multihost) a stage that is not sharded runs on process 0 while the others wait;
 sharded stages (the trainers and the memory bank) run on every host.
-The stages are the rows of `STAGES`, `RETRIEVAL_STAGES` and `SFT_STAGES`.
+The stages are the rows of `STAGES`, `RETRIEVAL_STAGES`, `TEXT_STAGES` and `SFT_STAGES`.
 """
 
 import collections
@@ -43,10 +49,11 @@ import jax
 from jax.experimental import multihost_utils
 
 from cm3jax import build_memory, build_neighbours, checkpoint, cli, data, eval_shapes, eval_tasks
-from cm3jax import faults, sample, sampling, tokenize_images, tokenize_tasks, train
+from cm3jax import faults, sample, sampling, tokenize_images, tokenize_tasks, tokenize_text
+from cm3jax import train
 from cm3jax import train_retriever, train_tokenizer, train_vqgan
 from cm3jax.config import ConfigError, check_ranges, load_config_file
-from cm3jax.data import code_shards, sft, task_shards
+from cm3jax.data import code_shards, sft, task_shards, text_corpus
 from cm3jax.retrieval import memory, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
@@ -111,17 +118,31 @@ def codes_status(job: Job) -> tuple[str, str]:
   return (PARTIAL if started else MISSING), f"{len(done)} of {len(job.splits)} splits in {where}"
 
 
-def make_codes(job: Job) -> str:
+def dataset_to_write(job: Job, what: str) -> str:
+  """cm3.dataset, once it and cm3.splits are fit to write records of (`what` is, in words)."""
   c = job.config.cm3
   if "train" not in job.splits or "validation" not in job.splits:
     raise ConfigError(f"cm3.splits={c.splits!r} must include train and validation")
   if not c.dataset:
-    raise ConfigError("cm3.dataset is empty: name the image-caption data to encode (shapes, a "
-                      "TFDS name, tsv:PATH or coco:PATH), or set cm3.codes_dir to code shards")
+    raise ConfigError(f"cm3.dataset is empty: name {what}, or set cm3.codes_dir to its records")
+  return c.dataset
+
+
+def make_codes(job: Job) -> str:
+  dataset = dataset_to_write(job, "the image-caption data to encode (shapes, a TFDS name, "
+                                  "tsv:PATH or coco:PATH)")
   tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
   return "; ".join(
       tokenize_images.describe(tokenize_images.tokenize_split(
-          tokenizer, c.dataset, split, job.paths.codes_dir, c.data_dir))
+          tokenizer, dataset, split, job.paths.codes_dir, job.config.cm3.data_dir))
+      for split in job.splits)
+
+
+def make_text_records(job: Job) -> str:
+  dataset = dataset_to_write(job, f"the text corpus to write ({text_corpus.FORMS})")
+  return "; ".join(
+      tokenize_text.describe(tokenize_text.tokenize_split(dataset, split, job.paths.codes_dir,
+                                                          job.config.cm3.data_dir))
       for split in job.splits)
 
 
@@ -138,7 +159,7 @@ def make_tokenizer(job: Job) -> str:
                                 job.config.cm3.text_vocab_size)
   train_tokenizer.write_atomically(job.paths.tokenizer, model)
   left_out = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
-  return (f"{train_tokenizer.num_pieces(model)} pieces from the train captions of "
+  return (f"{train_tokenizer.num_pieces(model)} pieces from the train captions (or texts) of "
           f"{job.paths.codes_dir} in {job.paths.tokenizer}; captions left out: {left_out}")
 
 
@@ -311,11 +332,13 @@ def make_sft_report(job: Job) -> str:
   return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES)
 
 
+TEXT_TOKENIZER = Stage("text tokenizer", False, tokenizer_status, make_tokenizer)
+TOKEN_MODEL = Stage("token model", True, model_status, make_model)
 STAGES = (
     Stage("image tokenizer", True, vqgan_status, make_vqgan),
     Stage("image codes", False, codes_status, make_codes),
-    Stage("text tokenizer", False, tokenizer_status, make_tokenizer),
-    Stage("token model", True, model_status, make_model),
+    TEXT_TOKENIZER,
+    TOKEN_MODEL,
     Stage("report", False, report_status, make_report),
 )
 RETRIEVAL_STAGES = (  # before the token model, when cm3.retrieval.documents > 0
@@ -325,9 +348,16 @@ RETRIEVAL_STAGES = (  # before the token model, when cm3.retrieval.documents > 0
 )
 
 
+TEXT_STAGES = (
+    Stage("text records", False, codes_status, make_text_records),
+    TEXT_TOKENIZER,
+    TOKEN_MODEL,
+)
+
+
 SFT_STAGES = (
     Stage("task data", False, tasks_status, make_tasks),
-    Stage("token model", True, model_status, make_model),
+    TOKEN_MODEL,
     Stage("report", False, sft_report_status, make_sft_report),
 )
 
@@ -335,6 +365,8 @@ SFT_STAGES = (
 def config_stages(config) -> tuple[Stage, ...]:
   if config.data == "sft":
     return SFT_STAGES
+  if config.data == "text":
+    return TEXT_STAGES
   if not config.cm3.retrieval.documents:
     return STAGES
   return STAGES[:3] + RETRIEVAL_STAGES + STAGES[3:]
@@ -367,9 +399,9 @@ def _define_flags():
 def main(FLAGS):
   config = FLAGS.config
   check_ranges(config)
-  if config.data not in ("cm3", "sft"):
-    raise ConfigError(f"the pipeline makes the inputs of data='cm3' and 'sft'; this config has "
-                      f"data={config.data!r}: train it with python -m cm3jax.train")
+  if config.data not in ("cm3", "text", "sft"):
+    raise ConfigError(f"the pipeline makes the inputs of data='cm3', 'text' and 'sft'; this "
+                      f"config has data={config.data!r}: train it with python -m cm3jax.train")
   if config.data == "sft":
     if not config.init_from:
       raise ConfigError("an sft config starts from a pretrained run: set --config.init_from")

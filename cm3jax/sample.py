@@ -25,11 +25,15 @@ An instruction-tuned run (configs/tiny_sft.py) does its tasks (cm3jax/instruct.p
   python -m cm3jax.sample --workdir=workdirs/tiny_sft --task=seg2image --image=map.png \
       --prompt="a small red circle on the left"
 
-A run trained on CM3's HTML documents (cm3.document_form="html") draws from an `alt` prompt and
-fills a page's <mask>:
+A run trained on CM3's HTML documents (cm3.document_form="html") draws from an `alt` prompt:
 
   python -m cm3jax.sample --workdir=W --task=html_image --prompt="a red circle" --out=img.png
-  python -m cm3jax.sample --workdir=W --task=html_infill --page='<p><mask></p><img alt="a car"'
+
+Any run continues a text or fills the one <mask> of a text or HTML page (CM3's infilling); a
+text-only run (data="text", configs/text_tiny.py) does these two tasks only:
+
+  python -m cm3jax.sample --workdir=W --task=continue --prompt="a small red circle above" --greedy
+  python -m cm3jax.sample --workdir=W --task=infill --page='<p><mask></p><img alt="a car"'
 
 edit uses instruct guidance (--s_img, --s_txt; 1 and 1: none), grounded, seg2image and
 html_image classifier-free guidance (--cfg); image2seg draws the segmentation map of --image, caption
@@ -131,7 +135,8 @@ class Watch:
 TASK_NEEDS = {"edit": ("image", "instruction"), "vqa": ("image", "question"),
               "grounded": ("prompt", "objects"), "seg2image": ("image", "prompt"),
               "image2seg": ("image",), "caption": ("image",),
-              "html_image": ("prompt",), "html_infill": ("page",)}
+              "html_image": ("prompt",), "infill": ("page",), "continue": ("prompt",)}
+TEXT_TASKS = ("infill", "continue")  # tasks without images: any run, a text-only one too
 
 
 def _define_flags():
@@ -164,7 +169,8 @@ def _define_flags():
   flags.DEFINE_string("instruction", None, "--task=edit: what to change.")
   flags.DEFINE_string("question", None, "--task=vqa: the question about --image.")
   flags.DEFINE_string("objects", None, "--task=grounded: NAME:X0 Y0 X1 Y1;... boxes in pixels.")
-  flags.DEFINE_string("page", None, "--task=html_infill: HTML with one <mask> to fill.")
+  flags.DEFINE_string("page", None, "--task=infill: a text or HTML page with one <mask> to fill.")
+  flags.DEFINE_integer("max_tokens", 64, "--task=continue and infill: the most tokens written.")
   flags.DEFINE_float("s_img", 1.5, "--task=edit: instruct guidance scale of the image.")
   flags.DEFINE_float("s_txt", 7.5, "--task=edit: instruct guidance scale of the instruction.")
 
@@ -201,11 +207,14 @@ def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[s
   missing = [f"--{f}" for f in TASK_NEEDS[FLAGS.task] if not getattr(FLAGS, f)]
   if missing:
     raise ConfigError(f"--task={FLAGS.task} needs {' and '.join(missing)}")
+  if FLAGS.task == "infill":
+    return sampling.infill_text(sampler, [FLAGS.page], key, FLAGS.max_tokens, cfg)
+  if FLAGS.task == "continue":
+    return [FLAGS.prompt + t for t in sampling.continue_text(
+        sampler, [FLAGS.prompt] * FLAGS.num_captions, key, FLAGS.max_tokens, cfg)]
   n, T = FLAGS.num_images, vqgan.cfg.tokens_per_image
   if FLAGS.image:
     codes = np.repeat(vqgan.encode(read_image(FLAGS.image, vqgan.cfg.resolution)[None]), n, 0)
-  if FLAGS.task == "html_infill":
-    return sampling.infill_html(sampler, [FLAGS.page], key)
   if FLAGS.task == "vqa":
     return instruct.vqa(sampler, codes[:1], [FLAGS.question], key)
   if FLAGS.task == "caption":
@@ -240,8 +249,14 @@ def main(FLAGS):
   cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
                                 FLAGS.cd_k, FLAGS.cd_alpha)
   sampler, config = sampling.load(FLAGS.workdir)
-  vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   key = jax.random.PRNGKey(FLAGS.seed)
+  if FLAGS.task in TEXT_TASKS:
+    print("\n".join(run_task(FLAGS, sampler, None, cfg, key)))
+    return
+  if not sampler.vocab.num_image_codes:
+    raise ConfigError(f"{FLAGS.workdir} is a text-only model (no image codes): sample it with "
+                      f"--task={' or --task='.join(TEXT_TASKS)}")
+  vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   if FLAGS.task:
     print("\n".join(run_task(FLAGS, sampler, vqgan, cfg, key)))
     return

@@ -407,9 +407,10 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
   return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
 
 
-def infill_html(sampler: Sampler, pages: Sequence[str], key: jax.Array, max_tokens: int = 32,
+def infill_text(sampler: Sampler, pages: Sequence[str], key: jax.Array, max_tokens: int = 32,
                 sampling: SamplingConfig = SamplingConfig(greedy=True)) -> list[str]:
-  """Each page with its `<mask>` replaced by the span the model writes (CM3's infilling)."""
+  """Each text or HTML page with its `<mask>` replaced by the span the model writes (CM3's
+  infilling)."""
   spans = complete_texts(sampler, [html.infill_prompt(sampler.vocab, p) for p in pages], key,
                          max_tokens, sampling)
   return [before + span + after

@@ -15,19 +15,15 @@ VQGAN's size.
 
 import collections
 import io
-import itertools
-import json
 import os
-import sys
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
-import tqdm
 from absl import flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, image_captions, tf_cpu
+from cm3jax.data import code_shards, image_captions
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
@@ -67,86 +63,22 @@ def prepare(examples: Iterable[tuple[bytes, bytes, bytes]], resolution: int,
 def write_split(tokenizer: ImageTokenizer, examples: Iterable[tuple[bytes, bytes, bytes]], out: str,
                 split: str, batch_size: int, shard_size: int, total: Optional[int] = None,
                 skipped: Optional[collections.Counter] = None, allow_empty: bool = False) -> dict:
-  """Encodes `examples` into shards of `shard_size` records, resuming after the whole shards
-  already in `out`; returns (and writes to OUT/SPLIT.json) the counts. `skipped` may already
-  hold the rows the source could not read. The settings that decide the shards' contents are
-  recorded in OUT/SPLIT.settings.json with the first shard, and a resume with other settings is
-  refused. A split with no usable example is an error unless `allow_empty`."""
-  if batch_size < 1 or shard_size < 1:
-    raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
-  tf = tf_cpu.tensorflow()
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
-  manifest = code_shards.manifest_path(out, split)
-  if os.path.exists(manifest):
-    with open(manifest) as f:
-      return json.load(f)
-  done_shards = 0
-  while os.path.exists(code_shards.shard_path(out, split, done_shards)):
-    done_shards += 1
+  """Encodes `examples` into shards of `shard_size` records (code_shards.write_split: resumed
+  after the whole shards already in `out`); returns the counts of OUT/SPLIT.json. `skipped` may
+  already hold the rows the source could not read."""
+  skipped = collections.Counter() if skipped is None else skipped
   settings = {"shard_size": shard_size, "vqgan_step": tokenizer.step,
               "tokens_per_image": tokenizer.cfg.tokens_per_image,
               "codebook_size": tokenizer.cfg.n_embed}
-  _check_settings(out, split, done_shards, settings)
-  skip = done_shards * shard_size
-  skipped = collections.Counter() if skipped is None else skipped
-  usable = prepare(examples, tokenizer.cfg.resolution, skipped)
-  bar = tqdm.tqdm(total=total, unit="img", desc=f"{split}", file=sys.stdout, dynamic_ncols=True,
-                  disable=not sys.stdout.isatty())
-  # Resume: the first `skip` usable examples are in the shards already.
-  if sum(1 for _ in itertools.islice(usable, skip)) < skip:
-    raise ConfigError(f"{out} holds {done_shards} shards of {split}, more than this dataset fills; "
-                      "use a new --out")
-  bar.update(skip + sum(skipped.values()))
-  written, shard = skip, done_shards
-  while True:
-    records = []
-    shard_items = itertools.islice(usable, shard_size)
-    while chunk := list(itertools.islice(shard_items, batch_size)):
-      keys, pixels, captions = zip(*chunk)
-      codes = tokenizer.encode(np.stack(pixels))
-      records.extend(code_shards.serialize(k, c, t) for k, c, t in zip(keys, codes, captions))
-      bar.update(len(chunk))
-    if not records:
-      break
-    path = code_shards.shard_path(out, split, shard)
-    with tf.io.TFRecordWriter(path + ".tmp") as writer:
-      for record in records:
-        writer.write(record)
-    os.replace(path + ".tmp", path)
-    written += len(records)
-    shard += 1
-  bar.close()
-  if not written and not allow_empty:
-    raise ConfigError(f"split {split} has no usable example (skipped: {dict(skipped) or 'none'}); "
-                      "nothing written (--allow_empty_splits writes an empty split)")
-  summary = {"split": split, "records": written, "shards": shard, **settings,
-             "skipped": dict(skipped)}
-  with open(manifest, "w") as f:
-    json.dump(summary, f, indent=1)
-  return summary
 
+  def records(chunk: list[tuple[bytes, np.ndarray, bytes]]) -> list[bytes]:
+    keys, pixels, captions = zip(*chunk)
+    codes = tokenizer.encode(np.stack(pixels))
+    return [code_shards.serialize(k, c, t) for k, c, t in zip(keys, codes, captions)]
 
-def _check_settings(out: str, split: str, done_shards: int, settings: dict):
-  """Records `settings` before the first shard; refuses to resume shards written with others."""
-  path = code_shards.settings_path(out, split)
-  if not done_shards:
-    with open(path, "w") as f:
-      json.dump(settings, f, indent=1)
-    return
-  try:
-    with open(path) as f:
-      recorded = json.load(f)
-  except (OSError, ValueError):
-    raise ConfigError(f"{out} holds {done_shards} shards of {split} but not the settings they "
-                      f"were written with ({os.path.basename(path)}); use a new --out") from None
-  differs = [f"{k}={recorded.get(k)} (this run: {v})" for k, v in settings.items()
-             if recorded.get(k) != v]
-  if differs:
-    raise ConfigError(f"the {done_shards} shards of {split} in {out} were written with "
-                      + ", ".join(differs) + "; resume with the same settings, or use a new --out")
+  return code_shards.write_split(prepare(examples, tokenizer.cfg.resolution, skipped), records,
+                                 out, split, settings, batch_size, total, skipped, allow_empty,
+                                 unit="img")
 
 
 def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str, data_dir: str = "",

@@ -62,16 +62,8 @@ def read_sentences(source: str, skipped: collections.Counter, data_dir: str = ""
 
 def _raw_sentences(source: str, data_dir: str) -> Iterator[bytes]:
   if source.startswith("tfds:"):
-    _, name, field = (source.split(":") + [""])[:3]
-    if not name or not field:
-      raise ConfigError(f"--input={source}: expected tfds:NAME:FIELD, e.g. tfds:shapes:caption")
-    import tensorflow_datasets as tfds
-    from cm3jax.data import image_captions
-    builder = image_captions.tfds_builder(name, data_dir)
-    if field not in builder.info.features:
-      raise ConfigError(f"{name} has no feature {field!r}; it has {list(builder.info.features)}")
-    ds = builder.as_dataset(split="train", shuffle_files=False)
-    yield from tfds.as_numpy(ds.map(lambda ex: ex[field]))
+    from cm3jax.data import text_corpus  # TensorFlow is imported by the tfds: inputs only.
+    yield from text_corpus.tfds_texts(source[len("tfds:"):], "train", data_dir)[0]
   elif os.path.isdir(source):
     from cm3jax.data import code_shards
     yield from code_shards.captions(code_shards.shard_paths(source, "train"))

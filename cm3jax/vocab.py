@@ -34,9 +34,10 @@ class Vocab:
   num_image_codes: int
 
   def __post_init__(self):
-    if self.num_sentinels < 1 or self.num_image_codes < 1:
-      raise ConfigError(f"a vocabulary needs sentinels and image codes; got {self.num_sentinels} "
-                        f"sentinels and {self.num_image_codes} image codes")
+    if self.num_sentinels < 1 or self.num_image_codes < 0:
+      raise ConfigError(f"a vocabulary needs sentinels and at least 0 image codes (0: text "
+                        f"only); got {self.num_sentinels} sentinels and {self.num_image_codes} "
+                        "image codes")
     sp = self.processor
     found = (sp.bos_id(), sp.pad_id(), sp.eos_id(), sp.unk_id())
     if found != (BOS, PAD, EOS, UNK):

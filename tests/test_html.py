@@ -75,5 +75,5 @@ def test_the_sampling_tasks(vocab, sampler):
   again = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
                                  jax.random.PRNGKey(0), guidance=2.0, form="html")
   np.testing.assert_array_equal(codes, again)
-  filled = sampling.infill_html(sampler, ["a red <mask> above"], jax.random.PRNGKey(0), 6)
+  filled = sampling.infill_text(sampler, ["a red <mask> above"], jax.random.PRNGKey(0), 6)
   assert filled[0].startswith("a red ") and filled[0].endswith(" above")

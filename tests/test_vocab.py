@@ -105,7 +105,7 @@ def test_cli_trains_on_text_files_and_counts_bad_lines(tmp_path):
     (["--input=/nonexistent/*.txt", "--vocab_size=300", "--out=x.model"],
      "--input=/nonexistent/*.txt matches no file"),
     (["--input=tfds:shapes", "--vocab_size=300", "--out=x.model"],
-     "--input=tfds:shapes: expected tfds:NAME:FIELD, e.g. tfds:shapes:caption"),
+     "tfds:shapes: expected tfds:NAME:FIELD, e.g. tfds:shapes:caption"),
     (["--input=x.txt"], "--input, --vocab_size and --out are required"),
 ])
 def test_cli_bad_input(args, message):

@@ -10,6 +10,8 @@ seen.
              index, offset). Its inputs (code shards and a text tokenizer) must exist: the
              pipeline makes them (python -m cm3jax.pipeline), or tokenize_images and
              train_tokenizer do, one command each.
+  text       text-only CM3: the same stream over text records (cm3jax.tokenize_text), each
+             document `</s> text`, with a vocabulary of no image codes; position as cm3's
   sft        the instruction-tuning stream over task shards (cm3jax/data/sft_stream.py);
              position = (round, index, offset). Its inputs are the task shards
              (cm3jax.tokenize_tasks) and the text tokenizer.
@@ -35,7 +37,7 @@ def batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> n
   return order[start:start + batch_size]
 
 
-SOURCES = ("synthetic", "cm3", "sft")
+SOURCES = ("synthetic", "cm3", "text", "sft")
 SPLITS = ("train", "validation")
 
 
@@ -162,12 +164,22 @@ def source(config, workdir: str) -> Source:
             f"with python -m cm3jax.tokenize_tasks --vqgan_workdir={paths.vqgan_workdir} "
             f"--out={tasks}, {MAKE_THEM}")
     return Source(config, _vocab(config, paths, tasks), tasks, workdir)
+  text = config.data == "text"
+  make = (f"python -m cm3jax.tokenize_text --out={paths.codes_dir} --dataset=DATASET" if text else
+          f"python -m cm3jax.tokenize_images --vqgan_workdir={paths.vqgan_workdir} "
+          f"--out={paths.codes_dir} --dataset=DATASET")
   for split in SPLITS:
     if not os.path.exists(code_shards.manifest_path(paths.codes_dir, split)):
-      raise ConfigError(
-          f"no complete {split} split of image codes in {paths.codes_dir} (cm3.codes_dir): make "
-          f"them with python -m cm3jax.tokenize_images --vqgan_workdir={paths.vqgan_workdir} "
-          f"--out={paths.codes_dir} --dataset=DATASET, {MAKE_THEM}")
+      raise ConfigError(f"no complete {split} split of {'text records' if text else 'image codes'}"
+                        f" in {paths.codes_dir} (cm3.codes_dir): make them with {make}, {MAKE_THEM}")
+  if code_shards.is_text(code_shards.read_manifest(paths.codes_dir, "train")) != text:
+    raise ConfigError(f"{paths.codes_dir} (cm3.codes_dir) holds "
+                      f"{'image codes' if text else 'text records with no image codes'}: "
+                      f"data='{'cm3' if text else 'text'}' trains on them, or make "
+                      f"{'text records' if text else 'image codes'} with {make}")
+  if text and config.cm3.retrieval.documents:
+    raise ConfigError("cm3.retrieval.documents > 0 retrieves images and captions: data='text' "
+                      "has none (set it to 0)")
   return Source(config, _vocab(config, paths, paths.codes_dir), paths.codes_dir, workdir)
 
 

@@ -1,11 +1,13 @@
 """The CM3 training stream as a tf.data pipeline on the host CPU (docs/design.md, "Objective" and
 "Data across hosts").
 
-  code shards (cm3jax.tokenize_images) -> this host's share of each epoch's records (the hosts
-     of a run partition every epoch; `epoch_records`), shuffled per epoch
-  -> documents `</s> caption <break> image` (the next document's `</s>` closes each one); with
-     cm3.retrieval, each record's document follows its retrieved documents, each in that form
-     (neighbours computed offline by cm3jax.build_neighbours)
+  code shards (cm3jax.tokenize_images; or text records, cm3jax.tokenize_text) -> this host's
+     share of each epoch's records (the hosts of a run partition every epoch; `epoch_records`),
+     shuffled per epoch
+  -> documents `</s> caption <break> image`, or `</s> text` of a text record (the next
+     document's `</s>` closes each one); with cm3.retrieval, each record's document follows its
+     retrieved documents, each in that form (neighbours computed offline by
+     cm3jax.build_neighbours)
   -> CM3 causal masking in tf ops, seeded per (run, split, host, epoch, record)
   -> packed end to end into windows of seq_len + 1 tokens (no token dropped or repeated)
   -> batches: inputs, targets, weights (0 for sentinel targets), each row's data position, and
@@ -141,9 +143,9 @@ def masked_with_sources(tokens, seed, vocab: Vocab, span_rate: float = 1.0,
 def document_fn(vocab: Vocab, max_length: int, form: str = "break"):
   """(caption bytes, codes[, retrieved captions [k], their codes [k, T], which are real [k]]) ->
   the int32 document, `</s> text <break> image` (or, in the "html" form, CM3's
-  `</s> <img alt="text" src="` image `">`, data/html.py) per retrieved document and then the
-  record's own, or [] for one to skip (counted in SKIPPED). A retrieved document that cannot be
-  made is left out."""
+  `</s> <img alt="text" src="` image `">`, data/html.py; a text record, with no codes, is
+  `</s> text` in both) per retrieved document and then the record's own, or [] for one to skip
+  (counted in SKIPPED). A retrieved document that cannot be made is left out."""
   def part(caption: bytes, codes: np.ndarray) -> tuple[Optional[np.ndarray], str]:
     try:
       text = caption.decode("utf-8")
@@ -151,6 +153,8 @@ def document_fn(vocab: Vocab, max_length: int, form: str = "break"):
       return None, "caption is not UTF-8"
     if not text.strip():
       return None, "empty caption"
+    if not codes.size:  # a text record (cm3jax.tokenize_text)
+      return np.concatenate([[EOS], vocab.encode_text(text)]).astype(np.int32), ""
     if codes.min() < 0 or codes.max() >= vocab.num_image_codes:
       return None, "image code out of range"
     if form == "html":

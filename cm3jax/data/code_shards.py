@@ -1,15 +1,23 @@
-"""The format of image-code shards: what `cm3jax.tokenize_images` writes and the CM3 pipeline reads.
+"""The format of image-code shards: what `cm3jax.tokenize_images` and `cm3jax.tokenize_text`
+write and the CM3 stream reads.
 
 `DIR/SPLIT-NNNNN.tfrecord` files of tf.train.Examples (`codes`: int64 [tokens_per_image],
 `caption`: bytes, `key`: bytes) and, once a split is complete, `DIR/SPLIT.json` with its counts
-(records, shards, tokens_per_image, codebook_size, skipped rows by reason).
+(records, shards, tokens_per_image, codebook_size, skipped rows by reason). Text records
+(tokenize_text) are records with no codes: tokens_per_image and codebook_size are 0 and the
+caption is the text.
 """
 
+import collections
 import glob
+import itertools
 import json
 import os
+import sys
+from typing import Callable, Iterator, Optional
 
 import numpy as np
+import tqdm
 
 from cm3jax.config import ConfigError
 from cm3jax.data import tf_cpu
@@ -45,6 +53,11 @@ def check_codebook(directory: str, manifest: dict, num_image_codes: int):
   if manifest["codebook_size"] != num_image_codes:
     raise ConfigError(f"{directory} holds codes of a {manifest['codebook_size']}-code VQGAN but "
                       f"the vocabulary has {num_image_codes} image codes")
+
+
+def is_text(manifest: dict) -> bool:
+  """Whether a split's records are text with no image codes (cm3jax.tokenize_text)."""
+  return manifest["tokens_per_image"] == 0
 
 
 def shard_paths(directory: str, split: str) -> list[str]:
@@ -100,3 +113,87 @@ def read_split(directory: str, split: str, limit: int) -> tuple[np.ndarray, list
   if not captions:
     raise ConfigError(f"{directory} has no {split} records")
   return np.stack(codes), captions
+
+
+def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], out: str,
+                split: str, settings: dict, batch_size: int, total: Optional[int] = None,
+                skipped: Optional[collections.Counter] = None, allow_empty: bool = False,
+                unit: str = "record") -> dict:
+  """Writes the serialised records that `records_of` makes of each `batch_size` chunk of
+  `examples` into shards of settings["shard_size"] records, and then OUT/SPLIT.json; returns its
+  counts (a complete split's as they are). Each shard is written under a temporary name and
+  renamed when whole, and a run resumes after the whole shards in `out`, skipping (without making
+  records of) the examples they hold. `settings` (what decides the shards' contents, with
+  tokens_per_image and codebook_size) is recorded in OUT/SPLIT.settings.json with the first
+  shard, and a resume with other settings is refused. `skipped` counts what the source and
+  `examples` left out, by reason. A split with no record is an error unless `allow_empty`."""
+  shard_size = settings["shard_size"]
+  if batch_size < 1 or shard_size < 1:
+    raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
+  tf = tf_cpu.tensorflow()
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
+  manifest = manifest_path(out, split)
+  if os.path.exists(manifest):
+    with open(manifest) as f:
+      return json.load(f)
+  done_shards = 0
+  while os.path.exists(shard_path(out, split, done_shards)):
+    done_shards += 1
+  _check_settings(out, split, done_shards, settings)
+  skip = done_shards * shard_size
+  skipped = collections.Counter() if skipped is None else skipped
+  examples = iter(examples)
+  bar = tqdm.tqdm(total=total, unit=unit, desc=f"{split}", file=sys.stdout, dynamic_ncols=True,
+                  disable=not sys.stdout.isatty())
+  if sum(1 for _ in itertools.islice(examples, skip)) < skip:
+    raise ConfigError(f"{out} holds {done_shards} shards of {split}, more than this dataset fills; "
+                      "use a new --out")
+  bar.update(skip + sum(skipped.values()))
+  written, shard = skip, done_shards
+  while True:
+    records = []
+    shard_items = itertools.islice(examples, shard_size)
+    while chunk := list(itertools.islice(shard_items, batch_size)):
+      records.extend(records_of(chunk))
+      bar.update(len(chunk))
+    if not records:
+      break
+    path = shard_path(out, split, shard)
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+      for record in records:
+        writer.write(record)
+    os.replace(path + ".tmp", path)
+    written += len(records)
+    shard += 1
+  bar.close()
+  if not written and not allow_empty:
+    raise ConfigError(f"split {split} has no usable example (skipped: {dict(skipped) or 'none'}); "
+                      "nothing written (--allow_empty_splits writes an empty split)")
+  summary = {"split": split, "records": written, "shards": shard, **settings,
+             "skipped": dict(skipped)}
+  with open(manifest, "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def _check_settings(out: str, split: str, done_shards: int, settings: dict):
+  """Records `settings` before the first shard; refuses to resume shards written with others."""
+  path = settings_path(out, split)
+  if not done_shards:
+    with open(path, "w") as f:
+      json.dump(settings, f, indent=1)
+    return
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError):
+    raise ConfigError(f"{out} holds {done_shards} shards of {split} but not the settings they "
+                      f"were written with ({os.path.basename(path)}); use a new --out") from None
+  differs = [f"{k}={recorded.get(k)} (this run: {v})" for k, v in settings.items()
+             if recorded.get(k) != v]
+  if differs:
+    raise ConfigError(f"the {done_shards} shards of {split} in {out} were written with "
+                      + ", ".join(differs) + "; resume with the same settings, or use a new --out")
