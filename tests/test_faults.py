@@ -124,7 +124,9 @@ def test_kill_9_during_an_asynchronous_save_loses_at_most_the_steps_since_the_la
            "--config.async_checkpointing=true"]
   whole = run_module("cm3jax.train", *TRAIN, *steps, f"--workdir={tmp_path}/a")
   process = start(*steps, f"--workdir={tmp_path}/b")
-  read_until(process, "train step 10:")  # the step-10 save starts right after this line
+  # A save waits for the one before it, so once step 11 is logged the step-5 save is committed
+  # and the step-10 one has started (it may also be finished): the kill can lose steps 6-10 at most.
+  read_until(process, "train step 11:")
   process.kill()
   process.wait(timeout=60)
   resumed = run_module("cm3jax.train", *TRAIN, *steps, f"--workdir={tmp_path}/b")
