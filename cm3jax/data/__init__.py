@@ -163,7 +163,8 @@ def source(config, workdir: str) -> Source:
             f"no complete {split} split of task records in {tasks} (sft.tasks_dir): make them "
             f"with python -m cm3jax.tokenize_tasks --vqgan_workdir={paths.vqgan_workdir} "
             f"--out={tasks}, {MAKE_THEM}")
-    return Source(config, _vocab(config, paths, tasks), tasks, workdir)
+    return Source(config, _vocab(config, paths, code_shards.read_manifest(tasks, "train")), tasks,
+                  workdir)
   text = config.data == "text"
   make = (f"python -m cm3jax.tokenize_text --out={paths.codes_dir} --dataset=DATASET" if text else
           f"python -m cm3jax.tokenize_images --vqgan_workdir={paths.vqgan_workdir} "
@@ -172,7 +173,8 @@ def source(config, workdir: str) -> Source:
     if not os.path.exists(code_shards.manifest_path(paths.codes_dir, split)):
       raise ConfigError(f"no complete {split} split of {'text records' if text else 'image codes'}"
                         f" in {paths.codes_dir} (cm3.codes_dir): make them with {make}, {MAKE_THEM}")
-  if code_shards.is_text(code_shards.read_manifest(paths.codes_dir, "train")) != text:
+  manifest = code_shards.read_manifest(paths.codes_dir, "train")
+  if code_shards.is_text(manifest) != text:
     raise ConfigError(f"{paths.codes_dir} (cm3.codes_dir) holds "
                       f"{'image codes' if text else 'text records with no image codes'}: "
                       f"data='{'cm3' if text else 'text'}' trains on them, or make "
@@ -180,15 +182,15 @@ def source(config, workdir: str) -> Source:
   if text and config.cm3.retrieval.documents:
     raise ConfigError("cm3.retrieval.documents > 0 retrieves images and captions: data='text' "
                       "has none (set it to 0)")
-  return Source(config, _vocab(config, paths, paths.codes_dir), paths.codes_dir, workdir)
+  return Source(config, _vocab(config, paths, manifest), paths.codes_dir, workdir)
 
 
-def _vocab(config, paths: InputPaths, shards: str) -> Vocab:
-  """The vocabulary of the text tokenizer and the VQGAN that wrote `shards`."""
+def _vocab(config, paths: InputPaths, train_manifest: dict) -> Vocab:
+  """The vocabulary of the text tokenizer and of the codebook `train_manifest` records."""
   if not os.path.exists(paths.tokenizer):
     raise ConfigError(
         f"no text tokenizer {paths.tokenizer} (cm3.tokenizer): train one with python -m "
         f"cm3jax.train_tokenizer --input={paths.codes_dir} --vocab_size="
         f"{config.cm3.text_vocab_size} --out={paths.tokenizer}, {MAKE_THEM}")
-  manifest = code_shards.read_manifest(shards, "train")
-  return Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans, manifest["codebook_size"])
+  return Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans,
+                             train_manifest["codebook_size"])
