@@ -1,10 +1,17 @@
-"""Tests run on the CPU with 8 host devices, so that meshes such as 2x2x2 can be built."""
+"""Tests run on the CPU with 8 host devices, so that meshes such as 2x2x2 can be built, and share
+one persistent compilation cache (.pytest_cache/jax)."""
 
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"  # Never probe for TPUs, even where libtpu is installed.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
+# One compilation cache for both xdist workers and every command a test runs: the tests compile
+# the same tiny programs again and again, and on a 2-core CPU compiling is most of their time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(2**30))  # bytes; least recent go
 
 import importlib.util  # noqa: E402
 
