@@ -1,0 +1,62 @@
+"""The retrieval-augmented job of configs/tiny_ra.py from the command line: the pipeline's three
+retrieval stages (retriever, memory bank, neighbours) before the token model and the report of
+both conditions, then sample and eval_shapes with retrieval and their one-line refusals."""
+
+import json
+import os
+
+import pytest
+
+from cm3jax.retrieval import neighbours
+from tests.helpers import assert_one_line_error, run_module
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbours(
+    shapes_data_dir, vqgan_workdir, retriever_workdir, tmp_path):
+  workdir = tmp_path / "ra"
+  result = run_module(
+      "cm3jax.pipeline", "--config=configs/tiny_ra.py", f"--workdir={workdir}",
+      "--config.cm3.dataset=shapes/small", f"--config.cm3.data_dir={shapes_data_dir}",
+      f"--config.cm3.vqgan_workdir={vqgan_workdir}",
+      f"--config.cm3.retrieval.retriever={retriever_workdir}", "--config.num_train_steps=10",
+      "--config.log_every=5", "--config.eval_every=10", "--config.checkpoint_every=10",
+      "--config.eval_steps=1", "--config.report_examples=4", "--config.global_batch_size=8",
+      "--config.cm3.splits=train,validation")
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  for line in (f"[4/8] retriever: reusing (the retriever {retriever_workdir})",
+               "[5/8] memory bank: making", "512 document vectors of the train split",
+               "[6/8] neighbours: making", "4 per record of train, validation",
+               "[7/8] token model: making", "train step 10: loss", "[8/8] report: done"):
+    assert line in out, out
+  keys, ids, _ = neighbours.read(str(workdir / "neighbours"), "train")
+  assert len(keys) == 512 and ids.shape == (512, 4)
+  report = json.load(open(workdir / "eval_shapes.json"))
+  assert list(report) == ["validation", "validation, 3 retrieved"]
+  assert [report[c]["retrieved"] for c in report] == [0, 3]
+  dropped = "text_to_image, top-p 0.9, CFG 3, no documents in the unconditional stream"
+  reranked = "text_to_image, top-p 0.9, best of 8 by the retriever's score"
+  assert dropped not in report["validation"] and dropped in report["validation, 3 retrieved"]
+  assert reranked in report["validation"] and reranked in report["validation, 3 retrieved"]
+  table = (workdir / "eval_shapes.md").read_text()
+  assert ("| task, sampling | validation (seen compositions) | validation (seen compositions, "
+          "3 retrieved) |") in table
+  assert f"| {dropped} | - | " in table
+
+  result = run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a red circle on the left",
+                      f"--memory={workdir}/memory", "--retrieve=2", "--rerank=3", "--num_images=2",
+                      f"--out={tmp_path}/grid.png", "--nouncond_retrieved")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("retrieved: '") == 2, result.stdout
+  assert "wrote 2 images, each the best of 3 by the retriever, of" in result.stdout
+  assert os.path.getsize(tmp_path / "grid.png") > 0
+  for flags, message in ((["--retrieve=2"], "--retrieve needs --memory and --prompt"),
+                         (["--rerank=2"], "--rerank needs --prompt and a retriever"),
+                         (["--rerank=0"], "and --rerank must be at least 1")):
+    assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a",
+                                     *flags), "cm3jax.sample", message)
+  assert_one_line_error(run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--retrieve=2",
+                                   f"--memory={tmp_path}/none", "--splits=validation"),
+                        "cm3jax.eval_shapes", "memory bank")
