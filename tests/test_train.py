@@ -162,9 +162,11 @@ def test_tiny_model_overfits_a_fixed_batch():
                                                "optimizer.end_lr_ratio": 1.0})
   fixed = next(data.synthetic.batches(config, "train", 0, (0, 0), slice(None)))
   state, history = _run_steps(config, iter(lambda: fixed, None), 150, jax.devices()[:1])
+  # XLA's CPU code differs by processor, so the trajectory is exact per CPU kind only: assert the
+  # overfitting with a margin (an AMD EPYC reaches accuracy 1.0, an Intel Xeon 0.992).
   assert history[0]["loss"] > 4.5  # ln(128) = 4.85 at the start
-  assert history[-1]["loss"] < 0.05
-  assert history[-1]["accuracy"] == 1.0
+  assert history[-1]["loss"] < 0.1
+  assert history[-1]["accuracy"] >= 0.97
 
 
 def test_train_logs_checkpoints_and_falls(tmp_path):
