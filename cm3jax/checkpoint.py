@@ -2,9 +2,9 @@
 vocabulary and every host's data position) saved beside each one."""
 
 import gc
+import itertools
 import json
 import os
-import shutil
 import sys
 import tempfile
 from typing import Any, Optional
@@ -12,11 +12,14 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
 
 from cm3jax.config import ConfigError
 from cm3jax.vocab import Vocab
 
 ITEMS = ("state", "config", "vocab", "data")
+DAMAGED = "damaged_checkpoints"  # WORKDIR/DAMAGED: checkpoints that did not restore, set aside
 
 
 class Checkpoints:
@@ -35,6 +38,7 @@ class Checkpoints:
     self.config_json = json.loads(config.to_json())
     self.architecture = architecture
     self.vocab = vocab
+    self.new_run_over_damaged = config.new_run_over_damaged
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, enable_async_checkpointing=config.async_checkpointing,
         create=True)
@@ -52,30 +56,37 @@ class Checkpoints:
       items["data"] = ocp.args.JsonSave({"positions": data_positions})
     self.manager.save(step, force=True, args=ocp.args.Composite(**items))
 
-  def restore(self, abstract_state) -> Optional[tuple[Any, Optional[list]]]:
+  def restore(self, abstract_state,
+              other_layouts: tuple = ()) -> Optional[tuple[Any, Optional[list]]]:
     """The newest checkpoint that restores whole: the train state, placed as `abstract_state`'s
     shardings say, and the saved data positions (None if it was saved without them); None if
     there is no checkpoint. A damaged one (an item or file missing, a file that does not read)
     is moved to WORKDIR/damaged_checkpoints/STEP, said in one line, and the one before it is
-    tried; a checkpoint of another model or vocabulary is refused, not passed over."""
+    tried; a checkpoint of another model, vocabulary or train state is refused, not passed over.
+    `other_layouts`: (abstract state, function to this run's state) for each other layout of
+    the train state that this run takes over (train.py: the optimiser state of the other
+    skip_nonfinite_steps setting). With damaged checkpoints set aside and no whole one, a new
+    run starts only with config.new_run_over_damaged."""
     steps = sorted(self.manager.all_steps(), reverse=True)
     for step in steps:
       try:
-        return self._restore(step, abstract_state)
+        return self._restore(step, abstract_state, other_layouts)
       except DamagedCheckpoint as e:
-        aside = os.path.join(os.path.dirname(self.directory), "damaged_checkpoints", str(step))
         if jax.process_index() == 0:
-          os.makedirs(os.path.dirname(aside), exist_ok=True)
-          shutil.move(os.path.join(self.directory, str(step)), aside)
+          aside = _set_aside(self.directory, step)
           print(f"checkpoint step {step} is damaged ({e}): moved to {aside}; trying the one "
                 "before it", flush=True)
         self.manager.reload()
-    if steps:
-      raise ConfigError(f"no checkpoint in {self.directory} restores whole (each damaged one is in "
-                        f"{os.path.dirname(self.directory)}/damaged_checkpoints)")
+    damaged = os.path.join(os.path.dirname(self.directory), DAMAGED)
+    set_aside = sorted(os.listdir(damaged)) if os.path.isdir(damaged) else []
+    if (steps or set_aside) and not self.new_run_over_damaged:
+      raise ConfigError(f"no checkpoint in {self.directory} restores whole and {damaged} holds "
+                        f"{', '.join(set_aside)}: repair one and move it back into "
+                        f"{self.directory}, or start a new run over them with "
+                        "--config.new_run_over_damaged=true")
     return None
 
-  def _restore(self, step: int, abstract_state):
+  def _restore(self, step: int, abstract_state, other_layouts: tuple):
     items = saved_items(self.directory, step)
     if "config" not in items or "state" not in items:
       raise DamagedCheckpoint("its config or state item is missing")
@@ -88,21 +99,25 @@ class Checkpoints:
       raise DamagedCheckpoint(_first_line(e)) from None
     self._check_compatible(saved["config"], step)
     self._check_vocab(saved.get("vocab"), step)
-    if not os.path.exists(os.path.join(self.directory, str(step), "state", "_METADATA")):
-      raise DamagedCheckpoint("state/_METADATA is missing")
+    saved_arrays = _saved_arrays(os.path.join(self.directory, str(step), "state"))
+    layouts = ((abstract_state, None),) + tuple(other_layouts)
+    target, convert = next(((t, c) for t, c in layouts if _array_shapes(t) == saved_arrays),
+                           (None, None))
+    if target is None:
+      raise ConfigError(f"checkpoint {self.directory} (step {step}) holds another train state "
+                        "than this run's (optimizer settings?): "
+                        + _describe_difference(saved_arrays, _array_shapes(abstract_state)))
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state)))
-    except (ValueError, KeyError, TypeError) as e:
-      if "pytree structure" not in str(e) and "shape" not in str(e):
-        raise DamagedCheckpoint(_first_line(e)) from None
-      raise ConfigError(f"checkpoint {self.directory} (step {step}) does not match this run's "
-                        f"train state (optimizer settings?): {_first_line(e)}") from None
-    except Exception as e:
+          state=ocp.args.StandardRestore(target)))
+    except (MemoryError, jax.errors.JaxRuntimeError):
+      raise  # out of memory or a device fault: says nothing against the checkpoint
+    except Exception as e:  # the layout matches, so what does not read is damage
       _drop_failed_reads()
       raise DamagedCheckpoint(_first_line(e)) from None
+    state = restored["state"] if convert is None else convert(restored["state"])
     data = saved.get("data")
-    return restored["state"], (data["positions"] if data else None)
+    return state, (data["positions"] if data else None)
 
   def _check_vocab(self, saved: Optional[dict], step: int):
     if self.vocab is None or saved is None:
@@ -157,6 +172,64 @@ def _drop_failed_reads():
   hook.drops_failed_reads = True
   sys.unraisablehook = hook
   gc.collect()
+
+
+def _set_aside(checkpoints_dir: str, step: int) -> str:
+  """Moves checkpoint `step` to WORKDIR/damaged_checkpoints/STEP, or STEP.2, STEP.3, ... when
+  damaged copies of that step are there already; returns where it went."""
+  parent = os.path.join(os.path.dirname(checkpoints_dir), DAMAGED)
+  os.makedirs(parent, exist_ok=True)
+  for copy in itertools.count(1):
+    aside = os.path.join(parent, str(step) if copy == 1 else f"{step}.{copy}")
+    if not os.path.lexists(aside):
+      os.rename(os.path.join(checkpoints_dir, str(step)), aside)
+      return aside
+
+
+def _array_shapes(tree) -> dict[str, tuple]:
+  """{dotted key path: shape} of each array of a (train state) tree, named as orbax names them."""
+  return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(x.shape)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _saved_arrays(state_dir: str) -> dict[str, tuple]:
+  """{name: shape} of each array of the train state saved in `state_dir`, from its metadata; a
+  DamagedCheckpoint if that does not read or an array it lists is not in the OCDBT database.
+  The database is listed first: where orbax reads a missing array, its pending reads print
+  tracebacks after the error."""
+  if not os.path.exists(os.path.join(state_dir, "_METADATA")):
+    raise DamagedCheckpoint("state/_METADATA is missing")
+  try:
+    keys = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + "/"}}
+                           ).result().list().result()
+  except Exception as e:  # tensorstore raises many types for unreadable files
+    raise DamagedCheckpoint(_first_line(e)) from None
+  if not keys:
+    raise DamagedCheckpoint("its state database holds no array (state/manifest.ocdbt missing?)")
+  try:
+    tree = ocp.StandardCheckpointHandler().metadata(epath.Path(state_dir)).tree
+  except Exception as e:  # orbax and tensorstore raise many types for unreadable files
+    raise DamagedCheckpoint(_first_line(e)) from None
+  arrays = {a.name: tuple(a.shape) for a in jax.tree.leaves(tree)}
+  missing = sorted(set(arrays) - {k.decode().split("/")[0] for k in keys})
+  if missing:
+    raise DamagedCheckpoint(f"{len(missing)} of its {len(arrays)} arrays are not in its state "
+                            f"database ({missing[0]}, ...)")
+  return arrays
+
+
+def _describe_difference(saved: dict[str, tuple], ours: dict[str, tuple]) -> str:
+  def some(names):
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+  parts = []
+  if only_saved := sorted(set(saved) - set(ours)):
+    parts.append(f"only the checkpoint has {some(only_saved)}")
+  if only_ours := sorted(set(ours) - set(saved)):
+    parts.append(f"only this run has {some(only_ours)}")
+  if reshaped := sorted(k for k in set(saved) & set(ours) if saved[k] != ours[k]):
+    parts.append("other shapes: " + some([f"{k} {saved[k]} (this run: {ours[k]})"
+                                          for k in reshaped]))
+  return "; ".join(parts)
 
 
 def _first_line(e: Exception) -> str:

@@ -123,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3  # The newest checkpoints kept; at least 1.
   c.async_checkpointing = True
+  # True: start a new run in a workdir whose checkpoints were all set aside as damaged
+  # (WORKDIR/damaged_checkpoints); without it such a start is refused.
+  c.new_run_over_damaged = False
   # Non-finite loss or gradient norm: 0 stops the run at that step (no checkpoint of it is
   # written); N > 0 skips the update of up to N such steps, counted in the log, then stops.
   c.skip_nonfinite_steps = 0

@@ -3,6 +3,7 @@ with skip_nonfinite_steps, is skipped a bounded number of times), SIGTERM asks f
 and a clean exit, and one workdir is trained by one process at a time."""
 
 import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -113,40 +114,59 @@ def read_owner(path: str):
 
 @contextlib.contextmanager
 def workdir_lock(workdir: str, command: str):
-  """Holds WORKDIR/.cm3jax.lock (host, pid and command, created atomically) while the body runs;
-  a second process refuses with one line naming the first. A lock whose process is gone (same
-  host) is stale and taken over. The process that holds it may enter again (the pipeline runs
-  the trainers). On several hosts process 0 holds it for all."""
+  """Holds WORKDIR/.cm3jax.lock (host, pid and command) while the body runs; a second process
+  refuses with one line naming the first, and a lock whose process is gone is taken over (see
+  `take_lock`). The process that holds it may enter again (the pipeline runs the trainers). On
+  several hosts process 0 holds it for all."""
   if jax.process_index() != 0:
     yield
     return
   path = os.path.join(workdir, LOCK_NAME)
   me = this_process(command)
-  while True:
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      break
-    except FileExistsError:
-      holder = read_owner(path)
-      if holder is None:
-        continue
-      if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
-        yield  # already ours
-        return
-      empty_and_old = holder == {} and time.time() - os.path.getmtime(path) > LOCK_GRACE_S
-      if empty_and_old or (holder and gone(holder)):
-        print(f"{command}: removed the stale lock {path} ({holder or 'empty'})", flush=True)
-        os.remove(path)
-        continue
-      if holder == {}:
-        raise ConfigError(f"workdir {workdir} is being locked by another process ({path})")
-      raise ConfigError(f"workdir {workdir} is in use by {holder['command']} (pid "
-                        f"{holder['pid']} on {holder['host']}); wait for it or stop it, and if "
-                        f"that process is gone, delete {path}")
-  with os.fdopen(fd, "w") as f:
-    json.dump(me, f)
+  if not take_lock(path, me):
+    yield  # already ours
+    return
   try:
     yield
   finally:
     if read_owner(path) == me:
       os.remove(path)
+
+
+def take_lock(path: str, me: dict) -> bool:
+  """Creates the lock file `path` naming `me` (a `this_process` record), or takes over a stale
+  one (its process gone, on this host; or left empty for LOCK_GRACE_S); False if `me` holds it
+  already; a ConfigError naming the holder if another process does. Processes decide under an
+  flock on the lock's folder, so that of several taking over one stale lock exactly one wins;
+  the kernel drops the flock when a process dies, so it is never stale itself, and the folder
+  gains no file of its own."""
+  guard = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+  try:
+    fcntl.flock(guard, fcntl.LOCK_EX)
+    while True:
+      try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        break
+      except FileExistsError:
+        holder = read_owner(path)
+        if holder is None:
+          continue
+        if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+          return False
+        empty_and_old = holder == {} and time.time() - os.path.getmtime(path) > LOCK_GRACE_S
+        if empty_and_old or (holder and gone(holder)):
+          print(f"{me['command']}: removed the stale lock {path} ({holder or 'empty'})",
+                flush=True)
+          os.remove(path)
+          continue
+        workdir = os.path.dirname(path)
+        if holder == {}:
+          raise ConfigError(f"workdir {workdir} is being locked by another process ({path})")
+        raise ConfigError(f"workdir {workdir} is in use by {holder['command']} (pid "
+                          f"{holder['pid']} on {holder['host']}); wait for it or stop it, and if "
+                          f"that process is gone, delete {path}")
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+  finally:
+    os.close(guard)
+  return True

@@ -110,7 +110,7 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     source.vocab.check_fits(s.model_cfg.vocab_size)
   ckpts = checkpoints(workdir, config, source.vocab)
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
-    restored = ckpts.restore(s.abstract_state)
+    restored = ckpts.restore(s.abstract_state, s.other_layouts)
     if restored is None:
       state, position = s.init_state(jax.random.PRNGKey(config.seed)), None
       if config.init_from:

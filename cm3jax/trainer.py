@@ -37,6 +37,9 @@ class Setup:
   train_step: Callable  # (state, batch) -> (state, metrics); the state is donated.
   gradients: Callable  # (params, batch) -> (gradients of the mean loss, loss sums).
   eval_step: Callable  # (params, batch) -> loss sums.
+  # The train state as a run with the other skip_nonfinite_steps setting saves it, and the
+  # function that makes this run's state of it (checkpoint.Checkpoints.restore).
+  other_layouts: tuple[tuple[TrainState, Callable], ...]
 
 
 def setup(config, devices=None) -> Setup:
@@ -122,7 +125,31 @@ def setup(config, devices=None) -> Setup:
                         out_shardings=(state_sharding.params, replicated)),
       eval_step=jax.jit(eval_step, in_shardings=(state_sharding.params, batch_sharding),
                         out_shardings=replicated),
+      other_layouts=(_skip_switched(abstract_state, bool(config.skip_nonfinite_steps)),),
   )
+
+
+def _skip_switched(abstract_state: TrainState, skipping: bool) -> tuple[TrainState, Callable]:
+  """The layout of a run with skip_nonfinite_steps switched the other way (its optimiser state
+  with or without optax.apply_if_finite's counters), and the function that makes this run's
+  state of such a state: a run resumes after switching it, as the NonFinite error advises.
+  Switched on, the counters start at 0."""
+  if skipping:
+    counters = abstract_state.opt_state
+
+    def wrap(state):
+      start = {"notfinite_count": 0, "last_finite": True, "total_notfinite": 0}
+      return state.replace(opt_state=counters._replace(inner_state=state.opt_state, **{
+          name: jax.device_put(np.array(value, getattr(counters, name).dtype),
+                               getattr(counters, name).sharding)
+          for name, value in start.items()}))
+    return abstract_state.replace(opt_state=counters.inner_state), wrap
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=abstract_state.step.sharding)
+  wrapped = optax.ApplyIfFiniteState(
+      notfinite_count=scalar(jnp.int32), last_finite=scalar(jnp.bool_),
+      total_notfinite=scalar(jnp.int32), inner_state=abstract_state.opt_state)
+  return (abstract_state.replace(opt_state=wrapped),
+          lambda state: state.replace(opt_state=state.opt_state.inner_state))
 
 
 def _check_run(config, model_cfg, mesh):

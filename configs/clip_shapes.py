@@ -39,5 +39,8 @@ def get_config():
   c.checkpoint_every = 500
   c.keep_checkpoints = 2
   c.async_checkpointing = True
+  # True: start a new run in a workdir whose checkpoints were all set aside as damaged
+  # (WORKDIR/damaged_checkpoints); without it such a start is refused.
+  c.new_run_over_damaged = False
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   return c
