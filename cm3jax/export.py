@@ -20,8 +20,9 @@ normalised embeddings) with one line naming the switch.
 The import reads an OPT checkpoint (config.json and model.safetensors or pytorch_model.bin):
 cm3jax's own exports, and every transformers OPT (biases, LayerNorm affines, post-LayerNorm
 OPT-350m with its project_in / project_out, tied embeddings), and writes a step-0 cm3jax
-checkpoint of --config with the model section taken from the OPT config, ready to train and
-sample. Tensors are read one at a time from the mapped file and placed on the devices leaf by
+checkpoint of --config with the model section taken from the OPT config and seq_len at most its
+positions, ready to train and sample; --config.FIELD=VALUE overrides what the checkpoint does
+not fix. Tensors are read one at a time from the mapped file and placed on the devices leaf by
 leaf.
 
 The fairseq import reads CM3's released files (cm3jax/fairseq_io.py): the architecture from the
@@ -42,11 +43,12 @@ import jax
 import ml_dtypes
 import numpy as np
 from absl import flags
+from ml_collections import config_flags
 
 from cm3jax import (checkpoint, cli, data, fairseq_io, faults, sampling, sharding, torch_layout,
                     train, trainer)
 from cm3jax import model as model_lib
-from cm3jax.config import ConfigError, load_config_file
+from cm3jax.config import ConfigError
 from cm3jax.vqgan import torch_io
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 from cm3jax.vocab import BOS, EOS, PAD, Vocab
@@ -318,13 +320,34 @@ def _read_json(path: str) -> dict:
     raise ConfigError(f"{path} is not JSON: {e}") from None
 
 
-def import_opt(source: str, workdir: str, config) -> int:
-  """Writes a step-0 checkpoint of `config` (model section from the OPT config) into `workdir`."""
+def imported_config(config, model: dict, overrides: dict | None = None):
+  """`config` with the checkpoint's architecture `model` (config.model fields) and its context:
+  seq_len lowered to the checkpoint's positions where the config's exceeds them. `overrides`,
+  the --config.FIELD values given on the command line, may not contradict the checkpoint: one
+  that does is a ConfigError naming it."""
+  overrides = overrides or {}
+  for field, value in overrides.items():
+    name = field.removeprefix("model.")
+    if field != name and name in model and value != model[name]:
+      raise ConfigError(f"--config.{field}={value}: the checkpoint has {name}={model[name]} (an "
+                        "import takes the architecture from the checkpoint)")
+  context = model["max_seq_len"]
+  if overrides.get("seq_len", 0) > context:
+    raise ConfigError(f"--config.seq_len={overrides['seq_len']} exceeds the checkpoint's "
+                      f"{context} positions")
+  config = config.copy_and_resolve_references()
+  config.model.update(model)
+  config.seq_len = min(config.seq_len, context)
+  return config
+
+
+def import_opt(source: str, workdir: str, config, overrides: dict | None = None):
+  """Writes a step-0 checkpoint of `config` (model section and context from the OPT config; see
+  `imported_config` for `overrides`) into `workdir`: (parameters, the config written)."""
   path = os.path.join(source, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{source} has no config.json")
-  config = config.copy_and_resolve_references()
-  config.model.update(model_config_from_opt(_read_json(path)))
+  config = imported_config(config, model_config_from_opt(_read_json(path)), overrides)
   vocab = None
   vocab_path = os.path.join(source, "tokenizer", "vocab.json")
   if os.path.exists(vocab_path):
@@ -333,23 +356,25 @@ def import_opt(source: str, workdir: str, config) -> int:
   cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
   with opt_tensors(source) as (keys, get):
     return write_imported(workdir, config, vocab, lambda shapes, place: (
-        torch_layout.params_from_tensors(keys, get, cfg, torch_layout.OPT_NAMES, shapes, place)))
+        torch_layout.params_from_tensors(keys, get, cfg, torch_layout.OPT_NAMES, shapes,
+                                         place))), config
 
 
 def import_cm3(path: str, dict_path: str, spm_path: str, workdir: str, config,
                image_token: str = fairseq_io.DEFAULT_IMAGE_TOKEN,
-               sentinel_token: str = fairseq_io.DEFAULT_SENTINEL_TOKEN) -> tuple[int, int, dict]:
-  """Writes a step-0 checkpoint of `config` (model section from the fairseq config, vocabulary
-  from the dictionary and sentencepiece model) into `workdir`: (parameters, vocabulary ids
-  without a fairseq row, the config.model fields)."""
+               sentinel_token: str = fairseq_io.DEFAULT_SENTINEL_TOKEN,
+               overrides: dict | None = None):
+  """Writes a step-0 checkpoint of `config` (model section and context from the fairseq
+  checkpoint, vocabulary from the dictionary and sentencepiece model; see `imported_config` for
+  `overrides`) into `workdir`: (parameters, vocabulary ids without a fairseq row, the config
+  written)."""
   model, vocab, rows, keys, get = fairseq_io.import_fairseq(path, dict_path, spm_path,
                                                            image_token, sentinel_token)
-  config = config.copy_and_resolve_references()
-  config.model.update(model)
+  config = imported_config(config, model, overrides)
   cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())
   count = write_imported(workdir, config, vocab, lambda shapes, place: (
       torch_layout.params_from_tensors(keys, get, cfg, torch_layout.FAIRSEQ_NAMES, shapes, place)))
-  return count, fairseq_io.missing_rows(rows, vocab), model
+  return count, fairseq_io.missing_rows(rows, vocab), config
 
 
 def _define_flags():
@@ -364,33 +389,41 @@ def _define_flags():
                       "fairseq import: how the dictionary writes image code {}.")
   flags.DEFINE_string("sentinel_token", fairseq_io.DEFAULT_SENTINEL_TOKEN,
                       "fairseq import: how the dictionary writes sentinel {}.")
-  flags.DEFINE_string("config", None, "Import: the cm3jax config whose model section the OPT "
-                      "config replaces (configs/*.py).")
+  config_flags.DEFINE_config_file(
+      "config", None, "Import: the cm3jax config (configs/*.py) whose model section and context "
+      "the checkpoint's replace; --config.FIELD=VALUE overrides a field.", lock_config=True)
 
 
 def main(FLAGS):
   if not FLAGS.workdir:
     raise ConfigError("--workdir is required")
   if FLAGS.import_from:
-    if not FLAGS.config:
+    if FLAGS.config is None:
       raise ConfigError("--import_from needs --config (e.g. configs/tiny.py)")
-    config = load_config_file(FLAGS.config)
+    given = FLAGS.config
+    overrides = config_flags.get_override_values(FLAGS["config"])
     if os.path.isdir(FLAGS.import_from):
-      count = import_opt(FLAGS.import_from, FLAGS.workdir, config)
-      with open(os.path.join(FLAGS.import_from, "config.json")) as f:
-        model = model_config_from_opt(json.load(f))
+      count, config = import_opt(FLAGS.import_from, FLAGS.workdir, given, overrides)
       note = ""
     else:
       if not FLAGS.dict or not FLAGS.spm:
         raise ConfigError("a fairseq --import_from needs --dict (dict.txt) and --spm (dict.model)")
-      count, missing, model = import_cm3(FLAGS.import_from, FLAGS.dict, FLAGS.spm, FLAGS.workdir,
-                                         config, FLAGS.image_token, FLAGS.sentinel_token)
+      count, missing, config = import_cm3(FLAGS.import_from, FLAGS.dict, FLAGS.spm,
+                                          FLAGS.workdir, given, FLAGS.image_token,
+                                          FLAGS.sentinel_token, overrides)
       note = f" ({missing} vocabulary ids without a fairseq row start at zero)" if missing else ""
-    overrides = " ".join(f"--config.model.{k}={v}" for k, v in model.items()
-                         if config.model.get(k) != v)
+    changed = dict(overrides)
+    changed.update({f"model.{k}": v for k, v in config.model.items() if given.model.get(k) != v})
+    if config.seq_len != given.seq_len:
+      changed["seq_len"] = config.seq_len
+    train_flags = [f"--config={config_flags.get_config_filename(FLAGS['config'])}",
+                   f"--workdir={FLAGS.workdir}", *(f"--config.{k}={v}" for k, v in changed.items())]
     print(f"imported {count:,} parameters into {FLAGS.workdir} (step 0){note}; train it with\n"
-          f"  python -m cm3jax.train --config={FLAGS.config} --workdir={FLAGS.workdir} {overrides}")
+          f"  python -m cm3jax.train {' '.join(train_flags)}")
   else:
+    if FLAGS.config is not None:
+      raise ConfigError("--config is for --import_from: an export writes the workdir's own "
+                        "config")
     if not FLAGS.out:
       raise ConfigError("--out is required (or --import_from to import)")
     print(f"exported {FLAGS.workdir} to {export(FLAGS.workdir, FLAGS.out, FLAGS.dtype)}")

@@ -20,7 +20,7 @@ import numpy as np
 
 from cm3jax import torch_layout
 from cm3jax.config import ConfigError
-from cm3jax.vocab import SPECIALS, Vocab
+from cm3jax.vocab import SPECIALS, Vocab, read_spm_model
 
 # fairseq's activation_fn -> cm3jax's activation
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh"}
@@ -36,6 +36,7 @@ UNSUPPORTED = {
 REQUIRED = ("decoder_embed_dim", "decoder_layers", "decoder_attention_heads",
             "decoder_ffn_embed_dim")
 DEFAULT_IMAGE_TOKEN, DEFAULT_SENTINEL_TOKEN, EOSS_TOKEN = "I{}", "<sentinel:{}>", "<eoss>"
+OVERWRITE_FLAG = "#fairseq:overwrite"
 
 
 @dataclasses.dataclass
@@ -116,19 +117,30 @@ def model_config(fairseq: dict) -> dict:
 
 def read_dictionary(path: str) -> list[str]:
   """fairseq's symbols by index: its 4 specials (<s> <pad> </s> <unk>), then dict.txt's lines
-  (`symbol count [#fairseq:overwrite]`) in order."""
+  (`symbol count [#fairseq:overwrite]`) in order. As fairseq's Dictionary.add_from_file: a
+  repeated symbol is refused unless its line is flagged `#fairseq:overwrite`, and then it takes
+  a new index, which the symbol maps to from then on (the earlier index keeps its row)."""
   try:
     with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"cannot read --dict={path}: {e}") from None
   symbols = list(SPECIALS)
+  line_of = dict.fromkeys(SPECIALS, 0)
   for number, line in enumerate(lines, 1):
-    fields = line.rstrip().rsplit(" ", 2 if line.rstrip().endswith("#fairseq:overwrite") else 1)
-    if len(fields) < 2 or not fields[1].lstrip("-").isdigit():
+    symbol, _, count = line.rstrip().rpartition(" ")
+    overwrite = count == OVERWRITE_FLAG
+    if overwrite:
+      symbol, _, count = symbol.rpartition(" ")
+    if not symbol or not count.lstrip("-").isdigit():
       raise ConfigError(f"{path}:{number}: not a fairseq dictionary line ('symbol count'): "
                         f"{line[:80]!r}")
-    symbols.append(fields[0])
+    if symbol in line_of and not overwrite:
+      first = f"line {line_of[symbol]}" if line_of[symbol] else "fairseq's specials"
+      raise ConfigError(f"{path}:{number}: {symbol!r} repeats {first} without "
+                        f"{OVERWRITE_FLAG}, which fairseq refuses")
+    line_of[symbol] = number
+    symbols.append(symbol)
   return symbols
 
 
@@ -151,7 +163,9 @@ def vocabulary(symbols: list[str], spm_model: bytes, image_token: str = DEFAULT_
                       f"(--image_token={image_token!r}); pass the form its image codes take")
   vocab = Vocab(spm_model, num_sentinels=max(_count(known, sentinel_token), 1),
                 num_image_codes=num_codes)
-  index = {s: i for i, s in reversed(list(enumerate(symbols)))}
+  # A symbol's last index, as fairseq's Dictionary.index after an overwrite; the specials keep
+  # 0..3, the indices fairseq's bos() / pad() / eos() / unk() feed the model.
+  index = {s: i for i, s in enumerate(symbols)} | {s: i for i, s in enumerate(SPECIALS)}
   sp = vocab.processor
   names = [SPECIALS[i] if i < len(SPECIALS) else sp.id_to_piece(i) for i in range(vocab.text_size)]
   names += ["<break>", EOSS_TOKEN]
@@ -182,11 +196,7 @@ def import_fairseq(path: str, dict_path: str, spm_path: str, image_token: str,
   CM3's three files; the reader maps one tensor at a time into cm3jax's vocabulary order."""
   checkpoint = read_checkpoint(path)
   model = model_config(checkpoint.model)
-  try:
-    with open(spm_path, "rb") as f:
-      spm_model = f.read()
-  except OSError as e:
-    raise ConfigError(f"cannot read --spm={spm_path}: {e}") from None
+  spm_model = read_spm_model(spm_path)
   symbols = read_dictionary(dict_path)
   embed_key = torch_layout.FAIRSEQ_NAMES.prefix + "embed_tokens.weight"
   if embed_key not in checkpoint.state:

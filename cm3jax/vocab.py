@@ -192,9 +192,23 @@ class Vocab:
 
   @classmethod
   def from_spm_file(cls, path: str, num_sentinels: int, num_image_codes: int) -> "Vocab":
-    try:
-      with open(path, "rb") as f:
-        model = f.read()
-    except OSError as e:
-      raise ConfigError(f"cannot read the sentencepiece model {path}: {e.strerror}") from None
-    return cls(model, num_sentinels, num_image_codes)
+    return cls(read_spm_model(path), num_sentinels, num_image_codes)
+
+
+def read_spm_model(path: str) -> bytes:
+  """A serialised sentencepiece model read from `path`, or a ConfigError naming the file when it
+  cannot be read or is not a sentencepiece model."""
+  import sentencepiece as spm
+  try:
+    with open(path, "rb") as f:
+      model = f.read()
+  except OSError as e:
+    raise ConfigError(f"cannot read the sentencepiece model {path}: {e.strerror}") from None
+  try:
+    pieces = spm.SentencePieceProcessor(model_proto=model).get_piece_size() if model else 0
+  except RuntimeError:  # sentencepiece's parse error names only its own source line
+    pieces = 0
+  if not pieces:
+    raise ConfigError(f"{path} is not a sentencepiece model (it does not parse, or holds no "
+                      "pieces)")
+  return model

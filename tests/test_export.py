@@ -265,6 +265,20 @@ def test_import_refuses_tensors_that_disagree_with_the_config(vocab, tmp_path):
     assert not os.path.exists(tmp_path / f"run{i}")
 
 
+def test_an_import_takes_the_checkpoints_context(vocab, tmp_path):
+  """A config whose rows are longer than the OPT's 64 positions imports with rows of 64; an
+  explicit --config.seq_len beyond them is refused."""
+  _random_opt(tmp_path, vocab, num_hidden_layers=1)
+  config = tiny_config(seq_len=128, **{"model.max_seq_len": 128})
+  with pytest.raises(ConfigError, match=re.escape(
+      "--config.seq_len=128 exceeds the checkpoint's 64 positions")):
+    export.import_opt(str(tmp_path / "opt"), str(tmp_path / "refused"), config, {"seq_len": 128})
+  assert not os.path.exists(tmp_path / "refused")
+  _, written = export.import_opt(str(tmp_path / "opt"), str(tmp_path / "run"), config)
+  assert (written.seq_len, written.model.max_seq_len) == (64, 64)
+  assert checkpoint.saved_config(str(tmp_path / "run"), 0)["seq_len"] == 64
+
+
 @pytest.mark.parametrize("switch, message", [
     (dict(positions="sinusoidal"), "model.positions='sinusoidal': OPT has learned positions only"),
     (dict(scale_embeddings=True), "model.scale_embeddings=True: OPT does not scale"),
@@ -323,8 +337,13 @@ def test_cli(vocab, vqgan_workdir, tmp_path):
                                                   "generation_config.json", "model.safetensors",
                                                   "tokenizer", "vqgan"]
   result = cli(f"--import_from={tmp_path}/out", f"--workdir={tmp_path}/back",
-               "--config=configs/tiny.py")
+               "--config=configs/tiny.py", "--config.seq_len=64")
   assert result.returncode == 0, result.stderr[-2000:]
   assert "imported" in result.stdout
   assert "python -m cm3jax.train --config=configs/tiny.py" in result.stdout
+  assert "--config.seq_len=64" in result.stdout
+  assert checkpoint.saved_config(str(tmp_path / "back"), 0)["seq_len"] == 64
   assert_one_line_error(cli(f"--workdir={tmp_path}/run"), "cm3jax.export", "--out is required")
+  assert_one_line_error(cli(f"--workdir={tmp_path}/run", f"--out={tmp_path}/out2",
+                            "--config=configs/tiny.py"), "cm3jax.export",
+                        "--config is for --import_from")
