@@ -2,10 +2,12 @@
 
 The merges are the 16e6 vocabulary file that open_clip ships inside its package (found without
 importing open_clip). Text is cleaned as CLIP cleans it (ftfy, HTML unescaping, collapsed
-whitespace, lower case), split by CLIP's pattern (special tokens in the text are plain text, as in open_clip), each word's UTF-8 bytes mapped to printable
+whitespace, lower case), split by CLIP's pattern, each word's UTF-8 bytes mapped to printable
 characters and merged pair by pair in the file's order; a word ends with `</w>`. Ids: the 256
 byte characters (the printable ones first), their 256 `</w>` forms, one per merge, then
-`<|startoftext|>` and `<|endoftext|>`.
+`<start_of_text>` and `<end_of_text>`. As in open_clip's SimpleTokenizer, those two strings in
+a text (in any case) are their special tokens, not text; OpenAI's `<|startoftext|>` spelling is
+plain text.
 """
 
 import functools
@@ -23,18 +25,18 @@ from cm3jax.config import ConfigError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # of the file's lines, after its header line
-SOT, EOT = "<|startoftext|>", "<|endoftext|>"
+SOT, EOT = "<start_of_text>", "<end_of_text>"
 PATTERN = regex.compile(
-    r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
+    rf"{SOT}|{EOT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
     regex.IGNORECASE)
 
 
-def default_vocab_file() -> str:
+def open_clip_file(name: str) -> str:
+  """The path of a file that the open_clip package ships (found without importing open_clip)."""
   spec = importlib.util.find_spec("open_clip")
   if spec is None or not spec.submodule_search_locations:
-    raise ConfigError("CLIP's BPE vocabulary comes with open_clip: pip install -r "
-                      "requirements-export.txt")
-  return os.path.join(list(spec.submodule_search_locations)[0], VOCAB_FILE)
+    raise ConfigError(f"{name} comes with open_clip: pip install -r requirements-export.txt")
+  return os.path.join(list(spec.submodule_search_locations)[0], name)
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,11 +61,11 @@ def clean(text: str) -> str:
 
 
 class ClipBPE:
-  """texts -> int32 [B, context_length]: `<|startoftext|>` pieces `<|endoftext|>`, zero-padded;
-  a longer text is cut so that it still ends with `<|endoftext|>` (open_clip's rule)."""
+  """texts -> int32 [B, context_length]: `<start_of_text>` pieces `<end_of_text>`, zero-padded;
+  a longer text is cut so that it still ends with `<end_of_text>` (open_clip's rule)."""
 
   def __init__(self, vocab_file: Optional[str] = None):
-    path = vocab_file or default_vocab_file()
+    path = vocab_file or open_clip_file(VOCAB_FILE)
     if not os.path.exists(path):
       raise ConfigError(f"no CLIP BPE vocabulary at {path}")
     with gzip.open(path, "rt", encoding="utf-8") as f:
@@ -75,7 +77,7 @@ class ClipBPE:
     self.rank = {m: i for i, m in enumerate(merges)}
     self.sot_id, self.eot_id = self.ids[SOT], self.ids[EOT]
     self.vocab_size = len(pieces)
-    self._cache = {}
+    self._cache = {SOT: [SOT], EOT: [EOT]}  # whole pieces, as open_clip's cache holds them
 
   def _merge(self, word: str) -> list[str]:
     if word in self._cache:

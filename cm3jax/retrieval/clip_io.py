@@ -4,7 +4,12 @@
   written; `preprocessor_config.json`, when there, gives the pixel mean and std).
 - OpenAI / open_clip state dicts: a `.pt` (a plain state dict, an open_clip training checkpoint
   with `state_dict`, or OpenAI's TorchScript archive) or a `.safetensors` file (read). Heads are
-  not stored in these, so they are width / `head_width` (64 in every released model).
+  not stored in these, so they are width / `head_width` (64 in every released model). The MLP
+  activation (QuickGELU in OpenAI's weights and open_clip's `-quickgelu` models, GELU in most
+  open_clip models) is read where it is recorded: the class of a TorchScript archive's
+  activation modules, the `quick_gelu` of the model config in an `open_clip_config.json` beside
+  the file (open_clip's Hugging Face Hub layout), or for a training checkpoint the `model` and
+  `force_quick_gelu` of its run's `params.txt`. Elsewhere the caller names it.
 
 Tensors are numpy arrays here; torch is imported only to read a `.pt`. Linear weights are
 [out, in] in PyTorch and [in, out] (split into heads where attention uses them) in cm3jax.
@@ -13,55 +18,146 @@ Tensors are numpy arrays here; torch is imported only to read a `.pt`. Linear we
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.retrieval.clip import OPENAI_MEAN, OPENAI_STD, ClipConfig
+from cm3jax.retrieval.bpe import open_clip_file
+from cm3jax.retrieval.clip import ACTIVATIONS, OPENAI_MEAN, OPENAI_STD, ClipConfig
 
 HF_CONFIG, HF_WEIGHTS, HF_PREPROCESSOR = "config.json", "model.safetensors", "preprocessor_config.json"
 HF_ACTIVATIONS = ("quick_gelu", "gelu")
+OPEN_CLIP_CONFIG = "open_clip_config.json"  # beside the weights in open_clip's Hub layout
+OPEN_CLIP_RUN_PARAMS = "params.txt"  # of an open_clip training run, above its checkpoints/
+TORCH_ACTIVATIONS = {"QuickGELU": "quick_gelu", "GELU": "gelu"}  # by PyTorch module class
+ACTIVATION_MODULES = ("transformer.resblocks.0.mlp.gelu", "visual.transformer.resblocks.0.mlp.gelu")
 LAYER_KEYS = ("ln_1", "ln_2", "query_kernel", "query_bias", "key_kernel", "key_bias",
               "value_kernel", "value_bias", "out_kernel", "out_bias", "fc_kernel", "fc_bias",
               "proj_kernel", "proj_bias")
 
 
-def load(path: str, head_width: int = 64) -> tuple[ClipConfig, dict]:
-  """(config, float32 numpy parameters) of a CLIP in either layout; one-line errors otherwise."""
+def load(path: str, head_width: int = 64, activation: str = "") -> tuple[ClipConfig, dict]:
+  """(config, float32 numpy parameters) of a CLIP in either layout; one-line errors otherwise.
+  `activation` ("gelu" or "quick_gelu") is the MLP's where the checkpoint does not record it;
+  where it does, a given one must agree."""
+  if activation and activation not in ACTIVATIONS:
+    raise ConfigError(f"activation={activation!r} is not one of {list(ACTIVATIONS)}")
   if os.path.isdir(path):
     if not os.path.exists(os.path.join(path, HF_CONFIG)):
       raise ConfigError(f"{path} holds no {HF_CONFIG}: not a Hugging Face CLIPModel directory")
-    return load_hf(path)
+    cfg, params = load_hf(path)
+    _activation(path, (cfg.activation, os.path.join(path, HF_CONFIG)), activation)
+    return cfg, params
   if not os.path.exists(path):
     raise ConfigError(f"no CLIP checkpoint at {path}")
-  state = read_state_dict(path)
+  state, recorded = read_checkpoint(path)
+  if any(k.startswith("visual.layer1.") for k in state):  # it has a visual.conv1 too
+    raise ConfigError(f"{path} is a CLIP with a ResNet image tower; only ViT towers are supported")
   if "visual.conv1.weight" in state:
-    return from_openai(state, head_width)
+    return from_openai(state, _activation(path, recorded, activation), head_width)
   if "vision_model.embeddings.patch_embedding.weight" in state:
     raise ConfigError(f"{path} holds Hugging Face CLIP tensors; pass the directory with its "
                       f"{HF_CONFIG} instead")
-  if any(k.startswith("visual.layer1.") for k in state):
-    raise ConfigError(f"{path} is a CLIP with a ResNet image tower; only ViT towers are supported")
   raise ConfigError(f"{path} is not a CLIP checkpoint of a known layout (OpenAI / open_clip or "
                     f"Hugging Face); its first keys: {sorted(state)[:3]}")
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
+def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], Optional[tuple[str, str]]]:
+  """A state-dict file's tensors, and (activation, where it is recorded) or None where neither
+  the file nor the files open_clip writes beside it record the activation."""
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file
-    return dict(load_file(path))
+    return dict(load_file(path)), _hub_config_activation(path)
   import torch
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
+    recorded = _hub_config_activation(path)
   except RuntimeError:  # OpenAI's released .pt files are TorchScript archives
-    state = torch.jit.load(path, map_location="cpu").state_dict()
+    archive = torch.jit.load(path, map_location="cpu")
+    state, recorded = archive.state_dict(), _module_activation(archive, path)
   if isinstance(state, dict) and "state_dict" in state:  # an open_clip training checkpoint
-    state = state["state_dict"]
+    state, recorded = state["state_dict"], _training_run_activation(path)
   if not isinstance(state, dict):
     raise ConfigError(f"{path} does not hold a state dict (found {type(state).__name__})")
   return {re.sub(r"^module\.", "", k): v.float().numpy() for k, v in state.items()
-          if hasattr(v, "numpy")}
+          if hasattr(v, "numpy")}, recorded
+
+
+# The MLP activation, which OpenAI / open_clip state dicts do not hold.
+
+def _activation(path: str, recorded: Optional[tuple[str, str]], given: str) -> str:
+  if recorded is None:
+    if not given:
+      raise ConfigError(
+          f"{path} does not record its MLP activation (open_clip trains with GELU unless the "
+          "model config sets quick_gelu, as its -quickgelu models and OpenAI's weights do): pass "
+          "activation 'gelu' or 'quick_gelu' (--clip_activation)")
+    return given
+  found, where = recorded
+  if given and given != found:
+    raise ConfigError(f"{where} records the activation {found!r}; {given!r} was passed")
+  return found
+
+
+def _module_activation(archive, path: str) -> Optional[tuple[str, str]]:
+  """From the class names a TorchScript archive keeps of its towers' activation modules."""
+  modules = dict(archive.named_modules())
+  classes = {getattr(modules.get(name), "original_name", None) for name in ACTIVATION_MODULES}
+  if None in classes:
+    return None
+  unknown = classes - set(TORCH_ACTIVATIONS)
+  if unknown or len(classes) > 1:
+    raise ConfigError(f"{path} has the MLP activation modules {sorted(classes)}; cm3jax's CLIP "
+                      f"takes one of {sorted(TORCH_ACTIVATIONS)} in both towers")
+  return TORCH_ACTIVATIONS[classes.pop()], f"{path} (its {ACTIVATION_MODULES[0]} module)"
+
+
+def _model_config_activation(model_cfg: dict, where: str) -> tuple[str, str]:
+  """As open_clip builds a model config: QuickGELU where `quick_gelu` is true, else GELU."""
+  for tower in ("vision_cfg", "text_cfg"):
+    act_kwargs = model_cfg.get(tower, {}).get("act_kwargs")
+    if act_kwargs:
+      raise ConfigError(f"{where} sets {tower}.act_kwargs={act_kwargs}; cm3jax's CLIP has exact "
+                        "GELU and QuickGELU only")
+  return ("quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"), where
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      found = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is not readable JSON: {e}") from None
+  if not isinstance(found, dict):
+    raise ConfigError(f"{path} holds a {type(found).__name__}, not a JSON object")
+  return found
+
+
+def _hub_config_activation(path: str) -> Optional[tuple[str, str]]:
+  config = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
+  if not os.path.exists(config):
+    return None
+  return _model_config_activation(_read_json(config).get("model_cfg", {}), config)
+
+
+def _training_run_activation(path: str) -> Optional[tuple[str, str]]:
+  """From RUN/params.txt of RUN/checkpoints/epoch_N.pt: `force_quick_gelu`, else the quick_gelu
+  of the built-in open_clip config `model` names (None for a model open_clip does not ship)."""
+  run_params = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
+                            OPEN_CLIP_RUN_PARAMS)
+  if not os.path.exists(run_params):
+    return None
+  with open(run_params) as f:
+    params = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
+  if params.get("force_quick_gelu") == "True":
+    return "quick_gelu", f"{run_params} (force_quick_gelu)"
+  model = params.get("model", "").replace("/", "-")  # as open_clip names its configs
+  model_config = open_clip_file(os.path.join("model_configs", f"{model}.json"))
+  if not os.path.exists(model_config):
+    return None
+  return _model_config_activation(_read_json(model_config),
+                                  f"{run_params} (model {model})")
 
 
 # OpenAI / open_clip.
@@ -78,7 +174,8 @@ def _heads(width: int, head_width: int, tower: str) -> int:
   return width // head_width
 
 
-def from_openai(state: dict[str, np.ndarray], head_width: int = 64) -> tuple[ClipConfig, dict]:
+def from_openai(state: dict[str, np.ndarray], activation: str, head_width: int = 64
+                ) -> tuple[ClipConfig, dict]:
   conv = state["visual.conv1.weight"]  # [W, 3, P, P]
   vision_width, patch = conv.shape[0], conv.shape[-1]
   grid = int(round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5))
@@ -94,7 +191,7 @@ def from_openai(state: dict[str, np.ndarray], head_width: int = 64) -> tuple[Cli
       text_width=text_width, text_layers=_count_layers(state, "transformer.resblocks."),
       text_heads=_heads(text_width, head_width, "text tower"),
       text_mlp_dim=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-      eot_id=vocab_size - 1, activation="quick_gelu")
+      eot_id=vocab_size - 1, activation=activation)
 
   def blocks(prefix, layers, heads):
     per_layer = []
