@@ -12,7 +12,8 @@ answer from by infilling.
 
 Users' own data is JSONL, one record per line: {"task": NAME, "input": [ITEM, ...], "output":
 [ITEM, ...]} where an item is a string (text) or {"image": PATH}. `read_jsonl` keeps the good
-lines and counts the bad ones by reason.
+lines and counts the bad ones by reason (not UTF-8, not JSON, nested too deeply, a lone surrogate
+escape in a string, not a record).
 """
 
 import collections
@@ -119,11 +120,21 @@ def encode(vocab: Vocab, record: Record, image_codes: Callable[[Any], np.ndarray
   return tokens, len(vocab.encode_document(inputs)) + 1  # + the <break> before the output
 
 
+def _text(value: str) -> str:
+  """`value`, refused when it holds a lone surrogate (JSON's "\\ud800"), which UTF-8 cannot
+  encode."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise ValueError("text with a lone surrogate") from None
+  return value
+
+
 def _item(value) -> Any:
   if isinstance(value, str):
-    return value
+    return _text(value)
   if isinstance(value, dict) and set(value) == {"image"} and isinstance(value["image"], str):
-    return ImagePath(value["image"])
+    return ImagePath(_text(value["image"]))
   raise ValueError("an item is text or {\"image\": PATH}")
 
 
@@ -131,12 +142,15 @@ def parse_line(line: str) -> Record:
   """One JSONL line as a record; ValueError (its reason) for a bad line."""
   try:
     row = json.loads(line)
-  except json.JSONDecodeError:
+  except RecursionError:
+    raise ValueError("nested too deeply") from None
+  except ValueError:  # a JSONDecodeError, or an integer of over 4300 digits
     raise ValueError("not JSON") from None
   if not isinstance(row, dict) or set(row) != {"task", "input", "output"}:
     raise ValueError("not an object of task, input and output")
   if not isinstance(row["task"], str) or not row["task"]:
     raise ValueError("task is not a name")
+  _text(row["task"])
   if not isinstance(row["input"], list) or not isinstance(row["output"], list):
     raise ValueError("input or output is not a list")
   if not row["input"] or not row["output"]:
@@ -149,8 +163,13 @@ def read_jsonl(path: str) -> tuple[list[Record], collections.Counter]:
   neither)."""
   records, bad = [], collections.Counter()
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
       for line in f:
+        try:
+          line = line.decode("utf-8")
+        except UnicodeDecodeError:
+          bad["not UTF-8"] += 1
+          continue
         if not line.strip():
           continue
         try:

@@ -46,16 +46,22 @@ def shapes_document(split: str, index: int) -> str:
                   for j in range(count))
 
 
+LEADING_SPACE = re.compile(r"\s*")  # what str.lstrip() strips
+
+
 def chunks(text: str, max_chars: int) -> list[str]:
   """`text` cut at whitespace into pieces of at most `max_chars` characters (a word longer than
-  that is cut inside)."""
-  pieces = []
-  while len(text) > max_chars:
-    cut = max(text.rfind(" ", 0, max_chars + 1), text.rfind("\n", 0, max_chars + 1))
-    cut = cut if cut > 0 else max_chars
-    pieces.append(text[:cut])
-    text = text[cut:].lstrip()
-  return pieces + ([text] if text else [])
+  that is cut inside): each piece ends at the last space or newline that leaves it at most
+  `max_chars` long, and the next starts after the whitespace there. Linear in len(text): the
+  rest is never copied."""
+  pieces, start = [], 0
+  while len(text) - start > max_chars:
+    end = start + max_chars + 1
+    cut = max(text.rfind(" ", start, end), text.rfind("\n", start, end))
+    cut = cut if cut > start else start + max_chars
+    pieces.append(text[start:cut])
+    start = LEADING_SPACE.match(text, cut).end()
+  return pieces + ([text[start:]] if start < len(text) else [])
 
 
 def documents(dataset: str, split: str, skipped: collections.Counter, data_dir: str = "",
