@@ -11,7 +11,9 @@ contrastive top-k, and best of 8 top-p samples reranked by the model's own likel
 caption given each image; its ceiling is the share of the split's own VQGAN codes that decode
 to an image the analyser reads right ("VQGAN reconstructions"). The validation split holds
 compositions seen in training, the test split held-out ones. The report goes to
-WORKDIR/eval_shapes.json and, as a markdown table, WORKDIR/eval_shapes.md.
+WORKDIR/eval_shapes.json and, as a markdown table, WORKDIR/eval_shapes.md; its best text->image
+setting (the highest mean over the splits) to WORKDIR/sampling_defaults.json, which
+`cm3jax.sample` draws with where no flag says otherwise.
 
   python -m cm3jax.eval_shapes --workdir=workdirs/tiny_ra --retrieve=3
 
@@ -26,10 +28,10 @@ is scored too.
 
 scores the instruction-tuned tasks instead (cm3jax/eval_tasks.py) on each split's first
 --num_examples records of every task of the shapes task suite, for the run and, with
---baseline, the run it was tuned from; the report goes to WORKDIR/eval_tasks.json and .md.
+--baseline, the run it was tuned from; the report goes to WORKDIR/eval_tasks.json and .md,
+each task's best decoding of the run to WORKDIR/sampling_defaults.json.
 """
 
-import dataclasses
 import os
 import time
 from typing import Optional, Sequence
@@ -42,16 +44,8 @@ from cm3jax.config import ConfigError
 from cm3jax.data import code_shards, sft, shapes
 from cm3jax.data.shapes_analyser import analyse, caption_matches
 from cm3jax.retrieval import augment, retriever
+from cm3jax.sampling import Setting
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-  guidance: float = 1.0
-  sampling: dict = dataclasses.field(default_factory=dict)  # SamplingConfig fields
-  candidates: int = 1  # > 1: the best of these by `rerank_by`
-  rerank_by: str = "model"  # its likelihood of the caption given the image, or "retriever"
-  uncond_retrieved: bool = True  # with retrieval: the unconditional stream keeps the documents
-
 
 SETTINGS = {
     "greedy, no guidance": Setting(sampling=dict(greedy=True)),
@@ -194,7 +188,24 @@ def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: i
     results[column] = evaluate(workdir, split, num_examples, batch_size, seed, memory=memory,
                                retrieve=retrieved, reranker=reranker)
   reports.write(workdir, REPORT_FILES, results, table(results))
+  reports.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(results))
   return results
+
+
+def sampling_defaults(results: dict) -> dict[str, reports.Measured]:
+  """The best text->image setting of `results` ({column: evaluate's dict}) for each number of
+  documents retrieved, {reports.text_to_image_use(retrieved): Measured}. Without retrieval only
+  the settings that need no retriever compete: sampling without documents is given none."""
+  every = {**SETTINGS, **RERANKED_SETTINGS, **RETRIEVAL_SETTINGS}
+  out = {}
+  for retrieved in dict.fromkeys(r["retrieved"] for r in results.values()):
+    rows = {f"text_to_image, {name}": s for name, s in every.items()
+            if retrieved or s.candidates == 1 or s.rerank_by != "retriever"}
+    found = reports.best({c: r for c, r in results.items() if r["retrieved"] == retrieved}, rows,
+                         REPORT_FILES[0])
+    if found:
+      out[reports.text_to_image_use(retrieved)] = found
+  return out
 
 
 def saved(workdir: str) -> dict:
@@ -232,16 +243,17 @@ def main(FLAGS):
     runs = eval_tasks.report(FLAGS.workdir, FLAGS.splits, FLAGS.tasks, FLAGS.num_examples,
                              FLAGS.batch_size, FLAGS.seed, FLAGS.baseline)
     print("\n".join(eval_tasks.table(runs)))
-    print(f"{time.perf_counter() - t:.0f}s; written to "
-          + " and ".join(os.path.join(FLAGS.workdir, f) for f in eval_tasks.REPORT_FILES))
+    print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
+        os.path.join(FLAGS.workdir, f)
+        for f in eval_tasks.REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)))
     return
   if FLAGS.baseline:
     raise ConfigError("--baseline scores the tasks of --tasks; name them")
   results = report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
                    FLAGS.retrieve, FLAGS.memory or "", FLAGS.retriever or "")
   print("\n".join(table(results)))
-  print(f"{time.perf_counter() - t:.0f}s; written to "
-        + " and ".join(os.path.join(FLAGS.workdir, f) for f in REPORT_FILES))
+  print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
+      os.path.join(FLAGS.workdir, f) for f in REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)))
 
 
 if __name__ == "__main__":

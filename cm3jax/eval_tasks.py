@@ -9,7 +9,8 @@ text), whose score is the task's ceiling, and `judge` tells which outputs are ri
 scores a run's checkpoint on each task, beside a baseline run's (`python -m cm3jax.eval_shapes
 --tasks=...`): the image tasks greedy without guidance and with top-p 0.9 and the paper's
 guidance (edit: instruct guidance s_img 1.5, s_txt 7.5; grounded, seg2image and text2image:
-CFG 3), the text tasks greedy.
+CFG 3), the text tasks greedy; each task's best decoding of the run goes to
+WORKDIR/sampling_defaults.json, which `cm3jax.sample --task=...` decodes with.
 """
 
 import dataclasses
@@ -22,7 +23,7 @@ import numpy as np
 from cm3jax import checkpoint, data, instruct, reports, sampling
 from cm3jax.config import ConfigError
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
-from cm3jax.sampling import Sampler, SamplingConfig
+from cm3jax.sampling import Sampler, SamplingConfig, Setting
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 Output = Union[np.ndarray, str]  # image codes [T], or text
@@ -35,6 +36,16 @@ REPORT_FILES = ("eval_tasks.json", "eval_tasks.md")  # in the workdir
 class Decoding:
   sampling: SamplingConfig = SamplingConfig(greedy=True)
   guided: bool = False  # the paper's guidance for GUIDED tasks; scales 1 (none) otherwise
+
+  def setting(self, task: str) -> Setting:
+    """How `task` is decoded: guided, the paper's guidance (edit: instruct guidance s_img 1.5,
+    s_txt 7.5; the other GUIDED tasks CFG 3), else none."""
+    fields = dataclasses.asdict(self.sampling)
+    if not (self.guided and task in GUIDED):
+      return Setting(sampling=fields)
+    if task == "edit":
+      return Setting(7.5, fields, image_guidance=1.5)
+    return Setting(3.0, fields)
 
 
 DECODINGS = {"greedy": Decoding(), "top-p 0.9, guided": Decoding(SamplingConfig(top_p=0.9), True)}
@@ -52,14 +63,13 @@ def _codes(vqgan: ImageTokenizer, pictures: Sequence[shapes_tasks.Picture]) -> n
 def outputs(sampler: Sampler, vqgan: ImageTokenizer, task: str, records: Sequence[sft.Record],
             key: jax.Array, decoding: Decoding = Decoding()) -> list[Output]:
   """The model's output for each record of `task`, decoded as `instruct` decodes the task."""
-  cfg, guided = decoding.sampling, decoding.guided
+  setting = decoding.setting(task)
+  cfg, guidance = setting.config, setting.guidance
   if task == "edit":
     codes = _codes(vqgan, _pictures(records, 0))
-    scales = dict(s_img=1.5, s_txt=7.5) if guided else dict(s_img=1.0, s_txt=1.0)
-    return list(instruct.edit(sampler, codes, [r.input[2] for r in records], key, **scales,
-                              sampling=cfg))
+    return list(instruct.edit(sampler, codes, [r.input[2] for r in records], key,
+                              setting.image_guidance, guidance, cfg))
   T = vqgan.cfg.tokens_per_image
-  guidance = 3.0 if guided else 1.0
   if task == "grounded":
     scenes = [r.output[0].scene for r in records]
     return list(instruct.grounded(sampler, [s.caption() for s in scenes],
@@ -152,7 +162,21 @@ def report(workdir: str, splits: Sequence[str], tasks: Sequence[str], num_exampl
       runs[f"{run}, {split}"] = {"run": run, **evaluate(run, split, tasks, num_examples,
                                                         batch_size, seed)}
   reports.write(workdir, REPORT_FILES, runs, table(runs))
+  reports.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(workdir, runs))
   return runs
+
+
+def sampling_defaults(workdir: str, runs: dict) -> dict[str, reports.Measured]:
+  """Each task's best decoding in `report`'s results, {task: Measured}, over the columns of
+  `workdir`'s own run (not the baseline's)."""
+  columns = {c: r for c, r in runs.items() if r["run"] == workdir}
+  out = {}
+  for task in sft.TASKS:
+    rows = {f"{task}, {name}": d.setting(task) for name, d in DECODINGS.items()}
+    found = reports.best(columns, rows, REPORT_FILES[0])
+    if found:
+      out[task] = found
+  return out
 
 
 def saved(workdir: str) -> dict:

@@ -6,13 +6,19 @@ objective masks spans, `<sentinel:i>` for the i-th masked segment:
 
   edit        instruct guidance over three streams: full (image and instruction), image-only
               (the instruction masked) and unconditional (both masked),
-              uncond + s_img (image - uncond) + s_txt (full - image); s_img 1.5, s_txt 7.5
+              uncond + s_img (image - uncond) + s_txt (full - image); the paper's s_img 1.5,
+              s_txt 7.5
   grounded    classifier-free guidance against the prompt with its text masked
-  seg2image   classifier-free guidance against the prompt with map and caption masked (CFG 3)
+  seg2image   classifier-free guidance against the prompt with map and caption masked (the
+              paper's CFG 3)
   image2seg   the map, drawn like an image
   caption     the template's caption, as text
   vqa         the answer, read from the `Answer: {answer}.` segment
   text2image  the pretraining document's prompt: `sampling.text_to_image`
+
+The scales default to 1 (no guidance): the paper's ruin the tiny model's images on every task
+(benchmarks/RESULTS.md, "Instruction tuning"). `cm3jax.sample` decodes with the run's best
+measured setting (`reports.sampling_defaults`).
 """
 
 from typing import Sequence, Union
@@ -50,7 +56,7 @@ def _images(sampler: Sampler, requests: list[Request], tokens_per_image: int,
 
 
 def edit(sampler: Sampler, codes_BxT: np.ndarray, instructions: Sequence[str], key: jax.Array,
-         s_img: float = 1.5, s_txt: float = 7.5,
+         s_img: float = 1.0, s_txt: float = 1.0,
          sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
   """Codes [B, T]: each image edited as its instruction says, by instruct guidance."""
   vocab, P = sampler.vocab, sft.EDIT_PROMPT
@@ -75,7 +81,7 @@ def grounded(sampler: Sampler, captions: Sequence[str],
 
 
 def seg2image(sampler: Sampler, maps_BxT: np.ndarray, captions: Sequence[str], key: jax.Array,
-              guidance: float = 3.0, sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
+              guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
   """Codes [B, T]: an image of each caption laid out as its segmentation map."""
   vocab = sampler.vocab
   keys = jax.random.split(key, len(captions))

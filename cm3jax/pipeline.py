@@ -13,8 +13,9 @@
   4. token model       the config's CM3 model (what python -m cm3jax.train runs)
   5. report            samples.png and captions.txt from validation data and, on the shapes data,
                        the cm3jax.eval_shapes report of both splits (eval_shapes.json, .md),
-                       printed as its table; with retrieval, each split is scored with and
-                       without cm3.retrieval.documents documents retrieved from the bank
+                       printed as its table, and its best setting, which cm3jax.sample draws
+                       with (sampling_defaults.json); with retrieval, each split is scored with
+                       and without cm3.retrieval.documents documents retrieved from the bank
 
 A text-only config (data="text", configs/text_tiny.py) has no images and three stages:
   1. text records      every split of cm3.splits of the corpus cm3.dataset written into record
@@ -28,7 +29,8 @@ in config.init_from, whose VQGAN, codes and tokenizer it uses, and has three sta
   2. token model       the SFT run (python -m cm3jax.train), from init_from's parameters
   3. report            on the shapes task suite: eval_shapes --tasks of this run and of
                        init_from (eval_tasks.json, .md) and this run's text->image and captions
-                       (eval_shapes.json, .md), printed as their tables
+                       (eval_shapes.json, .md), printed as their tables, and the best setting
+                       of each task and of text->image (sampling_defaults.json)
 
 Each stage looks at what the workdir holds and prints one line: it reuses a complete output,
 resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan, WORKDIR/codes
@@ -41,6 +43,7 @@ The stages are the rows of `STAGES`, `RETRIEVAL_STAGES`, `TEXT_STAGES` and `SFT_
 
 import collections
 import dataclasses
+import json
 import os
 import time
 from typing import Callable, Optional, Sequence
@@ -49,8 +52,9 @@ import jax
 from jax.experimental import multihost_utils
 
 from cm3jax import build_memory, build_neighbours, checkpoint, cli, data, eval_shapes, eval_tasks
-from cm3jax import faults, sample, sampling, tokenize_images, tokenize_tasks, tokenize_text
-from cm3jax import train
+from cm3jax import faults, reports, sample, sampling, tokenize_images, tokenize_tasks
+from cm3jax import tokenize_text
+from cm3jax import provenance, train
 from cm3jax import train_retriever, train_tokenizer, train_vqgan
 from cm3jax.config import ConfigError, check_ranges, load_config_file
 from cm3jax.data import code_shards, sft, task_shards, text_corpus
@@ -59,6 +63,16 @@ from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
 COMPLETE, PARTIAL, MISSING = "complete", "partial", "missing"
 VERBS = {COMPLETE: "reusing", PARTIAL: "resuming", MISSING: "making"}
+# A stage's output in the workdir that this config would not make is refused, not remade: what
+# was made from it (down to the token model's checkpoints) would be stale, and the pipeline
+# never deletes a run's work.
+REMAKE = ("delete it for the pipeline to make it again (and what was made from it), or run "
+          "with the config it was made with")
+# Fields of a trainer's config that do not change what it trains (its progress, bookkeeping,
+# where the data is kept), so that they may differ between the output and this config.
+NOT_MADE_BY = {"num_train_steps", "log_every", "eval_every", "eval_images", "eval_examples",
+               "checkpoint_every", "keep_checkpoints", "async_checkpointing",
+               "new_run_over_damaged", "data_dir", "mesh"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +97,29 @@ class Stage:
   make: Callable[[Job], str]  # makes or resumes the output; returns what it made, in words
 
 
+def flat(config_json: dict, prefix: str = "") -> dict:
+  """{"section.field": value} of a config's JSON."""
+  out = {}
+  for k, v in config_json.items():
+    out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+  return out
+
+
+def check_trained(where: str, step: int, config, what: str):
+  """Refuses a trainer's checkpoint in the workdir whose saved config differs from `config` in
+  a field that changes what it trains (any but NOT_MADE_BY; a field the saved config lacks is
+  one added since, unknown)."""
+  saved = flat(checkpoint.saved_config(where, step))
+  wanted = {k: v for k, v in flat(json.loads(config.to_json())).items()
+            if k in saved and not NOT_MADE_BY & set(k.split("."))}
+  provenance.check(saved, wanted, f"the {what} in {where} (step {step})", REMAKE)
+
+
+def check_made(manifest: dict, made_by: dict, what: str):
+  """Refuses an output in the workdir that this config would not make."""
+  provenance.check(manifest, made_by, what, REMAKE)
+
+
 # 1. Image tokenizer.
 
 def vqgan_status(job: Job) -> tuple[str, str]:
@@ -91,7 +128,19 @@ def vqgan_status(job: Job) -> tuple[str, str]:
   if saved is None:
     return MISSING, f"no checkpoint in {where}"
   step, total = saved
+  if not job.config.cm3.vqgan_workdir:  # the pipeline's own, trained to this config's steps
+    config = vqgan_config(job)
+    check_trained(where, step, config, "VQGAN")
+    total = config.num_train_steps
   return (COMPLETE if step >= total else PARTIAL), f"{where} at step {step} of {total}"
+
+
+def vqgan_config(job: Job):
+  """The config the pipeline trains its VQGAN with."""
+  c = job.config.cm3
+  config = load_config_file(c.vqgan_config)
+  config.data, config.data_dir = c.dataset, c.data_dir
+  return config
 
 
 def make_vqgan(job: Job) -> str:
@@ -100,9 +149,8 @@ def make_vqgan(job: Job) -> str:
     raise ConfigError(f"no finished VQGAN in {job.paths.vqgan_workdir}, and the pipeline trains "
                       f"one on the shapes data only (cm3.dataset={c.dataset!r}): train one with "
                       "python -m cm3jax.train_vqgan, or set cm3.vqgan_workdir to one")
-  vq_config = load_config_file(c.vqgan_config)
-  vq_config.data, vq_config.data_dir = c.dataset, c.data_dir
-  evals = [h for h in train_vqgan.train(vq_config, job.paths.vqgan_workdir) if "eval_psnr" in h]
+  evals = [h for h in train_vqgan.train(vqgan_config(job), job.paths.vqgan_workdir)
+           if "eval_psnr" in h]
   return (f"validation PSNR {evals[-1]['eval_psnr']:.1f} dB, "
           f"{evals[-1]['eval_codebook_usage']:.0%} of the codebook in use")
 
@@ -112,6 +160,13 @@ def make_vqgan(job: Job) -> str:
 def codes_status(job: Job) -> tuple[str, str]:
   where = job.paths.codes_dir
   done = [s for s in job.splits if os.path.exists(code_shards.manifest_path(where, s))]
+  if done and not job.config.cm3.codes_dir and job.config.data != "text":  # the pipeline's own
+    made_by = tokenize_images.made_by(ImageTokenizer.load(job.paths.vqgan_workdir),
+                                      tokenize_images.SHARD_SIZE,
+                                      tokenize_images.source(job.config.cm3.dataset))
+    for split in done:
+      check_made(code_shards.read_manifest(where, split), made_by,
+                 f"the {split} codes in {where}")
   if len(done) == len(job.splits):
     return COMPLETE, f"{', '.join(done)} in {where}"
   started = os.path.isdir(where) and any(f.endswith(".tfrecord") for f in os.listdir(where))
@@ -184,6 +239,7 @@ def retriever_status(job: Job) -> tuple[str, str]:
   step = checkpoint.newest_step(where)
   if step is None:
     return MISSING, f"no checkpoint in {where}"
+  check_trained(where, step, retriever_config(job), "retriever")
   total = retriever_config(job).num_train_steps
   return (COMPLETE if step >= total else PARTIAL), f"{where} at step {step} of {total}"
 
@@ -203,6 +259,11 @@ def make_retriever(job: Job) -> str:
 def memory_status(job: Job) -> tuple[str, str]:
   where = retrieval_paths(job).memory
   if os.path.exists(os.path.join(where, memory.MANIFEST)):
+    if not job.config.cm3.retrieval.memory:  # the pipeline's own
+      check_made(memory.read_manifest(where), build_memory.made_by(
+          retriever.load(retrieval_paths(job).retriever),
+          ImageTokenizer.load(job.paths.vqgan_workdir), job.paths.codes_dir, "train",
+          build_memory.SHARD_SIZE), f"the memory bank {where}")
     return COMPLETE, where
   done = memory.done_shards(where) if os.path.isdir(where) else set()
   return (PARTIAL if done else MISSING), f"{len(done)} shards in {where}"
@@ -222,6 +283,15 @@ def neighbours_status(job: Job) -> tuple[str, str]:
   where = retrieval_paths(job).neighbours
   done = [s for s in NEIGHBOUR_SPLITS
           if os.path.exists(neighbours.manifest_path(where, s))]
+  if done and not job.config.cm3.retrieval.neighbours_dir:  # the pipeline's own
+    r, bank = job.config.cm3.retrieval, retrieval_paths(job).memory
+    vqgan = ImageTokenizer.load(job.paths.vqgan_workdir).fingerprint
+    for split in done:
+      check_made(neighbours.read_manifest(where, split), build_neighbours.made_by(
+          vqgan, {**memory.read_manifest(bank), "path": os.path.abspath(bank)},
+          job.paths.codes_dir, split, r.per_record, r.candidates, r.query_dropout,
+          r.max_relevance, build_neighbours.SEED, build_neighbours.SHARD_SIZE),
+          f"the {split} neighbours in {where}")
   if len(done) == len(NEIGHBOUR_SPLITS):
     return COMPLETE, f"{', '.join(done)} in {where}"
   return (PARTIAL if os.path.isdir(where) else MISSING), f"{len(done)} of 2 splits in {where}"
@@ -261,13 +331,23 @@ def report_splits(job: Job) -> list[str]:
   return [s for s in ("validation", "test") if s in job.splits]
 
 
+def recorded_steps(job: Job) -> dict[str, int]:
+  """{use: step} of the best settings the reports recorded; {} where that file does not read
+  (the report remakes it)."""
+  try:
+    return {use: m.step for use, m in reports.sampling_defaults(job.workdir).items()}
+  except ConfigError:
+    return {}
+
+
 def report_status(job: Job) -> tuple[str, str]:
   step = checkpoint.newest_step(job.workdir)
   files = [os.path.join(job.workdir, f) for f in sample.SAMPLE_FILES]
   report = eval_shapes.saved(job.workdir)
   wanted = eval_shapes.columns(report_splits(job), job.config.cm3.retrieval.documents)
   scored = [c for c in wanted if report.get(c, {}).get("step") == step]
-  if all(os.path.exists(f) for f in files) and len(scored) == len(wanted):
+  recorded = not wanted or recorded_steps(job).get(reports.text_to_image_use(0)) == step
+  if all(os.path.exists(f) for f in files) and len(scored) == len(wanted) and recorded:
     return COMPLETE, f"samples and the eval_shapes report of step {step}"
   return MISSING, f"nothing for step {step}"
 
@@ -281,7 +361,7 @@ def make_report(job: Job) -> str:
     eval_shapes.report(job.workdir, report_splits(job), job.config.report_examples,
                        retrieve=job.config.cm3.retrieval.documents,
                        memory_path=retrieval_paths(job).memory)
-    made += eval_shapes.REPORT_FILES
+    made += eval_shapes.REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)
   print("\n".join(f"  {line}" for line in lines))
   return ", ".join(made)
 
@@ -296,6 +376,13 @@ def task_splits(job: Job) -> list[str]:
 def tasks_status(job: Job) -> tuple[str, str]:
   where = data.tasks_dir(job.config, job.workdir)
   done = [s for s in task_splits(job) if os.path.exists(task_shards.manifest_path(where, s))]
+  if done and not job.config.sft.tasks_dir:  # the pipeline's own
+    tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
+    for split in done:
+      check_made(task_shards.read_manifest(where, split), tokenize_images.made_by(
+          tokenizer, tokenize_tasks.SHARD_SIZE,
+          tokenize_tasks.source(job.config.sft.dataset, task_examples(job, split))),
+          f"the {split} task records in {where}")
   if len(done) == len(task_splits(job)):
     return COMPLETE, f"{', '.join(done)} in {where}"
   return MISSING, f"{len(done)} of {len(task_splits(job))} splits in {where}"
@@ -306,9 +393,14 @@ def make_tasks(job: Job) -> str:
   tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
   where = data.tasks_dir(c, job.workdir)
   return "; ".join(tokenize_tasks.describe(tokenize_tasks.tokenize_split(
-      tokenizer, c.sft.dataset, split, where,
-      c.sft.examples_per_task if split == "train" else c.report_examples))
+      tokenizer, c.sft.dataset, split, where, task_examples(job, split)))
       for split in task_splits(job))
+
+
+def task_examples(job: Job, split: str) -> int:
+  """Records per task of a split of the shapes task suite."""
+  c = job.config
+  return c.sft.examples_per_task if split == "train" else c.report_examples
 
 
 def sft_report_status(job: Job) -> tuple[str, str]:
@@ -317,7 +409,10 @@ def sft_report_status(job: Job) -> tuple[str, str]:
   step = checkpoint.newest_step(job.workdir)
   tasks = eval_tasks.saved(job.workdir).get(f"{job.workdir}, validation", {})
   scored = eval_shapes.saved(job.workdir).get("validation", {})
-  if tasks.get("step") == step and scored.get("step") == step:
+  recorded = recorded_steps(job)
+  uses = [reports.text_to_image_use(0), *sft.TASKS]
+  if (tasks.get("step") == step and scored.get("step") == step
+      and all(recorded.get(use) == step for use in uses)):
     return COMPLETE, f"the reports of step {step}"
   return MISSING, f"nothing for step {step}"
 
@@ -329,7 +424,8 @@ def make_sft_report(job: Job) -> str:
   encoded = [s for s in eval_shapes.SPLITS
              if os.path.exists(code_shards.manifest_path(job.paths.codes_dir, s))]
   eval_shapes.report(job.workdir, encoded, job.config.report_examples)
-  return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES)
+  return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES
+                   + (reports.SAMPLING_DEFAULTS_FILE,))
 
 
 TEXT_TOKENIZER = Stage("text tokenizer", False, tokenizer_status, make_tokenizer)

@@ -1,18 +1,24 @@
 """Sample images from a caption, or captions from an image, with a trained model.
 
   python -m cm3jax.sample --workdir=workdirs/tiny --prompt="a red circle above a blue square" \
-      --num_images=8 --cfg=3.0 --out=grid.png
+      --num_images=8 --out=grid.png
   python -m cm3jax.sample --workdir=workdirs/tiny --image=photo.png --num_captions=3
   python -m cm3jax.sample --workdir=workdirs/tiny_ra --prompt="a red circle above a blue square" \
       --memory=workdirs/tiny_ra/memory --retrieve=2 --rerank=8
 
 The model, its vocabulary and (from the run's config) its VQGAN come from the workdir's latest
-checkpoint. --cfg is the classifier-free guidance scale alpha_c (1: none); --cd_k turns on
-contrastive top-k. Captions are greedy unless --num_captions > 1. --retrieve=K places the K
-documents of --memory nearest the prompt (by the bank's retriever) before it, as a model of
+checkpoint. Images are drawn with the run's best measured setting: the report (cm3jax.eval_shapes,
+the pipeline's last stage) records it in WORKDIR/sampling_defaults.json, for text->image and
+each instruction-tuned task. A flag given on the command line overrides its field of it; a run
+without one draws greedily without guidance (the paper's guidance scales measure worst on every
+run reported so far). The command says in one line which setting it draws with and whence.
+--cfg is the classifier-free guidance scale alpha_c (1: none); --cd_k turns on contrastive
+top-k. Captions are greedy unless --num_captions > 1. --retrieve=K places the K documents of
+--memory nearest the prompt (by the bank's retriever) before it, as a model of
 configs/tiny_ra.py was trained; with guidance the unconditional stream keeps them unless
---nouncond_retrieved. --rerank=N draws N images for each one kept, and keeps the one the
-retriever (--retriever, else the bank's) scores closest to the prompt.
+--nouncond_retrieved. --rerank=N draws N images for each one kept, and keeps the one the model
+finds the prompt likeliest under (--rerank_by=model) or the retriever (--retriever, else the
+bank's) scores closest to it (--rerank_by=retriever, the default when there is one).
 
 An instruction-tuned run (configs/tiny_sft.py) does its tasks (cm3jax/instruct.py):
 
@@ -40,6 +46,7 @@ html_image classifier-free guidance (--cfg); image2seg draws the segmentation ma
 describes it. Image tasks write --num_images images to --out; text tasks print the answer.
 """
 
+import dataclasses
 import os
 from typing import Optional
 
@@ -47,7 +54,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from cm3jax import cli, data, instruct, sampling, tokenize_images
+from cm3jax import cli, data, instruct, reports, sampling, tokenize_images
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards
 from cm3jax.retrieval import augment, retriever
@@ -137,31 +144,39 @@ TASK_NEEDS = {"edit": ("image", "instruction"), "vqa": ("image", "question"),
               "image2seg": ("image",), "caption": ("image",),
               "html_image": ("prompt",), "infill": ("page",), "continue": ("prompt",)}
 TEXT_TASKS = ("infill", "continue")  # tasks without images: any run, a text-only one too
+DRAWN_TASKS = ("edit", "grounded", "seg2image", "image2seg", "html_image")  # images, by a Setting
+SAMPLING_FLAGS = tuple(f.name for f in dataclasses.fields(sampling.SamplingConfig))
+UNMEASURED = sampling.Setting(sampling=dict(greedy=True))  # images of a run without a report
+TEXT_SAMPLING = sampling.SamplingConfig(top_p=0.9)  # text where no flag says otherwise
 
 
 def _define_flags():
   flags.DEFINE_string("workdir", None, "Workdir of a cm3jax.train run.")
   flags.DEFINE_string("prompt", None, "Caption to draw.")
   flags.DEFINE_integer("num_images", 8, "Images to draw for --prompt.")
-  flags.DEFINE_float("cfg", 3.0, "Classifier-free guidance scale alpha_c; 1: none.")
+  measured = " Default: the run's best measured setting (see the module doc)."
+  flags.DEFINE_float("cfg", None, "Classifier-free guidance scale alpha_c; 1: none." + measured)
   flags.DEFINE_string("out", "samples.png", "PNG grid of the images.")
   flags.DEFINE_integer("scale", 4, "Upscaling of the PNG grid.")
   flags.DEFINE_string("image", None, "Image file to caption.")
   flags.DEFINE_integer("num_captions", 1, "Captions to draw for --image (1: greedy).")
-  flags.DEFINE_float("temperature", 1.0, "Softmax temperature.")
-  flags.DEFINE_integer("top_k", 0, "Top-k filtering; 0: off.")
-  flags.DEFINE_float("top_p", 0.9, "Nucleus filtering; 1: off.")
-  flags.DEFINE_integer("cd_k", 0, "Contrastive top-k; 0: off.")
-  flags.DEFINE_float("cd_alpha", 0.1, "Contrastive top-k's alpha.")
-  flags.DEFINE_bool("greedy", False, "Argmax instead of sampling.")
+  flags.DEFINE_float("temperature", None, "Softmax temperature." + measured)
+  flags.DEFINE_integer("top_k", None, "Top-k filtering; 0: off." + measured)
+  flags.DEFINE_float("top_p", None, "Nucleus filtering; 1: off." + measured + " Text: 0.9.")
+  flags.DEFINE_integer("cd_k", None, "Contrastive top-k; 0: off." + measured)
+  flags.DEFINE_float("cd_alpha", None, "Contrastive top-k's alpha." + measured)
+  flags.DEFINE_bool("greedy", None, "Argmax instead of sampling." + measured)
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
   flags.DEFINE_string("memory", None, "A memory bank (cm3jax.build_memory) to retrieve from.")
   flags.DEFINE_integer("retrieve", 0, "Documents retrieved by --prompt and placed before it; "
                        "0: none.")
-  flags.DEFINE_bool("uncond_retrieved", True, "With --cfg, the unconditional stream keeps the "
-                    "retrieved documents (else it is the caption-free prompt alone).")
-  flags.DEFINE_integer("rerank", 1, "Each image is the best of this many drawn, by the "
-                       "retriever's image-text score; 1: no reranking.")
+  flags.DEFINE_bool("uncond_retrieved", None, "With --cfg, the unconditional stream keeps the "
+                    "retrieved documents (else it is the caption-free prompt alone)." + measured)
+  flags.DEFINE_integer("rerank", None, "Each image is the best of this many drawn, by "
+                       "--rerank_by; 1: no reranking." + measured)
+  flags.DEFINE_enum("rerank_by", None, list(sampling.RERANKERS), "model: its likelihood of the "
+                    "prompt given the image; retriever: the retriever's image-text score. "
+                    "Default: the measured setting's, else the retriever where one is given.")
   flags.DEFINE_string("retriever", None, "The retriever that reranks (a train_retriever workdir "
                       "or a CLIP checkpoint); default: --memory's.")
   flags.DEFINE_enum("task", None, list(TASK_NEEDS), "An instruction-tuned task (see the "
@@ -171,8 +186,10 @@ def _define_flags():
   flags.DEFINE_string("objects", None, "--task=grounded: NAME:X0 Y0 X1 Y1;... boxes in pixels.")
   flags.DEFINE_string("page", None, "--task=infill: a text or HTML page with one <mask> to fill.")
   flags.DEFINE_integer("max_tokens", 64, "--task=continue and infill: the most tokens written.")
-  flags.DEFINE_float("s_img", 1.5, "--task=edit: instruct guidance scale of the image.")
-  flags.DEFINE_float("s_txt", 7.5, "--task=edit: instruct guidance scale of the instruction.")
+  flags.DEFINE_float("s_img", None, "--task=edit: instruct guidance scale of the image; 1: "
+                     "none." + measured)
+  flags.DEFINE_float("s_txt", None, "--task=edit: instruct guidance scale of the instruction; "
+                     "1: none." + measured)
 
 
 def read_image(path: str, resolution: int) -> np.ndarray:
@@ -202,16 +219,75 @@ def parse_objects(text: str) -> list[tuple[str, list[int]]]:
   return out
 
 
-def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[str]:
-  """Does --task; returns what it printed or wrote, in lines."""
+def setting_flags(use: str) -> tuple[str, ...]:
+  """The flags that set fields of the setting `use` draws with (a --task of DRAWN_TASKS, or a
+  `reports.text_to_image_use`)."""
+  guidance = {"edit": ("s_img", "s_txt"), "image2seg": ()}.get(use, ("cfg",))
+  best_of = ("rerank", "rerank_by", "uncond_retrieved") if use.startswith("text_to_image") else ()
+  return guidance + SAMPLING_FLAGS + best_of
+
+
+def sampling_config(FLAGS, base: sampling.SamplingConfig) -> sampling.SamplingConfig:
+  """`base` with each field whose flag is given set to the flag's value."""
+  return dataclasses.replace(base, **{f: getattr(FLAGS, f) for f in SAMPLING_FLAGS
+                                      if getattr(FLAGS, f) is not None})
+
+
+def chosen_setting(FLAGS, use: str) -> tuple[sampling.Setting, str]:
+  """The setting `use` draws with: each field from its flag where one is given, else from the
+  run's best measured setting of `use` (`reports.sampling_defaults`), else from UNMEASURED; and
+  a line saying which setting it is and where it came from."""
+  measured = reports.sampling_defaults(FLAGS.workdir).get(use)
+  base = measured.setting if measured else UNMEASURED
+  given = [n for n in setting_flags(use) if getattr(FLAGS, n) is not None]
+  flag = lambda name, value: getattr(FLAGS, name) if name in given else value
+  at_hand = "retriever" if FLAGS.retriever or FLAGS.memory else "model"
+  rerank_by = base.rerank_by if base.candidates > 1 else at_hand
+  setting = dataclasses.replace(
+      base, sampling=dataclasses.asdict(sampling_config(FLAGS, base.config)),
+      guidance=flag("s_txt" if use == "edit" else "cfg", base.guidance),
+      image_guidance=flag("s_img", base.image_guidance), candidates=flag("rerank", base.candidates),
+      rerank_by=flag("rerank_by", rerank_by),
+      uncond_retrieved=flag("uncond_retrieved", base.uncond_retrieved))
+  path = os.path.join(FLAGS.workdir, reports.SAMPLING_DEFAULTS_FILE)
+  origin = (f"the best measured, {measured.describe()}, recorded in {path}" if measured else
+            f"{path} records no measured setting of {use}: greedy without guidance")
+  overridden = f"; {' '.join('--' + n for n in given)} as given" if given else ""
+  return setting, f"sampling {use} with {describe(setting, use)} ({origin}{overridden})"
+
+
+def describe(setting: sampling.Setting, use: str) -> str:
+  """`setting` as the flags that ask for it."""
+  c, plain = setting.config, sampling.SamplingConfig()
+  warpers = [f"--{f}={getattr(c, f):g}" for f in ("temperature", "top_k", "top_p")
+             if getattr(c, f) != getattr(plain, f)]
+  parts = ["--greedy"] if c.greedy else warpers or [f"--temperature={c.temperature:g}"]
+  if c.cd_k:
+    parts += [f"--cd_k={c.cd_k}", f"--cd_alpha={c.cd_alpha:g}"]
+  names = setting_flags(use)
+  if "s_txt" in names:
+    parts += [f"--s_img={setting.image_guidance:g}", f"--s_txt={setting.guidance:g}"]
+  if "cfg" in names:
+    parts.append(f"--cfg={setting.guidance:g}")
+  if "rerank" in names and setting.candidates > 1:
+    parts += [f"--rerank={setting.candidates}", f"--rerank_by={setting.rerank_by}"]
+  if use != reports.text_to_image_use(0) and "uncond_retrieved" in names:
+    parts.append("--uncond_retrieved" if setting.uncond_retrieved else "--nouncond_retrieved")
+  return " ".join(parts)
+
+
+def run_task(FLAGS, sampler, vqgan, key, setting: sampling.Setting = UNMEASURED,
+             text: sampling.SamplingConfig = TEXT_SAMPLING) -> list[str]:
+  """Does --task, a task of DRAWN_TASKS with `setting`, the text tasks with `text`; returns
+  what it printed or wrote, in lines."""
   missing = [f"--{f}" for f in TASK_NEEDS[FLAGS.task] if not getattr(FLAGS, f)]
   if missing:
     raise ConfigError(f"--task={FLAGS.task} needs {' and '.join(missing)}")
   if FLAGS.task == "infill":
-    return sampling.infill_text(sampler, [FLAGS.page], key, FLAGS.max_tokens, cfg)
+    return sampling.infill_text(sampler, [FLAGS.page], key, FLAGS.max_tokens, text)
   if FLAGS.task == "continue":
     return [FLAGS.prompt + t for t in sampling.continue_text(
-        sampler, [FLAGS.prompt] * FLAGS.num_captions, key, FLAGS.max_tokens, cfg)]
+        sampler, [FLAGS.prompt] * FLAGS.num_captions, key, FLAGS.max_tokens, text)]
   n, T = FLAGS.num_images, vqgan.cfg.tokens_per_image
   if FLAGS.image:
     codes = np.repeat(vqgan.encode(read_image(FLAGS.image, vqgan.cfg.resolution)[None]), n, 0)
@@ -219,17 +295,18 @@ def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[s
     return instruct.vqa(sampler, codes[:1], [FLAGS.question], key)
   if FLAGS.task == "caption":
     return instruct.caption(sampler, codes[:1], key)
+  cfg, guidance = setting.config, setting.guidance
   if FLAGS.task == "edit":
-    made = instruct.edit(sampler, codes, [FLAGS.instruction] * n, key, FLAGS.s_img,
-                         FLAGS.s_txt, cfg)
+    made = instruct.edit(sampler, codes, [FLAGS.instruction] * n, key, setting.image_guidance,
+                         guidance, cfg)
   elif FLAGS.task == "grounded":
     made = instruct.grounded(sampler, [FLAGS.prompt] * n, [parse_objects(FLAGS.objects)] * n, T,
-                             key, FLAGS.cfg, cfg)
+                             key, guidance, cfg)
   elif FLAGS.task == "html_image":
-    made = sampling.text_to_image(sampler, [FLAGS.prompt], n, T, key, FLAGS.cfg, cfg,
+    made = sampling.text_to_image(sampler, [FLAGS.prompt], n, T, key, guidance, cfg,
                                   form="html")[0]
   elif FLAGS.task == "seg2image":
-    made = instruct.seg2image(sampler, codes, [FLAGS.prompt] * n, key, FLAGS.cfg, cfg)
+    made = instruct.seg2image(sampler, codes, [FLAGS.prompt] * n, key, guidance, cfg)
   else:
     made = instruct.image2seg(sampler, codes, key, cfg)
   save_png(grid(vqgan.decode(made), FLAGS.scale), FLAGS.out)
@@ -239,30 +316,40 @@ def run_task(FLAGS, sampler, vqgan, cfg: sampling.SamplingConfig, key) -> list[s
 def main(FLAGS):
   if not FLAGS.workdir or not (FLAGS.prompt or FLAGS.image or FLAGS.task):
     raise ConfigError("--workdir and one of --prompt, --image or --task are required")
-  if FLAGS.num_images < 1 or FLAGS.num_captions < 1 or FLAGS.rerank < 1:
+  if FLAGS.num_images < 1 or FLAGS.num_captions < 1 or (FLAGS.rerank is not None
+                                                       and FLAGS.rerank < 1):
     raise ConfigError("--num_images, --num_captions and --rerank must be at least 1")
   if FLAGS.retrieve and not (FLAGS.memory and FLAGS.prompt):
     raise ConfigError("--retrieve needs --memory and --prompt")
-  if FLAGS.rerank > 1 and not (FLAGS.prompt and (FLAGS.retriever or FLAGS.memory)):
-    raise ConfigError("--rerank needs --prompt and a retriever: --retriever or --memory (its "
-                      "bank's)")
-  cfg = sampling.SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.greedy,
-                                FLAGS.cd_k, FLAGS.cd_alpha)
+  if (FLAGS.rerank or 1) > 1 and not FLAGS.prompt:
+    raise ConfigError("--rerank needs --prompt")
+  text = sampling_config(FLAGS, TEXT_SAMPLING)
+  use = FLAGS.task if FLAGS.task in DRAWN_TASKS else (
+      reports.text_to_image_use(FLAGS.retrieve) if FLAGS.prompt and not FLAGS.task else None)
+  setting = UNMEASURED
+  if use:
+    setting, line = chosen_setting(FLAGS, use)
+    if (setting.candidates > 1 and setting.rerank_by == "retriever"
+        and not (FLAGS.retriever or FLAGS.memory)):
+      raise ConfigError("--rerank_by=retriever needs a retriever: --retriever or --memory (its "
+                        "bank's)")
+    print(line)
   sampler, config = sampling.load(FLAGS.workdir)
   key = jax.random.PRNGKey(FLAGS.seed)
   if FLAGS.task in TEXT_TASKS:
-    print("\n".join(run_task(FLAGS, sampler, None, cfg, key)))
+    print("\n".join(run_task(FLAGS, sampler, None, key, text=text)))
     return
   if not sampler.vocab.num_image_codes:
     raise ConfigError(f"{FLAGS.workdir} is a text-only model (no image codes): sample it with "
                       f"--task={' or --task='.join(TEXT_TASKS)}")
   vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   if FLAGS.task:
-    print("\n".join(run_task(FLAGS, sampler, vqgan, cfg, key)))
+    print("\n".join(run_task(FLAGS, sampler, vqgan, key, setting)))
     return
   if FLAGS.prompt:
+    by_retriever = setting.candidates > 1 and setting.rerank_by == "retriever"
     found = None
-    if FLAGS.retrieve or (FLAGS.rerank > 1 and not FLAGS.retriever):
+    if FLAGS.retrieve or (by_retriever and not FLAGS.retriever):
       found = augment.Memory.load(FLAGS.memory)
     context = None
     if FLAGS.retrieve:
@@ -271,14 +358,17 @@ def main(FLAGS):
       for i in ids[0]:
         print(f"retrieved: {found.captions[i]!r}")
     score = None
-    if FLAGS.rerank > 1:
+    if by_retriever:
       scorer = retriever.load(FLAGS.retriever) if FLAGS.retriever else found.retriever
       score = augment.retriever_score(scorer, vqgan)
     codes = sampling.text_to_image_reranked(
-        sampler, [FLAGS.prompt] * FLAGS.num_images, FLAGS.rerank, vqgan.cfg.tokens_per_image, key,
-        FLAGS.cfg, cfg, context, FLAGS.uncond_retrieved, score)
+        sampler, [FLAGS.prompt] * FLAGS.num_images, setting.candidates,
+        vqgan.cfg.tokens_per_image, key, setting.guidance, setting.config, context,
+        setting.uncond_retrieved, score)
     save_png(grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
-    best_of = f", each the best of {FLAGS.rerank} by the retriever," if FLAGS.rerank > 1 else ""
+    judge = "the retriever" if by_retriever else "the model's likelihood of the prompt"
+    best_of = (f", each the best of {setting.candidates} by {judge},"
+               if setting.candidates > 1 else "")
     print(f"wrote {FLAGS.num_images} images{best_of} of {FLAGS.prompt!r} to {FLAGS.out}")
   if FLAGS.image:
     pixels = read_image(FLAGS.image, vqgan.cfg.resolution)
@@ -286,7 +376,7 @@ def main(FLAGS):
     if FLAGS.num_captions == 1:
       captions = sampling.caption_images(sampler, codes, key)
     else:
-      captions = sampling.caption_images(sampler, codes, key, sampling=cfg)
+      captions = sampling.caption_images(sampler, codes, key, sampling=text)
     for caption in captions:
       print(caption)
 

@@ -52,6 +52,36 @@ class SamplingConfig:
       raise ConfigError(f"cd_alpha must be in (0, 1], got {self.cd_alpha}")
 
 
+RERANKERS = ("model", "retriever")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """How images are drawn: guidance, the warpers and best-of-N reranking. The reports score
+  settings and record a run's best (`reports.sampling_defaults`); `cm3jax.sample` draws with it."""
+  guidance: float = 1.0  # alpha_c, or s_txt of instruct guidance; 1: none
+  sampling: dict = dataclasses.field(default_factory=dict)  # SamplingConfig fields
+  candidates: int = 1  # > 1: the best of these by `rerank_by`
+  rerank_by: str = "model"  # its likelihood of the caption given the image, or "retriever"
+  uncond_retrieved: bool = True  # with retrieval: the unconditional stream keeps the documents
+  image_guidance: float = 1.0  # s_img of instruct guidance (edit); 1: none
+
+  def __post_init__(self):
+    SamplingConfig(**self.sampling)  # a field it lacks is a TypeError, a bad value a ConfigError
+    if not (self.guidance >= 0 and self.image_guidance >= 0):
+      raise ConfigError(f"guidance scales must be >= 0 (1: none), got {self.guidance} and "
+                        f"{self.image_guidance}")
+    if not isinstance(self.candidates, int) or self.candidates < 1:
+      raise ConfigError(f"candidates must be an integer >= 1, got {self.candidates!r}")
+    if self.rerank_by not in RERANKERS or not isinstance(self.uncond_retrieved, bool):
+      raise ConfigError(f"rerank_by={self.rerank_by!r} must be one of {list(RERANKERS)} and "
+                        f"uncond_retrieved={self.uncond_retrieved!r} a bool")
+
+  @property
+  def config(self) -> SamplingConfig:
+    return SamplingConfig(**self.sampling)
+
+
 def guide(cond_BxV, uncond_BxV, alpha_B):
   """Classifier-free guidance: uncond + alpha * (cond - uncond)."""
   return uncond_BxV + alpha_B[:, None] * (cond_BxV - uncond_BxV)

@@ -15,19 +15,19 @@ reused.
 
 import collections
 import itertools
-import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from absl import flags
 
-from cm3jax import cli, tokenize_images
+from cm3jax import cli, provenance, tokenize_images
 from cm3jax.config import ConfigError
-from cm3jax.data import sft, shapes_tasks, task_shards, tf_cpu
+from cm3jax.data import code_shards, sft, shapes_tasks, task_shards, tf_cpu
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 ENCODE_RECORDS = 256  # records whose images are encoded in one batch
+SHARD_SIZE = 4096  # records per shard, by default
 
 
 def records(dataset: str, split: str, examples_per_task: int, skipped: collections.Counter
@@ -84,16 +84,31 @@ def encoded(tokenizer: ImageTokenizer, made: Iterable[sft.Record],
                        tuple(map(swap, record.output)))
 
 
+def source(dataset: str, examples_per_task: int) -> dict:
+  """What names a dataset's records in a split's made_by: the JSONL file's absolute path, or the
+  shapes task suite with its records per task."""
+  kind, _, path = dataset.partition(":")
+  if kind == "jsonl" and path:
+    return {"dataset": f"jsonl:{os.path.abspath(path)}"}
+  return {"dataset": dataset, "examples_per_task": examples_per_task}
+
+
 def write_split(tokenizer: ImageTokenizer, made: Iterable[sft.Record], out: str, split: str,
-                shard_size: int = 4096, skipped=None) -> dict:
-  """Writes the records' shards and OUT/SPLIT.json; returns the manifest (a complete split's
-  is returned as it is)."""
+                shard_size: int = SHARD_SIZE, skipped=None, made_from: Optional[dict] = None
+                ) -> dict:
+  """Writes the records' shards and OUT/SPLIT.json; returns the manifest. A complete split is
+  reused when its manifest records this run's made_by (tokenize_images.made_by: the records,
+  named by `made_from` (`source`), the VQGAN and the shard size) and refused otherwise."""
   if shard_size < 1:
     raise ConfigError(f"--shard_size={shard_size} must be at least 1")
   tf = tf_cpu.tensorflow()
   manifest_path = task_shards.manifest_path(out, split)
+  settings = tokenize_images.made_by(tokenizer, shard_size, made_from)
   if os.path.exists(manifest_path):
-    return task_shards.read_manifest(out, split)
+    summary = task_shards.read_manifest(out, split)
+    provenance.check(summary, settings, f"the complete {split} split in {out}",
+                     code_shards.REMEDY)
+    return summary
   try:
     os.makedirs(out, exist_ok=True)
   except OSError as e:
@@ -114,19 +129,17 @@ def write_split(tokenizer: ImageTokenizer, made: Iterable[sft.Record], out: str,
     path = task_shards.shard_path(out, split, i)
     os.replace(path + ".tmp", path)
   summary = {"split": split, "records": sum(tasks.values()), "tasks": dict(sorted(tasks.items())),
-             "shards": shards, "tokens_per_image": tokenizer.cfg.tokens_per_image,
-             "codebook_size": tokenizer.cfg.n_embed, "skipped": dict(skipped)}
-  with open(manifest_path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(manifest_path + ".tmp", manifest_path)
+             "shards": shards, **settings, provenance.FINGERPRINT: provenance.fingerprint(settings),
+             "skipped": dict(skipped)}
+  provenance.write_json(manifest_path, summary)
   return summary
 
 
 def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str,
-                   examples_per_task: int, shard_size: int = 4096) -> dict:
+                   examples_per_task: int, shard_size: int = SHARD_SIZE) -> dict:
   skipped: collections.Counter = collections.Counter()
   return write_split(tokenizer, records(dataset, split, examples_per_task, skipped), out, split,
-                     shard_size, skipped)
+                     shard_size, skipped, source(dataset, examples_per_task))
 
 
 def describe(summary: dict) -> str:
@@ -144,7 +157,7 @@ def _define_flags():
   flags.DEFINE_integer("examples_per_task", 2000, "shapes_tasks: train records per task.")
   flags.DEFINE_integer("eval_examples_per_task", 500, "shapes_tasks: records per task of the "
                        "other splits.")
-  flags.DEFINE_integer("shard_size", 4096, "Records per shard.")
+  flags.DEFINE_integer("shard_size", SHARD_SIZE, "Records per shard.")
 
 
 def main(FLAGS):

@@ -12,7 +12,9 @@ from hypothesis import given, settings, strategies as st
 
 from cm3jax import train_tokenizer
 from cm3jax.config import ConfigError  # noqa: E402
+from cm3jax import data  # noqa: E402
 from cm3jax.data import cm3, code_shards, html, shapes  # noqa: E402
+from cm3jax.retrieval import neighbours  # noqa: E402
 from cm3jax.vocab import EOS, Vocab  # noqa: E402
 
 CAPTIONS = [shapes.scene("train", i).caption() for i in range(2000)]
@@ -301,6 +303,38 @@ def test_retrieved_documents_precede_each_record_in_document_form(vocab, tmp_pat
   weights = np.concatenate([r["weights"][0] for r in rows])
   targets = np.concatenate([r["targets"][0] for r in rows])
   np.testing.assert_array_equal(weights == 0, vocab.is_sentinel(targets))  # one loss weight
+
+
+def test_neighbours_that_lack_a_record_are_refused(vocab, tmp_path):
+  """build_neighbours writes a row for every record of the split: neighbours that lack one were
+  made for other code shards. Before, such a record trained without neighbours (or, without
+  the stream's guard, with row 0's)."""
+  records = random_records(12)
+  codes_dir, directory = tmp_path / "codes", str(tmp_path / "neighbours")
+  write_shards(codes_dir, "validation", records)
+  os.makedirs(directory)
+  ids = np.array([[(i + 1) % 12, (i + 2) % 12] for i in range(12)])
+  cm3_config = {"retrieval": {"retriever": "", "memory": "", "neighbours_dir": directory,
+                              "documents": 2}}
+
+  def retrieved_with(keys):
+    neighbours.write_shard(directory, "validation", 0, np.array(keys), ids)
+    neighbours.finish(directory, "validation", {"records": 12, "shards": 1,
+                                                "codes": os.path.abspath(codes_dir),
+                                                "bank_split": "validation"})
+    return data.retrieved_documents(cm3_config, str(tmp_path), str(codes_dir), "validation")
+
+  keys = [f"{i}".encode() for i in range(len(records))]
+  np.testing.assert_array_equal(retrieved_with(keys).ids, ids)
+  keys[5] = b"another record"  # as many records as the split, one of them not the split's
+  with pytest.raises(ConfigError, match=r"1 validation records of .* \(key b'5' first\) have no "
+                                        "neighbours in .*: run python -m cm3jax.build_neighbours"):
+    retrieved_with(keys)
+  # A Retrieved made another way that lacks a record fails the stream, not row 0's neighbours.
+  partial = retrieved_of(records, 2, ids)._replace(keys=np.array(keys, object))
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    list(stream(codes_dir, vocab, split="validation", rows=1, repeat=False, seq_len=256,
+                retrieved=partial))
 
 
 def test_whole_segment_spans_come_from_the_record_after_retrieved_documents(vocab):

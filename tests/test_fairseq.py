@@ -1,7 +1,9 @@
 """CM3's own checkpoints: a fairseq transformer_lm .pt, its dict.txt and dict.model, imported and
 checked against transformers' XGLM (a port of fairseq's decoder) and OPT with the same weights."""
 
+import os
 import re
+import shlex
 
 import flax.linen as nn
 import jax
@@ -11,12 +13,12 @@ import pytest
 import torch
 import transformers
 
-from cm3jax import checkpoint, export, sampling, train, train_tokenizer
+from cm3jax import checkpoint, export, fairseq_io, sampling, train, train_tokenizer
 from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
 from cm3jax.data import shapes
-from cm3jax.vocab import SPECIALS, Vocab
-from tests.helpers import assert_one_line_error, run_module, tiny_config
+from cm3jax.vocab import EOS, PAD, SPECIALS, Vocab
+from tests.helpers import REPO, assert_one_line_error, load_config, run_module, tiny_config
 
 NUM_CODES, NUM_SENTINELS = 64, 4
 
@@ -136,31 +138,50 @@ def test_a_fairseq_checkpoint_equals_xglm_left_padded(activation, spm_model, dic
     ours = logits(cfg, params, tokens[b:b + 1, :n])[0]
     np.testing.assert_allclose(ours[:, ids], got[b, 18 - n:][:, rows], atol=1e-4, rtol=0)
 
-  # The checkpoint samples (greedy, on the devices) and trains on.
+  # The checkpoint samples on the devices (greedy, guided by a caption-free stream: the streams
+  # are left-padded to one length) what XGLM writes, and trains on.
   s = sampling.Sampler(cfg, params, vocab)
-  prompt = vocab.encode_document(["a red circle"])
-  row = s.generate([sampling.Request(prompt, jax.random.PRNGKey(0))], 8, "text",
+  prompt, uncond = vocab.encode_document(["a red circle"]), np.array([EOS])
+  row = s.generate([sampling.Request(prompt, jax.random.PRNGKey(0), uncond, 3.0)], 8, "text",
                    sampling.SamplingConfig(greedy=True))[0]
-  assert row.shape == (8,)
+  allowed = sampling.allowed_tokens(vocab, "text", cfg.vocab_size)[ids]
+
+  def xglm_next(stream_prompt, written):
+    theirs_row = [to_fairseq[t] for t in [*stream_prompt, *written]]
+    with torch.no_grad():
+      return model(torch.tensor([theirs_row]), position_ids=torch.arange(len(theirs_row))[None]
+                   ).logits[0, -1].numpy()[rows]
+
+  want = []
+  while len(want) < 8 and not set(want) & {EOS, vocab.eoss_id}:
+    cond_scores, uncond_scores = xglm_next(prompt, want), xglm_next(uncond, want)
+    scores = uncond_scores + 3.0 * (cond_scores - uncond_scores)
+    want.append(int(ids[np.argmax(np.where(allowed, scores, -np.inf))]))
+  assert row.tolist() == want + [PAD] * (8 - len(want)) and want[0] != EOS
   config = tiny_config(num_train_steps=2, **{f"model.{k}": v for k, v in cfg.to_dict().items()})
   history = train.train(config, str(tmp_path / "run"))
   assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
-def test_a_post_layer_norm_fairseq_checkpoint_equals_opt(spm_model, dictionary, tmp_path):
-  """Post-LN, learned positions, unscaled embeddings: fairseq's and OPT-350m's form."""
+def opt_form_checkpoint(tmp_path, spm_model, symbols, positions=64):
+  """A random OPT and the same weights as a fairseq transformer_lm checkpoint of `positions`
+  positions: post-LN, learned positions, unscaled embeddings (fairseq's and OPT-350m's form)."""
   model = randomise(transformers.OPTForCausalLM(transformers.OPTConfig(
-      vocab_size=len(dictionary), hidden_size=36, num_hidden_layers=2, ffn_dim=40,
-      num_attention_heads=3, max_position_embeddings=64, word_embed_proj_dim=36,
+      vocab_size=len(symbols), hidden_size=36, num_hidden_layers=2, ffn_dim=40,
+      num_attention_heads=3, max_position_embeddings=positions, word_embed_proj_dim=36,
       do_layer_norm_before=False, activation_function="relu", pad_token_id=1)))
   state = {k.replace("model.decoder.", "decoder.", 1): v for k, v in model.state_dict().items()
            if k != "lm_head.weight"}
-  files = write_files(tmp_path, spm_model, dictionary, state, {
+  return model, write_files(tmp_path, spm_model, symbols, state, {
       "_name": "transformer_lm_gpt", "decoder_embed_dim": 36, "decoder_layers": 2,
       "decoder_attention_heads": 3, "decoder_ffn_embed_dim": 40,
       "decoder_normalize_before": False, "decoder_learned_pos": True, "no_scale_embedding": True,
       "share_decoder_input_output_embed": True, "activation_fn": "relu",
-      "max_target_positions": 64})
+      "max_target_positions": positions})
+
+
+def test_a_post_layer_norm_fairseq_checkpoint_equals_opt(spm_model, dictionary, tmp_path):
+  model, files = opt_form_checkpoint(tmp_path, spm_model, dictionary)
   cfg, params, vocab = imported(files, tmp_path / "run")
   assert (cfg.pre_layer_norm, cfg.positions, cfg.scale_embeddings) == (False, "learned", False)
   ids, rows = mapped_ids(vocab, dictionary)
@@ -254,8 +275,86 @@ def test_bad_files_are_refused_in_one_line(spm_model, dictionary, tmp_path):
   (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
   with pytest.raises(ConfigError, match="cannot read .*garbage.pt"):
     export.import_cm3(str(tmp_path / "garbage.pt"), dict_txt, spm, run, tiny_config())
+  for name, damaged in (("cut.model", spm_model[:len(spm_model) // 2]), ("empty.model", b"")):
+    (tmp_path / name).write_bytes(damaged)
+    with pytest.raises(ConfigError, match=re.escape(
+        f"{tmp_path / name} is not a sentencepiece model (it does not parse, or holds no pieces)")):
+      export.import_cm3(pt, dict_txt, str(tmp_path / name), run, tiny_config())
   assert not (tmp_path / "run").exists()
   assert_one_line_error(run_module("cm3jax.export", f"--import_from={pt}", f"--workdir={run}",
                                    "--config=configs/tiny.py", timeout=300),
                         "cm3jax.export", "a fairseq --import_from needs --dict (dict.txt) and "
                         "--spm (dict.model)")
+
+
+def test_a_repeated_symbol_needs_fairseqs_overwrite_flag_and_then_takes_the_later_index(
+    spm_model, dictionary, tmp_path):
+  """As fairseq's Dictionary.add_from_file: a repeat without `#fairseq:overwrite` is refused;
+  with it the symbol takes a new index (the later line's), and the specials keep 0..3."""
+  piece = dictionary[10]
+  lines = "".join(f"{s} {100 + i}\n" for i, s in enumerate(dictionary[len(SPECIALS):]))
+  path = tmp_path / "dict.txt"
+  for repeat, first in ((piece, "line 7"), ("</s>", "fairseq's specials")):
+    path.write_text(lines + f"{repeat} 5\n")
+    with pytest.raises(ConfigError, match=re.escape(
+        f"{path}:{len(dictionary) - 3}: {repeat!r} repeats {first} without "
+        "#fairseq:overwrite, which fairseq refuses")):
+      fairseq_io.read_dictionary(str(path))
+  path.write_text(lines + f"{piece} 5 #fairseq:overwrite\n</s> 3 #fairseq:overwrite\n")
+  symbols = fairseq_io.read_dictionary(str(path))
+  assert symbols == dictionary + [piece, "</s>"]  # one index per line, as fairseq counts rows
+  vocab, rows = fairseq_io.vocabulary(symbols, spm_model)
+  assert rows[vocab.processor.piece_to_id(piece)] == len(dictionary)
+  assert list(rows[:len(SPECIALS)]) == [0, 1, 2, 3]
+
+
+def test_the_context_comes_from_the_checkpoint_and_overrides_may_not_contradict_it(
+    spm_model, dictionary, tmp_path):
+  """The README's command with configs/7b.py (seq_len 4,096) on a checkpoint of 2,048
+  positions: the import trains 2,048-token rows; an override beyond the checkpoint is refused."""
+  _, files = opt_form_checkpoint(tmp_path, spm_model, dictionary, positions=2048)
+  config = load_config("7b.py").get_config()
+  for overrides, message in (
+      ({"seq_len": 4096}, "--config.seq_len=4096 exceeds the checkpoint's 2048 positions"),
+      ({"model.max_seq_len": 4096}, "--config.model.max_seq_len=4096: the checkpoint has "
+       "max_seq_len=2048 (an import takes the architecture from the checkpoint)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+      export.import_cm3(*files, str(tmp_path / "refused"), config, overrides=overrides)
+  assert not (tmp_path / "refused").exists()
+  _, _, written = export.import_cm3(*files, str(tmp_path / "run"), config)
+  saved = checkpoint.saved_config(str(tmp_path / "run"), 0)
+  assert (saved["seq_len"], saved["model"]["max_seq_len"]) == (2048, 2048)
+  assert (written.seq_len, written.model.num_layers) == (2048, 2)
+  shorter = tiny_config(seq_len=16)  # a context shorter than the checkpoint's stays
+  _, _, written = export.import_cm3(*files, str(tmp_path / "short"), shorter,
+                                    overrides={"seq_len": 16})
+  assert (written.seq_len, written.model.max_seq_len) == (16, 2048)
+
+
+def readme_import_command(**paths) -> list[str]:
+  """The arguments of the README's fairseq import command (model_13B.pt + configs/7b.py), with
+  `paths` replacing the values of its flags."""
+  readme = open(os.path.join(REPO, "README.md")).read()
+  command = re.search(r"python -m cm3jax.export (--import_from=model_13B.pt[^#]*)", readme)
+  args = shlex.split(command.group(1).replace("\\\n", " "))
+  flags = dict(arg.split("=", 1) for arg in args)
+  assert set(paths) <= {f.lstrip("-") for f in flags}, flags
+  return [f"{f}={paths.get(f.lstrip('-'), v)}" for f, v in flags.items()]
+
+
+@pytest.mark.slow
+def test_the_readmes_import_command_takes_the_checkpoints_context(spm_model, dictionary,
+                                                                    tmp_path):
+  _, (pt, dict_txt, spm) = opt_form_checkpoint(tmp_path, spm_model, dictionary, positions=2048)
+  run = str(tmp_path / "run")
+  args = readme_import_command(import_from=pt, dict=dict_txt, spm=spm, workdir=run)
+  assert "--config=configs/7b.py" in args
+  assert_one_line_error(run_module("cm3jax.export", *args, "--config.seq_len=4096", timeout=300),
+                        "cm3jax.export", "--config.seq_len=4096 exceeds the checkpoint's 2048 "
+                        "positions")
+  result = run_module("cm3jax.export", *args, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "--config.seq_len=2048" in result.stdout and "--config.model.max_seq_len=2048" in (
+      result.stdout), result.stdout
+  saved = checkpoint.saved_config(run, 0)
+  assert (saved["seq_len"], saved["model"]["max_seq_len"]) == (2048, 2048)

@@ -11,7 +11,7 @@ from cm3jax import sampling, train_tokenizer
 from cm3jax.config import ConfigError
 from cm3jax.data import html, shapes
 from cm3jax.vocab import EOS, Vocab
-from tests.test_sampling import model_config, random_params
+from tests.test_sampling import greedy_reference, model_config, random_params
 
 CODES = 64
 
@@ -68,12 +68,35 @@ def test_infilling_moves_the_masked_span_after_a_sentinel(vocab):
       html.infill_prompt(vocab, page)
 
 
+def test_the_html_forms_prompts(vocab, sampler, monkeypatch):
+  """text_to_image(form="html") prompts `</s> <img alt="caption" src="` and guides with the
+  same prefix of an empty alt (not the break form's `</s> <sentinel:0> <break>`), after the
+  context in both streams or in the conditional one alone."""
+  asked = []
+  monkeypatch.setattr(sampler, "generate", lambda requests, num_new, *a: asked.extend(
+      requests) or np.full((len(requests), num_new), vocab.image_offset, np.int32))
+  context = [np.array([EOS, 7, 8], np.int32)]
+  for context_in_uncond in (True, False):
+    sampling.text_to_image(sampler, ['a "red" circle'], 1, 16, jax.random.PRNGKey(0), 2.0,
+                           context=context, context_in_uncond=context_in_uncond, form="html")
+  cond = [EOS, *vocab.encode_text('<img alt="a &quot;red&quot; circle" src="')]
+  uncond = [EOS, *vocab.encode_text('<img alt="" src="')]
+  assert [(r.prompt.tolist(), r.uncond_prompt.tolist(), r.guidance) for r in asked] == [
+      ([EOS, 7, 8] + cond, [EOS, 7, 8] + uncond, 2.0), ([EOS, 7, 8] + cond, uncond, 2.0)]
+
+
 def test_the_sampling_tasks(vocab, sampler):
-  codes = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
-                                 jax.random.PRNGKey(0), guidance=2.0, form="html")
-  assert codes.shape == (2, 2, 16) and codes.min() >= 0 and codes.max() < CODES
-  again = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 2, 16,
-                                 jax.random.PRNGKey(0), guidance=2.0, form="html")
-  np.testing.assert_array_equal(codes, again)
+  """Greedy html-form drawing and infilling equal the reference decoding of their prompts."""
+  greedy = sampling.SamplingConfig(greedy=True)
+  codes = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 1, 16,
+                                 jax.random.PRNGKey(0), guidance=2.0, sampling=greedy, form="html")
+  for caption, drawn in zip(["a red circle", "a blue square"], codes[:, 0]):
+    want = greedy_reference(sampler, html.alt_prompt(vocab, caption), 16, "image",
+                            [EOS, *vocab.encode_text('<img alt="" src="')], 2.0)
+    np.testing.assert_array_equal(drawn, want - vocab.image_offset)
   filled = sampling.infill_text(sampler, ["a red <mask> above"], jax.random.PRNGKey(0), 6)
-  assert filled[0].startswith("a red ") and filled[0].endswith(" above")
+  s0 = vocab.sentinel(0)
+  span = greedy_reference(sampler, [EOS, *vocab.encode_text("a red "), s0,
+                                    *vocab.encode_text(" above"), s0], 6, "text")
+  assert filled == ["a red " + sampling.decode_text(vocab, span) + " above"]
+  assert span[0] != EOS

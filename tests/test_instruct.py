@@ -51,7 +51,8 @@ def test_edit_runs_full_image_only_and_unconditional_streams(vocab):
 def test_guided_generation_masks_its_conditions(vocab):
   sampler = RecordingSampler(vocab)
   maps = np.array([[1, 2, 3, 4]])
-  instruct.seg2image(sampler, maps, ["a small red circle on the left"], jax.random.PRNGKey(0))
+  instruct.seg2image(sampler, maps, ["a small red circle on the left"], jax.random.PRNGKey(0),
+                     guidance=3.0)
   (request,) = sampler.requests
   assert request.guidance == 3.0
   assert request.uncond_prompt.tolist() == instruct.prompt(
@@ -69,6 +70,17 @@ def test_guided_generation_masks_its_conditions(vocab):
   sampler = RecordingSampler(vocab)
   instruct.grounded(sampler, ["a"], [[]], 4, jax.random.PRNGKey(0))
   assert sampler.requests[0].uncond_prompt is None
+
+
+def test_the_scales_default_to_no_guidance(vocab):
+  """The paper's scales (s_img 1.5, s_txt 7.5; CFG 3) ruin the tiny model's images
+  (benchmarks/RESULTS.md): the library's defaults are 1, none."""
+  sampler, key = RecordingSampler(vocab), jax.random.PRNGKey(0)
+  instruct.edit(sampler, np.array([[1, 2, 3, 4]]), ["make the red circle blue"], key)
+  instruct.seg2image(sampler, np.array([[1, 2, 3, 4]]), ["a small red circle"], key)
+  edit, seg2image = sampler.requests
+  assert (edit.guidance, edit.image_guidance) == (1.0, 1.0)
+  assert seg2image.guidance == 1.0 and seg2image.uncond_prompt is None
 
 
 class TextSampler(RecordingSampler):

@@ -2,6 +2,9 @@
 and bad input."""
 
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -11,7 +14,7 @@ from cm3jax import build_memory, build_neighbours
 from cm3jax.config import ConfigError
 from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-from tests.helpers import RecordingSampler, assert_one_line_error, run_module
+from tests.helpers import REPO, RecordingSampler, assert_one_line_error, run_module
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +53,7 @@ def test_an_interrupted_bank_resumes_with_nothing_lost_or_duplicated(bank, parts
   os.makedirs(copy)
   for shard in (0, 1):  # an interrupted run: two whole shards and a partial temporary file
     os.link(memory.shard_path(out, shard), memory.shard_path(copy, shard))
+  os.link(memory.settings_path(out), memory.settings_path(copy))
   open(memory.shard_path(copy, 2) + ".tmp", "wb").write(b"partial")
   manifest = build_memory.build(r, vqgan, small_codes, "train", copy, shard_size=128,
                                 batch_size=50)
@@ -76,6 +80,10 @@ def test_hosts_embed_disjoint_shards_that_make_the_whole_bank(bank, parts, small
   np.testing.assert_array_equal(memory.load(out)[0], memory.load(bank[0])[0])
 
 
+def other_weights(params):
+  return jax.tree.map(lambda p: np.asarray(p) * 1.01, params)
+
+
 def test_a_bank_refuses_another_retriever_dimension_or_codes(bank, parts, small_codes, tmp_path):
   out, manifest = bank
   r, _ = parts
@@ -86,10 +94,44 @@ def test_a_bank_refuses_another_retriever_dimension_or_codes(bank, parts, small_
   other = tmp_path / "codes"
   other.mkdir()
   (other / "train.json").write_text('{"records": 100}')
-  with pytest.raises(ConfigError, match="covers the 512 train records"):
+  with pytest.raises(ConfigError, match=rf"memory bank {out} of the train split: made with "
+                     rf"codes='{small_codes}' \(this run: '{other}'\), codes_fingerprint='\w+' "
+                     r"\(this run: None\), codes_records=512 \(this run: 100\)"):
     memory.check_covers(manifest, out, str(other))
   with pytest.raises(ConfigError, match="holds no complete memory bank"):
     memory.load(str(tmp_path))
+
+
+def test_a_bank_made_otherwise_is_neither_resumed_nor_reused(bank, parts, small_codes, tmp_path):
+  """Before, a bank killed after 2 of 4 shards and resumed with another --retriever mixed two
+  retrievers' vectors under a bank.json that named the second; with another --shard_size it
+  counted 404 documents of 512 and reported nothing skipped."""
+  out, _ = bank
+  r, vqgan = parts
+  partial = str(tmp_path / "bank")
+  os.makedirs(partial)
+  for shard in (0, 1):  # what a kill after shard 2 leaves
+    os.link(memory.shard_path(out, shard), memory.shard_path(partial, shard))
+  os.link(memory.settings_path(out), memory.settings_path(partial))
+  other_codes = str(tmp_path / "codes")
+  shutil.copytree(small_codes, other_codes)
+  another = {
+      "retriever_fingerprint": dict(r=retriever.Retriever(r.cfg, other_weights(r.params),
+                                                          r.tokenize, "another CLIP")),
+      "vqgan": dict(vqgan=ImageTokenizer(vqgan.cfg, other_weights(vqgan.params), vqgan.step)),
+      "split": dict(split="validation"), "codes": dict(codes_dir=other_codes),
+      "shard_size": dict(shard_size=64)}
+  for field, change in another.items():
+    args = {"r": r, "vqgan": vqgan, "codes_dir": small_codes, "split": "train", "shard_size": 128,
+            **change}
+    for where, what in ((partial, f"the 2 shards of memory bank {partial}"),
+                        (out, f"memory bank {out}")):
+      with pytest.raises(ConfigError, match=rf"^{what}: made with {field}=\S+ \(this run: \S+\)"
+                         r"[^;]*; run with the retriever, VQGAN, codes and settings it was made"):
+        build_memory.build(out=where, batch_size=50, **args)
+  assert memory.done_shards(partial) == {0, 1}
+  manifest = build_memory.build(r, vqgan, small_codes, "train", partial, 128, 50)
+  assert manifest["records"] == 512 and manifest == memory.read_manifest(out)
 
 
 def test_faiss_missing_is_one_line(monkeypatch):
@@ -187,6 +229,7 @@ def test_interrupted_neighbours_resume_identically(neighbour_dir, bank, parts, s
   os.makedirs(copy)
   os.link(neighbours.shard_path(neighbour_dir, "train", 0),
           neighbours.shard_path(copy, "train", 0))
+  os.link(neighbours.settings_path(neighbour_dir, "train"), neighbours.settings_path(copy, "train"))
   vectors, ids, _ = memory.load(out)
   build_neighbours.build_split(r, vqgan, mips.make_index("exact", vectors, ids),
                                build_neighbours.documents_by_id(vectors, ids),
@@ -195,6 +238,113 @@ def test_interrupted_neighbours_resume_identically(neighbour_dir, bank, parts, s
   a, b = neighbours.read(neighbour_dir, "train"), neighbours.read(copy, "train")
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
+
+
+@pytest.mark.slow
+def test_a_bank_killed_after_3_of_8_shards_refuses_another_shard_size(
+    retriever_workdir, vqgan_workdir, small_codes, tmp_path):
+  """The issue's repro: killed after shard 3 of 8, rerun with another --shard_size (before: 404
+  documents of 512, nothing reported skipped)."""
+  args = [f"--retriever={retriever_workdir}", f"--codes={small_codes}", f"--vqgan={vqgan_workdir}",
+          f"--out={tmp_path}/bank", "--batch_size=32"]
+  process = subprocess.Popen(
+      [sys.executable, "-m", "cm3jax.build_memory", *args, "--shard_size=64"], cwd=REPO,
+      env=dict(os.environ, PYTHONPATH=REPO), text=True, stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL)
+  seen = ""
+  for line in process.stdout:
+    seen += line
+    if line.startswith("bank shard 3/8"):
+      process.kill()
+      break
+  process.wait()
+  assert "bank shard 3/8" in seen and not os.path.exists(tmp_path / "bank" / memory.MANIFEST), seen
+  assert_one_line_error(run_module("cm3jax.build_memory", *args, "--shard_size=100"),
+                        "cm3jax.build_memory", f"the 3 shards of memory bank {tmp_path}/bank: made "
+                        "with shard_size=64 (this run: 100); run with the retriever")
+  resumed = run_module("cm3jax.build_memory", *args, "--shard_size=64")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "this host: 8, 3 already written" in resumed.stdout
+  assert "memory bank" in resumed.stdout and ": 512 documents of" in resumed.stdout
+
+
+def test_neighbours_made_otherwise_are_neither_resumed_nor_reused(neighbour_dir, bank, parts,
+                                                                 small_codes, tmp_path):
+  """Before, a rerun into a folder with another retriever and bank kept the old shards under a
+  manifest naming the new ones, and one with --per_record=2 recorded 2 over shards of 3."""
+  out, manifest = bank
+  r, vqgan = parts
+  partial = str(tmp_path / "n")
+  os.makedirs(partial)
+  os.link(neighbours.shard_path(neighbour_dir, "train", 0),  # what a kill after shard 1 leaves
+          neighbours.shard_path(partial, "train", 0))
+  os.link(neighbours.settings_path(neighbour_dir, "train"),
+          neighbours.settings_path(partial, "train"))
+  another_bank = {**manifest, "path": out, "fingerprint": "0" * 16,
+                  "retriever_fingerprint": "1" * 16}
+  another = {
+      "bank_fingerprint": dict(bank=another_bank),
+      "vqgan": dict(vqgan=ImageTokenizer(vqgan.cfg, other_weights(vqgan.params), vqgan.step)),
+      "per_record": dict(per_record=2), "candidates": dict(candidates=16),
+      "query_dropout": dict(query_dropout=0.1), "max_relevance": dict(max_relevance=0.8),
+      "seed": dict(seed=1), "shard_size": dict(shard_size=100)}
+  for field, change in another.items():
+    args = {"vqgan": vqgan, "bank": {**manifest, "path": out}, "per_record": 3, "candidates": 8,
+            "shard_size": 200, **change}
+    for where, what in ((partial, f"the 1 train neighbour shards in {partial}"),
+                        (neighbour_dir, f"the train neighbours in {neighbour_dir}")):
+      with pytest.raises(ConfigError, match=rf"^{what}: made with {field}=\S+ \(this run: \S+\)"
+                         r"[^;]*; run with the bank, VQGAN, codes and settings they were made"):
+        build_neighbours.build_split(r, index=None, documents_NxE=None, codes_dir=small_codes,
+                                     split="train", out=where, **args)
+  assert neighbours.done_shards(partial, "train") == {0}
+  assert not os.path.exists(neighbours.manifest_path(partial, "train"))
+
+
+def test_the_pipeline_refuses_its_own_bank_or_neighbours_made_otherwise(
+    neighbour_dir, bank, retriever_workdir, vqgan_workdir, small_codes, tmp_path, monkeypatch):
+  from cm3jax import pipeline
+  from tests.helpers import tiny_config
+  out, _ = bank
+  shutil.copytree(out, tmp_path / "memory")
+  shutil.copytree(neighbour_dir, tmp_path / "neighbours")
+  job = lambda **retrieval: pipeline.Job(tiny_config(data="cm3", **{
+      "cm3.vqgan_workdir": vqgan_workdir, "cm3.codes_dir": small_codes,
+      "cm3.retrieval.documents": 3, "cm3.retrieval.retriever": retriever_workdir,
+      "cm3.retrieval.per_record": 3, "cm3.retrieval.candidates": 8,
+      **{f"cm3.retrieval.{k}": v for k, v in retrieval.items()}}), str(tmp_path))
+  with pytest.raises(ConfigError, match=rf"^the memory bank {tmp_path}/memory: made with "
+                     r"shard_size=128 \(this run: 4096\); delete it for the pipeline"):
+    pipeline.memory_status(job())
+  monkeypatch.setattr(build_memory, "SHARD_SIZE", 128)  # as the pipeline would have made it
+  assert pipeline.memory_status(job())[0] == pipeline.COMPLETE
+  monkeypatch.setattr(build_neighbours, "SHARD_SIZE", 200)
+  assert pipeline.neighbours_status(job(memory=out))[0] == pipeline.COMPLETE
+  with pytest.raises(ConfigError, match=rf"^the train neighbours in {tmp_path}/neighbours: made "
+                     r"with per_record=3 \(this run: 2\); delete it for the pipeline"):
+    pipeline.neighbours_status(job(memory=out, per_record=2))
+  with pytest.raises(ConfigError, match=r": made with bank='\S+' \(this run: '\S+/memory'\);"):
+    pipeline.neighbours_status(job())
+
+
+def test_query_dropout_reaches_the_text_queries_at_the_recorded_rate(bank, parts, small_codes,
+                                                                      tmp_path, monkeypatch):
+  out, manifest = bank
+  r, vqgan = parts
+  queries = []
+  embed_tokens = r.embed_tokens
+  monkeypatch.setattr(r, "embed_tokens", lambda tokens: queries.append(tokens) or
+                      embed_tokens(tokens))
+  vectors, ids, _ = memory.load(out)
+  info = build_neighbours.build_split(
+      r, vqgan, mips.make_index("exact", vectors, ids),
+      build_neighbours.documents_by_id(vectors, ids), {**manifest, "path": out}, small_codes,
+      "validation", str(tmp_path), per_record=3, candidates=8)
+  assert info["query_dropout"] == 0.2
+  texts = [caption.decode() for _, _, caption, _ in memory.records(small_codes, "validation")]
+  length = lambda tokens_BxC: np.argmax(tokens_BxC == r.cfg.eot_id, axis=1).sum()
+  kept = length(np.concatenate(queries)) / length(r.tokenize(texts, r.cfg.context_length))
+  assert kept == pytest.approx(1 - info["query_dropout"], abs=0.05)
 
 
 def test_bad_input_to_the_commands(tmp_path, retriever_workdir, small_codes, vqgan_workdir):
@@ -332,3 +482,26 @@ def test_the_retriever_score_is_each_decoded_images_cosine_to_its_caption(parts,
   np.testing.assert_allclose(score, np.diag(cosines), rtol=1e-5, atol=1e-6)
   with pytest.raises(ConfigError, match="63 texts for 64 images"):
     r.image_text_scores(captions[1:], vqgan.decode(codes))
+
+
+def test_a_bank_of_a_state_dict_clip_reloads_its_retriever_as_it_was_made(parts, small_codes,
+                                                                           tmp_path):
+  """A state dict records neither its heads nor its activation; the bank records both, and the
+  same weights under another activation are another retriever."""
+  import open_clip
+  import torch
+  from cm3jax.retrieval import augment
+  _, vqgan = parts
+  model = open_clip.model.CLIP(
+      embed_dim=16, quick_gelu=False,
+      vision_cfg=dict(layers=1, width=32, head_width=16, patch_size=8, image_size=32),
+      text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+  path = str(tmp_path / "gelu.pt")
+  torch.save(model.state_dict(), path)
+  made_with = retriever.load(path, head_width=16, activation="gelu")
+  out = str(tmp_path / "bank")
+  build_memory.build(made_with, vqgan, small_codes, "train", out, shard_size=512, batch_size=128)
+  found = augment.Memory.load(out)
+  assert found.retriever.cfg.activation == "gelu" and found.retriever.cfg.text_heads == 2
+  assert found.retriever.fingerprint == made_with.fingerprint
+  assert retriever.load(path, 16, "quick_gelu").fingerprint != made_with.fingerprint

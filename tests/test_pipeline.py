@@ -1,10 +1,17 @@
 """The pipeline's stage runner: what runs where on several hosts, and what a status decides."""
 
+import itertools
+import json
+import shutil
+
 import jax
 import pytest
 from jax.experimental import multihost_utils
 
-from cm3jax import pipeline
+from cm3jax import pipeline, tokenize_images
+from cm3jax.config import ConfigError
+from cm3jax.data import code_shards
+from cm3jax.vqgan.tokenizer import ImageTokenizer
 from tests.helpers import tiny_config
 
 
@@ -104,3 +111,43 @@ def test_retrieval_adds_three_stages_before_the_token_model(tmp_path):
 def override_retriever(config, path):
   config.cm3.retrieval.retriever = str(path)
   return config
+
+
+def test_an_output_of_the_pipeline_that_its_config_would_not_make_is_refused(
+    vqgan_workdir, shapes_data_dir, tmp_path):
+  """Before, the pipeline reused its VQGAN after its config changed ("reusing ... step 6 of 6").
+  It refuses (it owns the output, but remaking it would strand what was made from it)."""
+  shutil.copytree(vqgan_workdir, tmp_path / "vqgan")
+  files = itertools.count()
+
+  def job(dataset="shapes/small", cm3=(), **vqgan_overrides):
+    config_file = tmp_path / f"vq{next(files)}.py"  # a new name: no stale bytecode
+    config_file.write_text("from tests.helpers import vqgan_config\n\n\ndef get_config():\n"
+                           f"  return vqgan_config({shapes_data_dir!r}, **{vqgan_overrides!r})\n")
+    return pipeline.Job(tiny_config(data="cm3", **{
+        "cm3.vqgan_config": str(config_file), "cm3.dataset": dataset,
+        "cm3.data_dir": shapes_data_dir, **dict(cm3)}), str(tmp_path))
+
+  where = f"{tmp_path}/vqgan"
+  assert pipeline.vqgan_status(job()) == (pipeline.COMPLETE, f"{where} at step 6 of 6")
+  assert pipeline.vqgan_status(job(log_every=3, keep_checkpoints=1))[0] == pipeline.COMPLETE
+  assert pipeline.vqgan_status(job(num_train_steps=9))[0] == pipeline.PARTIAL  # resumed
+  for field, change in (("vqgan.n_embed", {"vqgan.n_embed": 32}),
+                        ("learning_rate", {"learning_rate": 1e-3}), ("seed", {"seed": 1}),
+                        ("data", {"dataset": "shapes"})):
+    with pytest.raises(ConfigError, match=rf"^the VQGAN in {where} \(step 6\): made with "
+                       rf"{field}=\S+ \(this run: \S+\); delete it for the pipeline to make it"):
+      pipeline.vqgan_status(job(**change))
+  given = job(cm3={"cm3.vqgan_workdir": where}, **{"vqgan.n_embed": 32})
+  assert pipeline.vqgan_status(given)[0] == pipeline.COMPLETE  # a given path is used as it is
+
+  # the codes, made from another dataset
+  (tmp_path / "codes").mkdir()
+  made_by = tokenize_images.made_by(ImageTokenizer.load(where), tokenize_images.SHARD_SIZE,
+                                    tokenize_images.source("shapes"))
+  (tmp_path / "codes" / "train.json").write_text(json.dumps({"records": 1, **made_by}))
+  assert code_shards.read_manifest(str(tmp_path / "codes"), "train")["dataset"] == "shapes"
+  assert pipeline.codes_status(job("shapes"))[0] == pipeline.MISSING  # no shard: not begun
+  with pytest.raises(ConfigError, match=rf"^the train codes in {tmp_path}/codes: made with "
+                     r"dataset='shapes' \(this run: 'shapes/small'\); delete it"):
+    pipeline.codes_status(job())

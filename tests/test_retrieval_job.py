@@ -53,7 +53,8 @@ def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbo
   assert "wrote 2 images, each the best of 3 by the retriever, of" in result.stdout
   assert os.path.getsize(tmp_path / "grid.png") > 0
   for flags, message in ((["--retrieve=2"], "--retrieve needs --memory and --prompt"),
-                         (["--rerank=2"], "--rerank needs --prompt and a retriever"),
+                         (["--rerank=2", "--rerank_by=retriever"],
+                          "--rerank_by=retriever needs a retriever: --retriever or --memory"),
                          (["--rerank=0"], "and --rerank must be at least 1")):
     assert_one_line_error(run_module("cm3jax.sample", f"--workdir={workdir}", "--prompt=a",
                                      *flags), "cm3jax.sample", message)

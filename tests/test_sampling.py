@@ -1,6 +1,9 @@
 """The KV-cache sampler: cached logits, the guidance and warper formulas against references,
 modality constraints, keys, batching of prompts, tasks and bad input."""
 
+import dataclasses
+import types
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -9,11 +12,11 @@ import pytest
 import torch
 
 from cm3jax import model as model_lib
-from cm3jax import sampling, sharding, train_tokenizer, trainer
+from cm3jax import eval_shapes, reports, sample, sampling, sharding, train_tokenizer, trainer
 from cm3jax.config import ConfigError
 from cm3jax.data import shapes
 from cm3jax.vocab import EOS, PAD, Vocab
-from tests.helpers import nontrivial, tiny_config
+from tests.helpers import assert_one_line_error, nontrivial, run_module, tiny_config
 
 CODES = 64
 
@@ -39,6 +42,33 @@ def random_params(cfg, seed=0):
 def sampler(vocab):
   cfg = model_config(vocab)
   return sampling.Sampler(cfg, random_params(cfg), vocab)
+
+
+def greedy_reference(sampler, prompt, num_new, mode, uncond=None, guidance=1.0) -> np.ndarray:
+  """The tokens greedy decoding of `prompt` must give, computed without the sampler's cache or
+  batching: each step, the model's full forward over each stream's prompt and the tokens so far,
+  guided (uncond + guidance (cond - uncond)) and restricted to the mode's tokens; text ends at
+  </s> or <eoss>, then <pad>."""
+  length = sampler.cfg.max_seq_len
+  forward = jax.jit(lambda row: sampler.model.apply({"params": sampler.params}, row)[0])
+  allowed = sampling.allowed_tokens(sampler.vocab, mode, sampler.cfg.vocab_size)
+  tokens = []
+
+  def next_logits(stream_prompt):
+    row = np.concatenate([stream_prompt, tokens]).astype(np.int32)
+    padded = np.full((1, length), PAD, np.int32)  # causal: what follows the row changes nothing
+    padded[0, :len(row)] = row
+    return np.asarray(forward(padded)[len(row) - 1], np.float32)
+
+  while len(tokens) < num_new:
+    logits = next_logits(prompt)
+    if uncond is not None:
+      unconditional = next_logits(uncond)
+      logits = unconditional + guidance * (logits - unconditional)
+    tokens.append(int(np.argmax(np.where(allowed, logits, -np.inf))))
+    if mode == "text" and tokens[-1] in (EOS, sampler.vocab.eoss_id):
+      break
+  return np.array(tokens + [PAD] * (num_new - len(tokens)), np.int32)
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
@@ -279,13 +309,26 @@ def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
 
 
 def test_tasks(sampler, vocab, monkeypatch):
-  key = jax.random.PRNGKey(3)
-  codes = sampling.text_to_image(sampler, ["a red circle in the center", "a blue square"], 3, 16,
-                                 key, guidance=2.0)
-  assert codes.shape == (2, 3, 16) and codes.min() >= 0 and codes.max() < CODES
-  captions = sampling.caption_images(sampler, codes[0], key)
-  assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
-  assert len(sampling.continue_text(sampler, ["a red"], key)) == 1
+  """Each task's greedy output is the reference's (greedy_reference) on the prompt the task's
+  docstring names, written out here token by token."""
+  key, greedy = jax.random.PRNGKey(3), sampling.SamplingConfig(greedy=True)
+  s0, brk = vocab.sentinel(0), vocab.break_id
+  texts = ["a red circle in the center", "a blue square"]
+  codes = sampling.text_to_image(sampler, texts, 2, 16, key, guidance=2.0, sampling=greedy)
+  assert codes.shape == (2, 2, 16)
+  for text, drawn in zip(texts, codes):
+    want = greedy_reference(sampler, [EOS, *vocab.encode_text(text), brk], 16, "image",
+                            [EOS, s0, brk], 2.0)
+    np.testing.assert_array_equal(drawn, [want - vocab.image_offset] * 2)
+  unguided = sampling.text_to_image(sampler, texts, 1, 16, key, sampling=greedy)
+  assert not np.array_equal(unguided[:, 0], codes[:, 0])  # the unconditional stream counts
+  captions = sampling.caption_images(sampler, codes[:, 0], key)  # greedy by default
+  for image, caption in zip(codes[:, 0], captions):
+    want = greedy_reference(sampler, [EOS, s0, brk, *vocab.image_tokens(image), s0], 32, "text")
+    assert caption == sampling.decode_text(vocab, want) and want[0] != EOS
+  continued = sampling.continue_text(sampler, ["a red"], key, sampling=greedy)
+  want = greedy_reference(sampler, [EOS, *vocab.encode_text("a red")], 32, "text")
+  assert continued == [sampling.decode_text(vocab, want)] and want[0] != EOS
 
   asked = []
   generate = sampler.generate
@@ -302,6 +345,35 @@ def test_tasks(sampler, vocab, monkeypatch):
   assert filled.shape == (16,)
   np.testing.assert_array_equal(filled[:4], original[:4])
   np.testing.assert_array_equal(filled[9:], original[9:])
+
+
+def test_guidance_keeps_the_retrieved_documents_in_the_unconditional_stream_by_default(
+    sampler, vocab, monkeypatch, tmp_path):
+  """uncond_retrieved: True unless asked otherwise, in cm3jax.sample (neither a recorded
+  setting nor the flag) and in eval_shapes' guided rows but those named for the other
+  definition. With it the unconditional stream repeats the documents before
+  `</s> <sentinel:0> <break>`; without it, it is that prompt alone."""
+  asked = []
+  monkeypatch.setattr(sampler, "generate", lambda requests, num_new, *a: asked.extend(
+      requests) or np.full((len(requests), num_new), vocab.image_offset, np.int32))
+  use = reports.text_to_image_use(1)
+  settings = {"sample": sample.chosen_setting(unset_flags(tmp_path, cfg=1.5), use)[0],
+              "sample --nouncond_retrieved": sample.chosen_setting(
+                  unset_flags(tmp_path, cfg=1.5, uncond_retrieved=False), use)[0]}
+  settings.update({name: s for name, s in {**eval_shapes.SETTINGS,
+                                           **eval_shapes.RETRIEVAL_SETTINGS}.items()
+                   if s.guidance != 1})
+  assert len(settings) == 6
+  context, caption_free = [np.array([EOS, 7, 8], np.int32)], [EOS, vocab.sentinel(0),
+                                                              vocab.break_id]
+  for name, setting in settings.items():
+    asked.clear()
+    sampling.text_to_image_reranked(sampler, ["a red circle"], setting.candidates, 4,
+                                    jax.random.PRNGKey(0), setting.guidance, setting.config,
+                                    context, setting.uncond_retrieved)
+    dropped = "no documents" in name or "--nouncond_retrieved" in name
+    want = caption_free if dropped else [EOS, 7, 8] + caption_free
+    assert asked[0].uncond_prompt.tolist() == want, name
 
 
 def memorised_documents(vocab, captions, codes, region):
@@ -432,3 +504,175 @@ def test_bad_requests(sampler, vocab):
 def test_no_checkpoint(tmp_path):
   with pytest.raises(ConfigError, match="no checkpoints in"):
     sampling.load(str(tmp_path))
+
+
+# The run's best measured setting: recorded by the report, drawn with by cm3jax.sample.
+
+def shapes_column(split, retrieved, **scores):
+  """A column of an eval_shapes report: {"text_to_image, ROW": score} from ROW=score."""
+  return {"split": split, "step": 2400, "examples": 500, "retrieved": retrieved,
+          "VQGAN reconstructions": 0.99, "image_to_text, greedy": 0.7,
+          **{f"text_to_image, {row}": score for row, score in scores.items()}}
+
+
+GREEDY, TOP_P = "greedy, no guidance", "top-p 0.9, no guidance"
+CFG_15, CFG_3 = "top-p 0.9, CFG 1.5", "top-p 0.9, CFG 3"
+BEST_OF_8 = "top-p 0.9, best of 8 by the caption's likelihood"
+BY_RETRIEVER = "top-p 0.9, best of 8 by the retriever's score"
+DROPPED = "top-p 0.9, CFG 1.5, no documents in the unconditional stream"
+
+
+def test_the_report_records_the_best_row_of_each_use(tmp_path):
+  """The best mean over a use's columns; without retrieval no row that needs a retriever; an
+  eval_shapes report replaces what eval_shapes recorded before and keeps the task report's."""
+  results = {
+      "validation": shapes_column("validation", 0, **{GREEDY: 0.58, TOP_P: 0.48, CFG_15: 0.53,
+                                                      CFG_3: 0.09, BEST_OF_8: 0.74,
+                                                      BY_RETRIEVER: 0.95}),
+      "test": shapes_column("test", 0, **{GREEDY: 0.30, TOP_P: 0.01, CFG_15: 0.01, CFG_3: 0.0,
+                                          BEST_OF_8: 0.02, BY_RETRIEVER: 0.05}),
+      "validation, 3 retrieved": shapes_column("validation", 3, **{GREEDY: 0.80, BEST_OF_8: 0.79,
+                                                                   BY_RETRIEVER: 0.92,
+                                                                   DROPPED: 0.93})}
+  task = reports.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
+                          sampling.Setting(sampling=dict(greedy=True)))
+  reports.record_sampling_defaults(str(tmp_path), "eval_tasks.json", {"edit": task})
+  older = reports.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 1200,
+                           {"validation": 0.5}, eval_shapes.SETTINGS[GREEDY])
+  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
+                                   {"text_to_image, 2 retrieved": older})  # replaced below
+  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
+                                   eval_shapes.sampling_defaults(results))
+  recorded = reports.sampling_defaults(str(tmp_path))
+  assert list(recorded) == ["edit", "text_to_image", "text_to_image, 3 retrieved"]
+  assert recorded["edit"] == task
+  plain = recorded["text_to_image"]
+  assert plain == reports.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 2400,
+                                   {"validation": 0.58, "test": 0.30}, eval_shapes.SETTINGS[GREEDY])
+  retrieved = recorded["text_to_image, 3 retrieved"]
+  assert retrieved.row == f"text_to_image, {DROPPED}"
+  assert retrieved.scores == {"validation, 3 retrieved": 0.93}
+  assert retrieved.setting == sampling.Setting(1.5, dict(top_p=0.9), uncond_retrieved=False)
+  # Without the test column the best of 8 has the best mean.
+  del results["test"]
+  assert eval_shapes.sampling_defaults(results)["text_to_image"].setting == sampling.Setting(
+      sampling=dict(top_p=0.9), candidates=8)
+
+
+SETTING_FLAGS = ("cfg", "s_img", "s_txt", "rerank", "rerank_by", "uncond_retrieved") + tuple(
+    sample.SAMPLING_FLAGS)
+
+
+def unset_flags(workdir, **given):
+  """What cm3jax.sample's flags hold when only `given` is on the command line."""
+  return types.SimpleNamespace(**{**dict.fromkeys(SETTING_FLAGS), "retriever": None,
+                                  "memory": None, "workdir": str(workdir), **given})
+
+
+def record_best_of_8(workdir):
+  best = reports.Measured(f"text_to_image, {BEST_OF_8}", "eval_shapes.json", 2400,
+                          {"validation": 0.744, "test": 0.016},
+                          sampling.Setting(sampling=dict(top_p=0.9), candidates=8))
+  edit = reports.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
+                          sampling.Setting(sampling=dict(greedy=True)))
+  reports.record_sampling_defaults(str(workdir), "eval_shapes.json", {"text_to_image": best})
+  reports.record_sampling_defaults(str(workdir), "eval_tasks.json", {"edit": edit})
+
+
+def test_sample_draws_with_the_recorded_setting_unless_a_flag_says_otherwise(tmp_path):
+  record_best_of_8(tmp_path)
+  setting, line = sample.chosen_setting(unset_flags(tmp_path), "text_to_image")
+  assert setting.config == sampling.SamplingConfig(top_p=0.9)
+  assert (setting.guidance, setting.candidates, setting.rerank_by) == (1.0, 8, "model")
+  row = f"text_to_image, {BEST_OF_8}"
+  assert line == (f"sampling text_to_image with --top_p=0.9 --cfg=1 --rerank=8 --rerank_by=model "
+                  f"(the best measured, row {row!r} of eval_shapes.json at step 2400: "
+                  f"validation 74.4%, test 1.6%, recorded in {tmp_path}/sampling_defaults.json)")
+  setting, line = sample.chosen_setting(unset_flags(tmp_path, cfg=2.0, top_k=5, greedy=False,
+                                                    rerank=2), "text_to_image")
+  assert (setting.guidance, setting.candidates, setting.rerank_by) == (2.0, 2, "model")
+  assert setting.config == sampling.SamplingConfig(top_k=5, top_p=0.9)
+  assert line.endswith("; --cfg --top_k --greedy --rerank as given)"), line
+  setting, line = sample.chosen_setting(unset_flags(tmp_path, s_txt=7.5), "edit")
+  assert (setting.image_guidance, setting.guidance, setting.config.greedy) == (1.0, 7.5, True)
+  assert line.startswith("sampling edit with --greedy --s_img=1 --s_txt=7.5 (the best measured, "
+                         "row 'edit, greedy' of eval_tasks.json"), line
+
+
+def test_sample_without_a_recorded_setting_draws_greedily_without_guidance(tmp_path):
+  """Not the worst measured setting: every report measures the paper's guidance scales worst."""
+  for use in ("text_to_image", "text_to_image, 3 retrieved", "edit", "seg2image"):
+    setting, line = sample.chosen_setting(unset_flags(tmp_path), use)
+    assert setting.config.greedy and setting.guidance == setting.image_guidance == 1.0
+    assert setting.candidates == 1
+    assert line.endswith(f"({tmp_path}/sampling_defaults.json records no measured setting of "
+                         f"{use}: greedy without guidance)"), line
+  setting, _ = sample.chosen_setting(unset_flags(tmp_path, rerank=4, memory="bank"),
+                                     "text_to_image, 3 retrieved")
+  assert (setting.candidates, setting.rerank_by) == (4, "retriever")
+  assert sampling.Setting().guidance == 1.0  # and the library draws without guidance too
+
+
+@pytest.mark.parametrize("text, why", [
+    ("{not json", "Expecting property name"),
+    ('{"version": 2, "defaults": {}}', "not version 1 of the format"),
+    ('[1, 2]', "not version 1 of the format"),
+    ('{"version": 1, "defaults": {"text_to_image": {"row": "r"}}}', "no field 'setting'"),
+    ('{"version": 1, "defaults": {"edit": {"row": "r", "report": "a.json", "step": 1, '
+     '"scores": {}, "setting": {"guidance": 1.0, "strength": 2}}}}', "strength"),
+    ('{"version": 1, "defaults": {"edit": {"row": "r", "report": "a.json", "step": 1, '
+     '"scores": {}, "setting": {"sampling": {"top_p": 2.0}}}}}', "top_p must be in (0, 1]"),
+    ('{"version": 1, "defaults": {"edit": {"row": "r", "report": "a.json", "step": "late", '
+     '"scores": {}, "setting": {}}}}', "step an integer"),
+])
+def test_a_damaged_sampling_defaults_file_refuses_in_one_line(tmp_path, text, why):
+  (tmp_path / "sampling_defaults.json").write_text(text)
+  with pytest.raises(ConfigError) as refused:
+    sample.chosen_setting(unset_flags(tmp_path), "text_to_image")
+  message = str(refused.value)
+  assert message.startswith(f"{tmp_path}/sampling_defaults.json is not a sampling-defaults file")
+  assert why in message and "\n" not in message, message
+  # The report remakes it.
+  record_best_of_8(tmp_path)
+  assert list(reports.sampling_defaults(str(tmp_path))) == ["text_to_image", "edit"]
+
+
+def test_the_sample_command_reads_the_recorded_setting_and_its_flags(tmp_path):
+  """The command's flags are unset unless given: --top_k overrides the recorded setting's, the
+  rest is the recorded best of 8. (There is no checkpoint: it stops there.)"""
+  record_best_of_8(tmp_path)
+  result = run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a", "--top_k=3")
+  assert_one_line_error(result, "cm3jax.sample", "no checkpoints in")
+  assert result.stdout.startswith("sampling text_to_image with --top_k=3 --top_p=0.9 --cfg=1 "
+                                  "--rerank=8 --rerank_by=model (the best measured, row "), (
+                                      result.stdout)
+  assert result.stdout.strip().endswith("; --top_k as given)"), result.stdout
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a",
+                                   "--rerank=0"), "cm3jax.sample", "--rerank must be at least 1")
+  (tmp_path / "sampling_defaults.json").write_text('{"version": 7}')
+  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a"),
+                        "cm3jax.sample", "sampling_defaults.json is not a sampling-defaults file")
+
+
+
+def test_the_pipeline_report_is_complete_only_with_the_recorded_setting(tmp_path, monkeypatch):
+  """The report stage leaves WORKDIR/sampling_defaults.json: without it of the newest step (or
+  with a damaged one) the stage is made again."""
+  from cm3jax import pipeline
+  monkeypatch.setattr(pipeline.checkpoint, "newest_step", lambda workdir: 40)
+  job = pipeline.Job(tiny_config(data="cm3"), str(tmp_path))
+  for name in sample.SAMPLE_FILES:
+    (tmp_path / name).write_text("made")
+  results = {split: {**shapes_column(split, 0, **{GREEDY: 0.5, CFG_3: 0.1}), "step": 40}
+             for split in ("validation", "test")}
+  reports.write(str(tmp_path), eval_shapes.REPORT_FILES, results, ["table"])
+  assert pipeline.report_status(job)[0] == pipeline.MISSING
+  older = {"text_to_image": dataclasses.replace(
+      eval_shapes.sampling_defaults(results)["text_to_image"], step=20)}
+  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json", older)
+  assert pipeline.report_status(job)[0] == pipeline.MISSING
+  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
+                                   eval_shapes.sampling_defaults(results))
+  assert pipeline.report_status(job)[0] == pipeline.COMPLETE
+  (tmp_path / reports.SAMPLING_DEFAULTS_FILE).write_text("{")
+  assert pipeline.report_status(job)[0] == pipeline.MISSING

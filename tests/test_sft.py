@@ -1,12 +1,13 @@
 """Instruction-tuning records and the shapes task suite: template layouts, ground truth that the
 pixel analyser reads back, the held-out pairs kept out of training, and JSONL input."""
 
+import collections
 import json
 
 import numpy as np
 import pytest
 
-from cm3jax import train_tokenizer
+from cm3jax import tokenize_tasks, train_tokenizer
 from cm3jax.config import ConfigError
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
 from cm3jax.vocab import EOS, Vocab
@@ -195,3 +196,28 @@ def test_jsonl_keeps_good_lines_and_counts_bad_ones(tmp_path):
                  "empty input or output": 1, "an item is text or {\"image\": PATH}": 2}
   with pytest.raises(ConfigError, match="cannot read"):
     sft.read_jsonl(str(tmp_path / "none.jsonl"))
+
+
+def test_jsonl_lines_that_broke_tokenize_tasks_are_skipped_and_counted(tmp_path):
+  """Before, one line not UTF-8 (a 0xe9 byte), nested 200k deep (RecursionError) or with a lone
+  surrogate escape (json reads it; writing the shard failed) stopped the whole split with a
+  traceback. Now each is counted by its reason, and the good lines, \\r\\n ones too, are kept."""
+  good = {"task": "caption", "input": ["a picture"], "output": ["a red circle"]}
+  cafe = json.dumps({**good, "output": ["caf\u00e9"]}, ensure_ascii=False)
+  lines = [json.dumps(good).encode(), cafe.encode() + b"\r", cafe.encode("latin-1"),
+           b"[" * 200_000 + b"]" * 200_000, b'{"task": "caption", "input": ' + b"[" * 200_000,
+           b'{"task": "caption", "input": [7' + b"0" * 5000 + b'], "output": ["x"]}',
+           json.dumps({**good, "input": ["\ud800"]}).encode(),
+           json.dumps({**good, "input": [{"image": "\udfff.png"}]}).encode(),
+           json.dumps({**good, "task": "\ud800"}).encode(), b'"just a string"', b"",
+           json.dumps({"task": "caption", "input": ["a picture"]}).encode()]
+  (tmp_path / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+  records, bad = sft.read_jsonl(str(tmp_path / "train.jsonl"))
+  assert records == [sft.Record("caption", ("a picture",), ("a red circle",)),
+                     sft.Record("caption", ("a picture",), ("caf\u00e9",))]
+  expected = {"not UTF-8": 1, "nested too deeply": 2, "not JSON": 1,
+              "text with a lone surrogate": 3, "not an object of task, input and output": 2}
+  assert bad == expected
+  skipped = collections.Counter()
+  made = tokenize_tasks.records(f"jsonl:{tmp_path}/{{split}}.jsonl", "train", 1, skipped)
+  assert list(made) == records and skipped == expected  # the split's counts by reason

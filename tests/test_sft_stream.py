@@ -3,16 +3,19 @@ rounds, exact resume, the hosts' partition, and tokenize_tasks with its bad rows
 
 import collections
 import dataclasses
+import itertools
 import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
-from cm3jax import tokenize_tasks, train_tokenizer
+from cm3jax import data, tokenize_tasks, train_tokenizer
 from cm3jax.config import ConfigError
 from cm3jax.data import cm3, sft, sft_stream, shapes, shapes_tasks, task_shards
 from cm3jax.vocab import EOS, Vocab
+from tests.helpers import tiny_config
 from tests.test_cm3_data import unmask
 
 CODES, T = 64, 8
@@ -191,6 +194,7 @@ class Tokenizer:
     n_embed: int = CODES
 
   cfg = Config()
+  fingerprint, step = "red", 0
 
   def encode(self, images):
     return np.stack([np.asarray(i)[0, :T, 0].astype(np.int64) % CODES for i in images])
@@ -225,13 +229,34 @@ def test_tokenize_tasks_writes_jsonl_records_and_counts_bad_rows(tmp_path):
   np.testing.assert_array_equal(vqa.input[0], codes[1])
   assert vqa.input[1:] == ("Question: what?",) and vqa.output == ("Answer: red.",)
   # A complete split is reused as it is; a dataset of no record is refused.
-  assert tokenize_tasks.tokenize_split(Tokenizer(), "jsonl:nowhere", "train", out, 1) == summary
+  assert tokenize_tasks.tokenize_split(Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl", "train",
+                                       out, 1, shard_size=1) == summary
   (tmp_path / "validation.jsonl").write_text("not json\n")
   with pytest.raises(ConfigError, match="split validation has no usable record"):
     tokenize_tasks.tokenize_split(Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl",
                                   "validation", out, 1)
   with pytest.raises(ConfigError, match="is not shapes_tasks or jsonl:PATH"):
     tokenize_tasks.tokenize_split(Tokenizer(), "csv:x", "test", out, 1)
+
+
+def test_tokenize_tasks_refuses_a_finished_split_made_otherwise(tmp_path):
+  """Before, a rerun into a finished --out with another --dataset or VQGAN returned the old
+  counts (the command printed them and exited 0)."""
+  out = str(tmp_path / "tasks")
+  summary = tokenize_tasks.tokenize_split(Tokenizer(), "shapes_tasks", "validation", out, 2)
+  assert summary["records"] == 2 * len(sft.TASKS) and summary["dataset"] == "shapes_tasks"
+  other_vqgan = Tokenizer()
+  other_vqgan.fingerprint = "blue"
+  (tmp_path / "validation.jsonl").write_text("")
+  for args, field in (((Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl", 2), "dataset"),
+                      ((other_vqgan, "shapes_tasks", 2), "vqgan"),
+                      ((Tokenizer(), "shapes_tasks", 3), "examples_per_task")):
+    with pytest.raises(ConfigError, match=rf"the complete validation split in {out}: made with "
+                       rf"{field}=\S+ \(this run: \S+\); run with the settings"):
+      tokenize_tasks.tokenize_split(args[0], args[1], "validation", out, args[2])
+  with pytest.raises(ConfigError, match=r"made with shard_size=4096 \(this run: 5\)"):
+    tokenize_tasks.tokenize_split(Tokenizer(), "shapes_tasks", "validation", out, 2, shard_size=5)
+  assert tokenize_tasks.tokenize_split(Tokenizer(), "shapes_tasks", "validation", out, 2) == summary
 
 
 def test_tokenize_tasks_writes_the_shapes_suite_with_each_picture_encoded(tmp_path):
@@ -247,3 +272,28 @@ def test_tokenize_tasks_writes_the_shapes_suite_with_each_picture_encoded(tmp_pa
         assert got == want
       else:
         np.testing.assert_array_equal(got, Tokenizer().encode([want.render()])[0])
+
+
+def test_the_configs_mixture_reaches_the_stream(vocab, tmp_path):
+  """data.source passes sft.mixture on: with task `draw` at rate 0 every train batch holds
+  `say` records alone (their codes in the upper half); validation still reads both."""
+  records = [dataclasses.replace(r, output=(r.output[0] // 2,)) for r in text_to_image(20)]
+  records += [dataclasses.replace(r, output=(r.output[0] // 2 + CODES // 2,))
+              for r in text_to_image(20, 1, "say")]
+  tasks = tmp_path / "tasks"
+  tasks.mkdir()
+  for split in data.SPLITS:
+    with tf.io.TFRecordWriter(task_shards.shard_path(str(tasks), split, 0)) as writer:
+      for record in records:
+        writer.write(task_shards.serialize(record))
+    with open(task_shards.manifest_path(str(tasks), split), "w") as f:
+      json.dump({"split": split, "records": 40, "tasks": {"draw": 20, "say": 20}, "shards": 1,
+                 "tokens_per_image": T, "codebook_size": CODES, "skipped": {}}, f)
+  (tmp_path / "tokenizer.model").write_bytes(vocab.spm_model)
+  config = tiny_config(data="sft", seq_len=64, global_batch_size=4,
+                       **{"sft.mixture": "draw:0", "cm3.max_spans": vocab.num_sentinels})
+  source = data.source(config, str(tmp_path))
+  upper = lambda batches: [vocab.image_codes(b["inputs"][vocab.is_image(b["inputs"])])
+                           >= CODES // 2 for b in itertools.islice(batches, 8)]
+  assert np.concatenate(upper(source.batches("train", (0,)))).all()
+  assert not np.concatenate(upper(source.batches("validation", (0,)))).all()

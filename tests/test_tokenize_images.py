@@ -4,6 +4,7 @@ import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -104,13 +105,44 @@ def test_a_resume_with_other_settings_is_refused(vqgan_workdir, tmp_path):
 
   with pytest.raises(KeyboardInterrupt):
     tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 4, 5)
-  with pytest.raises(ConfigError, match=r"the 2 shards of train in .* were written with "
-                     r"shard_size=5 \(this run: 4\); resume with the same settings"):
+  with pytest.raises(ConfigError, match=r"the 2 shards of train in .*: made with "
+                     r"shard_size=5 \(this run: 4\); run with the settings it was made with"):
     tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 4)
   assert len(read_records(str(tmp_path), "train")) == 10
   assert not os.path.exists(tmp_path / "train.json")
   summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 5)
   assert summary["records"] == 13 and len(read_records(str(tmp_path), "train")) == 13
+
+
+def test_a_finished_split_refuses_another_dataset_vqgan_or_shard_size(vqgan_workdir, tmp_path):
+  """Before, a rerun into a finished --out with another --dataset or VQGAN returned the old
+  counts (the command printed "8 records" and exited 0)."""
+  rgb = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  (tmp_path / "0.png").write_bytes(png(rgb))
+  for name, n in (("a", 8), ("b", 3)):
+    (tmp_path / f"{name}_train.tsv").write_text("".join(f"c{i}\t0.png\n" for i in range(n)))
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  other_vqgan = ImageTokenizer(tokenizer.cfg, jax.tree.map(lambda p: p * 1.01, tokenizer.params),
+                               tokenizer.step)
+  out = str(tmp_path / "codes")
+  write = lambda dataset="a", vqgan=tokenizer, **kw: tokenize_images.tokenize_split(
+      vqgan, f"tsv:{tmp_path}/{dataset}_{{split}}.tsv", "train", out, batch_size=4,
+      **{"shard_size": 5, **kw})
+  summary = write()
+  assert summary["records"] == 8 and write() == summary  # the same settings: reused
+  assert summary["dataset"] == f"tsv:{tmp_path}/a_{{split}}.tsv"
+  assert summary["vqgan"] == tokenizer.fingerprint != other_vqgan.fingerprint
+  for change, field in (({"dataset": "b"}, "dataset"), ({"vqgan": other_vqgan}, "vqgan"),
+                        ({"shard_size": 4}, "shard_size")):
+    with pytest.raises(ConfigError, match=rf"the complete train split in {out}: made with "
+                       rf"{field}=\S+ \(this run: \S+\); run with the settings"):
+      write(**change)
+  assert write() == summary
+  # a TFDS dataset is named by its name and features
+  with pytest.raises(ConfigError, match=r"made with dataset='tsv:.*' \(this run: 'shapes/small'\)"
+                     r", image_key=None \(this run: 'image'\), caption_key=None"):
+    tokenize_images.write_split(tokenizer, [], out, "train", 4, 5,
+                                made_from=tokenize_images.source("shapes/small"))
 
 
 def test_zero_sizes_and_empty_splits_are_refused(vqgan_workdir, tmp_path):

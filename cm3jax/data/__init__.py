@@ -69,7 +69,8 @@ def retrieval_paths(cm3, workdir: str) -> RetrievalPaths:
 
 def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
   """The cm3.Retrieved of a split: its records' neighbours and the bank split's documents; a
-  ConfigError when they are missing or were computed for other code shards."""
+  ConfigError when they are missing or were computed for other code shards (a record of the
+  split whose key they lack, too: it would train without its neighbours)."""
   from cm3jax.data import cm3 as cm3_stream  # TensorFlow is imported by the cm3 source only.
   from cm3jax.retrieval import neighbours
   directory = retrieval_paths(cm3, workdir).neighbours
@@ -79,6 +80,11 @@ def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
     raise ConfigError(f"the {split} neighbours in {directory} were computed for the "
                       f"{manifest['records']} records of {manifest['codes']}, not the {records} "
                       f"of {os.path.abspath(codes_dir)}: run python -m cm3jax.build_neighbours")
+  missing = set(code_shards.keys(code_shards.shard_paths(codes_dir, split))) - set(keys.tolist())
+  if missing:
+    raise ConfigError(f"{len(missing)} {split} records of {codes_dir} (key {min(missing)!r} "
+                      f"first) have no neighbours in {directory}: they were computed for other "
+                      "code shards: run python -m cm3jax.build_neighbours")
   documents = cm3["retrieval"]["documents"]
   if ids.shape[1] < documents:
     raise ConfigError(f"cm3.retrieval.documents={documents} but {directory} holds "

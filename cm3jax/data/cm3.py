@@ -46,8 +46,9 @@ START = Position(0, 0, 0)
 
 class Retrieved(NamedTuple):
   """What the stream places before each record (cm3.retrieval): the first `documents` of its
-  neighbours (`keys` [N] of the records, `ids` [N, M] into the bank split, -1 for none), made
-  from the bank split's `captions` (bytes [Nb]) and `codes` (int32 [Nb, T])."""
+  neighbours (`keys` [N] of the records, every record of the split; `ids` [N, M] into the bank
+  split, -1 for none), made from the bank split's `captions` (bytes [Nb]) and `codes`
+  (int32 [Nb, T])."""
   keys: np.ndarray
   ids: np.ndarray
   captions: np.ndarray
@@ -260,9 +261,10 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
     if retrieved is None:
       return tf.numpy_function(make_document, [ex["caption"], ex["codes"]], tf.int32,
                                stateful=False)
-    row = rows_of_keys.lookup(ex["key"])
-    ids = tf.gather(neighbour_ids, tf.maximum(row, 0))
-    real = (ids >= 0) & (row >= 0)
+    # A key not in `retrieved` (row -1) fails the gather: data.retrieved_documents refuses
+    # neighbours that lack one of the split's records.
+    ids = tf.gather(neighbour_ids, rows_of_keys.lookup(ex["key"]))
+    real = ids >= 0
     safe = tf.maximum(ids, 0)
     return tf.numpy_function(
         make_document, [ex["caption"], ex["codes"], tf.gather(bank_captions, safe),

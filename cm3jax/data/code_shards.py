@@ -2,8 +2,10 @@
 write and the CM3 stream reads.
 
 `DIR/SPLIT-NNNNN.tfrecord` files of tf.train.Examples (`codes`: int64 [tokens_per_image],
-`caption`: bytes, `key`: bytes) and, once a split is complete, `DIR/SPLIT.json` with its counts
-(records, shards, tokens_per_image, codebook_size, skipped rows by reason). Text records
+`caption`: bytes, `key`: bytes), `DIR/SPLIT.settings.json` (what made them, written before the
+first) and, once a split is complete, `DIR/SPLIT.json` with its counts (records, shards, skipped
+rows by reason), its made_by (cm3jax/provenance.py: the source, the VQGAN, shard_size,
+tokens_per_image, codebook_size) and that made_by's fingerprint. Text records
 (tokenize_text) are records with no codes: tokens_per_image and codebook_size are 0 and the
 caption is the text.
 """
@@ -19,8 +21,11 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import tqdm
 
+from cm3jax import provenance
 from cm3jax.config import ConfigError
 from cm3jax.data import tf_cpu
+
+REMEDY = "run with the settings it was made with, or write to a new --out"
 
 
 def shard_path(directory: str, split: str, shard: int) -> str:
@@ -32,7 +37,7 @@ def manifest_path(directory: str, split: str) -> str:
 
 
 def settings_path(directory: str, split: str) -> str:
-  """What the shards of a split were written with (cm3jax.tokenize_images), for resuming."""
+  """What made the shards of a split (cm3jax/provenance.py), for resuming."""
   return os.path.join(directory, f"{split}.settings.json")
 
 
@@ -94,11 +99,19 @@ def parser(tokens_per_image: int):
 
 def captions(paths: list[str]):
   """Every caption in the shards, as bytes, in file order."""
+  return _strings(paths, "caption")
+
+
+def keys(paths: list[str]):
+  """Every record's key in the shards, as bytes, in file order."""
+  return _strings(paths, "key")
+
+
+def _strings(paths: list[str], name: str):
   tf = tf_cpu.tensorflow()
-  spec = {"caption": tf.io.FixedLenFeature([], tf.string)}
-  ds = tf.data.TFRecordDataset(paths).map(lambda r: tf.io.parse_single_example(r, spec)["caption"])
-  for caption in ds.as_numpy_iterator():
-    yield caption
+  spec = {name: tf.io.FixedLenFeature([], tf.string)}
+  ds = tf.data.TFRecordDataset(paths).map(lambda r: tf.io.parse_single_example(r, spec)[name])
+  yield from ds.as_numpy_iterator()
 
 
 def read_split(directory: str, split: str, limit: int) -> tuple[np.ndarray, list[str]]:
@@ -123,10 +136,12 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
   `examples` into shards of settings["shard_size"] records, and then OUT/SPLIT.json; returns its
   counts (a complete split's as they are). Each shard is written under a temporary name and
   renamed when whole, and a run resumes after the whole shards in `out`, skipping (without making
-  records of) the examples they hold. `settings` (what decides the shards' contents, with
-  tokens_per_image and codebook_size) is recorded in OUT/SPLIT.settings.json with the first
-  shard, and a resume with other settings is refused. `skipped` counts what the source and
-  `examples` left out, by reason. A split with no record is an error unless `allow_empty`."""
+  records of) the examples they hold. `settings` is the split's made_by (cm3jax/provenance.py:
+  the source, the encoder and the sizes that decide the shards' contents, with tokens_per_image
+  and codebook_size): it is recorded in OUT/SPLIT.settings.json before the first shard and in
+  OUT/SPLIT.json with its fingerprint, and a resume or a reuse with other settings is refused.
+  `skipped` counts what the source and `examples` left out, by reason. A split with no record is
+  an error unless `allow_empty`."""
   shard_size = settings["shard_size"]
   if batch_size < 1 or shard_size < 1:
     raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
@@ -138,11 +153,14 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
   manifest = manifest_path(out, split)
   if os.path.exists(manifest):
     with open(manifest) as f:
-      return json.load(f)
+      summary = json.load(f)
+    provenance.check(summary, settings, f"the complete {split} split in {out}", REMEDY)
+    return summary
   done_shards = 0
   while os.path.exists(shard_path(out, split, done_shards)):
     done_shards += 1
-  _check_settings(out, split, done_shards, settings)
+  provenance.start(settings_path(out, split), settings,
+                   f"the {done_shards} shards of {split} in {out}", done_shards > 0, REMEDY)
   skip = done_shards * shard_size
   skipped = collections.Counter() if skipped is None else skipped
   examples = iter(examples)
@@ -173,27 +191,7 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
     raise ConfigError(f"split {split} has no usable example (skipped: {dict(skipped) or 'none'}); "
                       "nothing written (--allow_empty_splits writes an empty split)")
   summary = {"split": split, "records": written, "shards": shard, **settings,
-             "skipped": dict(skipped)}
-  with open(manifest, "w") as f:
-    json.dump(summary, f, indent=1)
+             provenance.FINGERPRINT: provenance.fingerprint(settings), "skipped": dict(skipped)}
+  provenance.write_json(manifest, summary)
   return summary
 
-
-def _check_settings(out: str, split: str, done_shards: int, settings: dict):
-  """Records `settings` before the first shard; refuses to resume shards written with others."""
-  path = settings_path(out, split)
-  if not done_shards:
-    with open(path, "w") as f:
-      json.dump(settings, f, indent=1)
-    return
-  try:
-    with open(path) as f:
-      recorded = json.load(f)
-  except (OSError, ValueError):
-    raise ConfigError(f"{out} holds {done_shards} shards of {split} but not the settings they "
-                      f"were written with ({os.path.basename(path)}); use a new --out") from None
-  differs = [f"{k}={recorded.get(k)} (this run: {v})" for k, v in settings.items()
-             if recorded.get(k) != v]
-  if differs:
-    raise ConfigError(f"the {done_shards} shards of {split} in {out} were written with "
-                      + ", ".join(differs) + "; resume with the same settings, or use a new --out")

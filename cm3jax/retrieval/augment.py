@@ -29,9 +29,13 @@ class Memory:
 
   @classmethod
   def load(cls, bank: str, retriever_path: str = "", engine: str = "exact",
-           head_width: int = 64) -> "Memory":
+           head_width: int = 64, activation: str = "") -> "Memory":
     vectors, ids, manifest = memory.load(bank)
-    r = retriever.load(retriever_path or manifest["retriever_path"], head_width)
+    if not retriever_path:  # what a state dict does not record, the bank does
+      retriever_path = manifest["retriever_path"]
+      head_width = manifest.get("retriever_head_width", head_width)
+      activation = manifest.get("retriever_activation", activation)
+    r = retriever.load(retriever_path, head_width, activation)
     memory.check_compatible(manifest, bank, r.fingerprint, r.cfg.embed_dim)
     codes, captions = code_shards.read_split(manifest["codes"], manifest["split"], 2**62)
     return cls(r, mips.make_index(engine, vectors, ids), captions, codes)

@@ -1,11 +1,14 @@
 """The memory bank: document vectors of a split's code-shard records, as float16 shards.
 
 `BANK/bank-NNNNN.npz` holds `vectors` (float16 [n, E], L2-normalised) and `ids` (int64 [n]: the
-record's index in its split, in file order) and `skipped` (its records left out, by reason) for records NNNNN * shard_size onwards; shards are
-written whole (a temporary file, then a rename), so an interrupted build resumes after the last
-one. `BANK/bank.json`, written last, marks a complete bank: the retriever's fingerprint and
-source, the dimension, the codes directory and split it covers, the record count and the
-records skipped by reason.
+record's index in its split, in file order) and `skipped` (its records left out, by reason) for
+records NNNNN * shard_size onwards; shards are written whole (a temporary file, then a rename),
+so an interrupted build resumes after the last one. `BANK/bank.settings.json`, written before
+the first shard, records what made them (the bank's made_by, cm3jax/provenance.py: the
+retriever's and the VQGAN's fingerprints, the dimension, the code shards and split it embeds,
+the shard size), and a resume compares it. `BANK/bank.json`, written last, marks a complete
+bank: the made_by and its fingerprint, the retriever's source, the record count and the records
+skipped by reason.
 """
 
 import collections
@@ -15,10 +18,18 @@ import os
 
 import numpy as np
 
+from cm3jax import provenance
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards, tf_cpu
 
 MANIFEST = "bank.json"
+SETTINGS = "bank.settings.json"  # what made the shards (cm3jax/provenance.py), for resuming
+REMEDY = ("run with the retriever, VQGAN, codes and settings it was made with, or write to a new "
+          "--out")
+
+
+def settings_path(bank: str) -> str:
+  return os.path.join(bank, SETTINGS)
 
 
 def shard_path(bank: str, shard: int) -> str:
@@ -83,14 +94,18 @@ def check_compatible(manifest: dict, bank: str, fingerprint: str, dim: int):
                       f"({manifest['retriever']}); rebuild it with this one")
 
 
+def codes_identity(codes_dir: str, codes_manifest: dict) -> dict:
+  """What names the code shards of a split in a made_by (cm3jax/provenance.py)."""
+  return {"codes": os.path.abspath(codes_dir),
+          "codes_fingerprint": codes_manifest.get(provenance.FINGERPRINT),
+          "codes_records": codes_manifest["records"]}
+
+
 def check_covers(manifest: dict, bank: str, codes_dir: str):
-  """Refuses a codes directory other than the one the bank embedded (its ids index those
-  records)."""
-  records = code_shards.read_manifest(codes_dir, manifest["split"])["records"]
-  if os.path.abspath(codes_dir) != manifest["codes"] or records != manifest["codes_records"]:
-    raise ConfigError(f"memory bank {bank} covers the {manifest['codes_records']} "
-                      f"{manifest['split']} records of {manifest['codes']}, not the {records} of "
-                      f"{os.path.abspath(codes_dir)}")
+  """Refuses code shards other than the ones the bank embedded (its ids index those records)."""
+  codes = codes_identity(codes_dir, code_shards.read_manifest(codes_dir, manifest["split"]))
+  provenance.check(manifest, codes, f"memory bank {bank} of the {manifest['split']} split",
+                   "build a bank of these codes with python -m cm3jax.build_memory")
 
 
 def records(codes_dir: str, split: str):

@@ -12,8 +12,11 @@ to reach past a query's own duplicates.
 
 `NEIGHBOURS/SPLIT-NNNNN.npz` shards hold `keys` (the records' code-shard keys, bytes [n]) and
 `ids` (int64 [n, per_record]: record indices of the bank's split), written whole so that a build
-resumes after the last one; `NEIGHBOURS/SPLIT.json`, written last, holds the bank they were
-computed from and the counts.
+resumes after the last one; `NEIGHBOURS/SPLIT.settings.json`, written before the first, records
+what made them (the split's made_by, cm3jax/provenance.py: the bank and its fingerprint, the
+retriever's and the VQGAN's, the code shards, per_record and the strategy's settings), and a
+resume compares it; `NEIGHBOURS/SPLIT.json`, written last, holds the made_by, its fingerprint
+and the counts.
 """
 
 import json
@@ -21,7 +24,11 @@ import os
 
 import numpy as np
 
+from cm3jax import provenance
 from cm3jax.config import ConfigError
+
+REMEDY = ("run with the bank, VQGAN, codes and settings they were made with, or write to a new "
+          "--out")
 
 
 def pick(query_ids_Q: np.ndarray, text_scores_QxC: np.ndarray, text_ids_QxC: np.ndarray,
@@ -67,6 +74,11 @@ def manifest_path(directory: str, split: str) -> str:
   return os.path.join(directory, f"{split}.json")
 
 
+def settings_path(directory: str, split: str) -> str:
+  """What made a split's shards (cm3jax/provenance.py), for resuming."""
+  return os.path.join(directory, f"{split}.settings.json")
+
+
 def write_shard(directory: str, split: str, shard: int, keys_N: np.ndarray, ids_NxM: np.ndarray):
   """One shard, whole or not at all."""
   path = shard_path(directory, split, shard)
@@ -82,21 +94,23 @@ def done_shards(directory: str, split: str) -> set[int]:
 
 
 def finish(directory: str, split: str, info: dict):
-  path = manifest_path(directory, split)
-  with open(path + ".tmp", "w") as f:
-    json.dump(info, f, indent=1)
-  os.replace(path + ".tmp", path)
+  provenance.write_json(manifest_path(directory, split), info)
 
 
-def read(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
-  """(keys [N], ids [N, M], manifest) of a split's complete neighbours."""
+def read_manifest(directory: str, split: str) -> dict:
   path = manifest_path(directory, split)
   if not os.path.exists(path):
     raise ConfigError(f"{directory} holds no complete neighbours of the {split} split "
                       f"({os.path.basename(path)} is missing): run python -m "
                       "cm3jax.build_neighbours first")
   with open(path) as f:
-    manifest = json.load(f)
+    return json.load(f)
+
+
+def read(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
+  """(keys [N], ids [N, M], manifest) of a split's complete neighbours."""
+  path = manifest_path(directory, split)
+  manifest = read_manifest(directory, split)
   keys, ids = [], []
   for shard in range(manifest["shards"]):
     with np.load(shard_path(directory, split, shard)) as f:

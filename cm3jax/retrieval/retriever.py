@@ -7,7 +7,7 @@ embeddings, normalised again (CM3Leon §2.1; docs/design.md, "Retrieval").
 """
 
 import dataclasses
-import hashlib
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
-from cm3jax import checkpoint
+from cm3jax import checkpoint, provenance
 from cm3jax.config import ConfigError
 from cm3jax.retrieval import bpe, clip, clip_io
 
@@ -58,13 +58,13 @@ class Retriever:
     self._text = jax.jit(lambda p, t: clip.l2_normalize(
         model.apply({"params": p}, t, method="encode_text")))
 
-  @property
+  @functools.cached_property
   def fingerprint(self) -> str:
-    """Names these weights: a memory bank records it, and refuses another retriever's queries."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(self.params):
-      digest.update(np.asarray(leaf, np.float32).tobytes())
-    return digest.hexdigest()[:16]
+    """Names these weights and the towers that run them (the same weights under another
+    activation embed otherwise): a memory bank records it, and refuses another retriever's
+    queries."""
+    return provenance.fingerprint({"weights": provenance.params_fingerprint(self.params),
+                                   "towers": self.cfg.to_dict()})
 
   def embed_images(self, images_uint8: np.ndarray) -> np.ndarray:
     """float32 [B, E], L2-normalised, of uint8 RGB images [B, S, S, 3] at the tower's size."""
@@ -94,8 +94,9 @@ class Retriever:
     return mean / np.maximum(np.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
 
 
-def load(path: str, head_width: int = 64) -> Retriever:
-  """A retriever from a train_retriever workdir, a Hugging Face directory or a state dict."""
+def load(path: str, head_width: int = 64, activation: str = "") -> Retriever:
+  """A retriever from a train_retriever workdir, a Hugging Face directory or a state dict
+  (`head_width` and `activation`: `clip_io.load`'s, for what a state dict does not record)."""
   if os.path.isdir(checkpoint.directory(path)):
     step = checkpoint.latest_step(path)
     saved = checkpoint.saved_config(path, step)
@@ -109,5 +110,5 @@ def load(path: str, head_width: int = 64) -> Retriever:
       tokenize = SentencePieceText(f.read())
     return Retriever(cfg, params, tokenize, f"cm3jax retriever {path} (step {step})",
                      os.path.abspath(path))
-  cfg, params = clip_io.load(path, head_width)
+  cfg, params = clip_io.load(path, head_width, activation)
   return Retriever(cfg, params, bpe.ClipBPE(), f"CLIP {path}", os.path.abspath(path))

@@ -1,12 +1,13 @@
 """The image tokenizer of a train_vqgan workdir, for host-side use: uint8 images <-> codes."""
 
+import functools
 import os
 from typing import Optional
 
 import jax
 import numpy as np
 
-from cm3jax import checkpoint, sharding
+from cm3jax import checkpoint, provenance, sharding
 from cm3jax.config import ConfigError
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, images_to_model_input, model_output_to_images
 
@@ -59,6 +60,11 @@ class ImageTokenizer:
       raise ConfigError(f"{vqgan_workdir} is not a cm3jax.train_vqgan workdir (its checkpoints "
                         "hold another model)")
     return cls(VQGANConfig.from_dict(config["config"]["vqgan"]), state["state"]["params"], step)
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """Names these weights: what is made from its codes or pictures records it."""
+    return provenance.params_fingerprint(self.params)
 
   def _padded(self, x: np.ndarray) -> np.ndarray:
     padded = -(-len(x) // self.devices) * self.devices
