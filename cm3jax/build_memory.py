@@ -76,9 +76,7 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
     total.update(memory.shard_skipped(out, shard))
     with np.load(memory.shard_path(out, shard)) as f:
       count += len(f["ids"])
-  manifest = {"retriever": r.source, "retriever_path": r.path,
-              "retriever_head_width": r.cfg.text_width // r.cfg.text_heads,
-              "retriever_activation": r.cfg.activation, **settings,
+  manifest = {"retriever": r.source, "retriever_path": r.path, **settings,
               provenance.FINGERPRINT: provenance.fingerprint(settings), "records": count,
               "shards": shards, "skipped": dict(total)}
   if host == 0:
@@ -88,9 +86,10 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
 
 def made_by(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: str,
             shard_size: int) -> dict:
-  """A bank's made_by (cm3jax/provenance.py): the retriever's and the VQGAN's weights, the code
+  """A bank's made_by (cm3jax/provenance.py): the retriever's and the VQGAN's weights (and the
+  retriever's towers), the code
   shards it embeds and the shard size (a bank shard's records)."""
-  return {"retriever_fingerprint": r.fingerprint, "dim": r.cfg.embed_dim,
+  return {"retriever_fingerprint": r.fingerprint, **r.towers, "dim": r.cfg.embed_dim,
           "vqgan": vqgan.fingerprint, "split": split,
           **memory.codes_identity(codes_dir, code_shards.read_manifest(codes_dir, split)),
           "shard_size": shard_size}

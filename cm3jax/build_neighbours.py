@@ -105,7 +105,7 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, memory_dir: str, codes_
   """Every split's neighbours from the bank in `memory_dir`, after checking that the bank was
   built by `r` from these codes; `options` go to `build_split`. Returns the splits' manifests."""
   vectors, ids, manifest = memory.load(memory_dir)
-  memory.check_compatible(manifest, memory_dir, r.fingerprint, r.cfg.embed_dim)
+  memory.check_compatible(manifest, memory_dir, r)
   memory.check_covers(manifest, memory_dir, codes_dir)
   index = mips.make_index(engine, vectors, ids)
   bank = {**manifest, "path": os.path.abspath(memory_dir)}

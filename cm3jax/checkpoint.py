@@ -38,7 +38,8 @@ class Checkpoints:
     self.config_json = json.loads(config.to_json())
     self.architecture = architecture
     self.vocab = vocab
-    self.new_run_over_damaged = config.new_run_over_damaged
+    # A config file written before the option existed lacks it: no new run over damaged ones.
+    self.new_run_over_damaged = config.get("new_run_over_damaged", False)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, enable_async_checkpointing=config.async_checkpointing,
         create=True)

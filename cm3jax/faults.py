@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from cm3jax.config import ConfigError
 
 LOCK_NAME = ".cm3jax.lock"
+GUARD_SUFFIX = ".guard"  # LOCK_NAME + GUARD_SUFFIX: the file whose flock a lock is taken under
 LOCK_GRACE_S = 10  # a lock file still empty after this long was left by a process that died
 
 
@@ -137,11 +138,10 @@ def take_lock(path: str, me: dict) -> bool:
   """Creates the lock file `path` naming `me` (a `this_process` record), or takes over a stale
   one (its process gone, on this host; or left empty for LOCK_GRACE_S); False if `me` holds it
   already; a ConfigError naming the holder if another process does. Processes decide under an
-  flock on the lock's folder, so that of several taking over one stale lock exactly one wins;
-  the kernel drops the flock when a process dies, so it is never stale itself, and the folder
-  gains no file of its own."""
-  guard = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-  try:
+  flock on PATH.guard, so that of several taking over one stale lock exactly one wins; the
+  kernel drops the flock when a process dies, so the guard is never stale itself. (The guard is a
+  file opened for writing: NFS emulates flock with POSIX locks, which an exclusive lock needs.)"""
+  with open(path + GUARD_SUFFIX, "a") as guard:
     fcntl.flock(guard, fcntl.LOCK_EX)
     while True:
       try:
@@ -167,6 +167,4 @@ def take_lock(path: str, me: dict) -> bool:
                           f"that process is gone, delete {path}")
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
-  finally:
-    os.close(guard)
   return True

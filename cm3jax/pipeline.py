@@ -49,13 +49,12 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from cm3jax import build_memory, build_neighbours, checkpoint, cli, data, eval_shapes, eval_tasks
-from cm3jax import faults, reports, sample, sampling, tokenize_images, tokenize_tasks
-from cm3jax import tokenize_text
-from cm3jax import provenance, train
-from cm3jax import train_retriever, train_tokenizer, train_vqgan
+from cm3jax import faults, provenance, reports, sample, sampling, tokenize_images, tokenize_tasks
+from cm3jax import tokenize_text, train, train_retriever, train_tokenizer, train_vqgan
 from cm3jax.config import ConfigError, check_ranges, load_config_file
 from cm3jax.data import code_shards, sft, task_shards, text_corpus
 from cm3jax.retrieval import memory, neighbours, retriever
@@ -72,7 +71,7 @@ REMAKE = ("delete it for the pipeline to make it again (and what was made from i
 # where the data is kept), so that they may differ between the output and this config.
 NOT_MADE_BY = {"num_train_steps", "log_every", "eval_every", "eval_images", "eval_examples",
                "checkpoint_every", "keep_checkpoints", "async_checkpointing",
-               "new_run_over_damaged", "data_dir", "mesh"}
+               "new_run_over_damaged", "data_dir", "tokenizer", "mesh"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,21 +96,14 @@ class Stage:
   make: Callable[[Job], str]  # makes or resumes the output; returns what it made, in words
 
 
-def flat(config_json: dict, prefix: str = "") -> dict:
-  """{"section.field": value} of a config's JSON."""
-  out = {}
-  for k, v in config_json.items():
-    out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
 def check_trained(where: str, step: int, config, what: str):
   """Refuses a trainer's checkpoint in the workdir whose saved config differs from `config` in
   a field that changes what it trains (any but NOT_MADE_BY; a field the saved config lacks is
   one added since, unknown)."""
-  saved = flat(checkpoint.saved_config(where, step))
-  wanted = {k: v for k, v in flat(json.loads(config.to_json())).items()
-            if k in saved and not NOT_MADE_BY & set(k.split("."))}
+  saved = traverse_util.flatten_dict(checkpoint.saved_config(where, step), sep=".")
+  wanted = {k: v for k, v in traverse_util.flatten_dict(json.loads(config.to_json()),
+                                                        sep=".").items()
+            if not NOT_MADE_BY & set(k.split("."))}
   provenance.check(saved, wanted, f"the {what} in {where} (step {step})", REMAKE)
 
 

@@ -34,11 +34,13 @@ def params_fingerprint(params) -> str:
 
 
 def differences(recorded: dict, made_by: dict) -> list[str]:
-  """`field=recorded (this run: value)` for each field of `made_by` that `recorded` does not
-  hold as it is (compared as JSON, so a tuple equals the list it is recorded as)."""
+  """`field=recorded (this run: value)` for each field of `made_by` that `recorded` holds
+  otherwise (compared as JSON, so a tuple equals the list it is recorded as). A field that
+  `recorded` lacks is unknown, not a difference: an output made before cm3jax recorded it is
+  reused as before."""
   made_by = json.loads(json.dumps(made_by))
-  return [f"{k}={recorded.get(k)!r} (this run: {v!r})" for k, v in made_by.items()
-          if recorded.get(k) != v]
+  return [f"{k}={recorded[k]!r} (this run: {v!r})" for k, v in made_by.items()
+          if k in recorded and recorded[k] != v]
 
 
 def check(recorded: dict, made_by: dict, what: str, remedy: str):

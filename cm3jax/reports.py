@@ -7,7 +7,7 @@ import json
 import os
 from typing import Mapping, Optional, Sequence
 
-from cm3jax import sampling
+from cm3jax import provenance, sampling
 from cm3jax.config import ConfigError
 
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
@@ -86,10 +86,8 @@ def record_sampling_defaults(workdir: str, report: str, measured: Mapping[str, M
   except ConfigError:
     kept = {}
   defaults = {use: dataclasses.asdict(m) for use, m in {**kept, **measured}.items()}
-  path = os.path.join(workdir, SAMPLING_DEFAULTS_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"version": SAMPLING_DEFAULTS_VERSION, "defaults": defaults}, f, indent=1)
-  os.replace(path + ".tmp", path)
+  provenance.write_json(os.path.join(workdir, SAMPLING_DEFAULTS_FILE),
+                        {"version": SAMPLING_DEFAULTS_VERSION, "defaults": defaults})
 
 
 def sampling_defaults(workdir: str) -> dict[str, Measured]:

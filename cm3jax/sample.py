@@ -4,14 +4,15 @@
       --num_images=8 --out=grid.png
   python -m cm3jax.sample --workdir=workdirs/tiny --image=photo.png --num_captions=3
   python -m cm3jax.sample --workdir=workdirs/tiny_ra --prompt="a red circle above a blue square" \
-      --memory=workdirs/tiny_ra/memory --retrieve=2 --rerank=8
+      --memory=workdirs/tiny_ra/memory --retrieve=3
 
 The model, its vocabulary and (from the run's config) its VQGAN come from the workdir's latest
 checkpoint. Images are drawn with the run's best measured setting: the report (cm3jax.eval_shapes,
 the pipeline's last stage) records it in WORKDIR/sampling_defaults.json, for text->image and
 each instruction-tuned task. A flag given on the command line overrides its field of it; a run
-without one draws greedily without guidance (the paper's guidance scales measure worst on every
-run reported so far). The command says in one line which setting it draws with and whence.
+without one draws greedily without guidance (top-p 0.9 where --rerank or a warper flag asks
+for draws; the paper's guidance scales measure worst on every run reported so far). The
+command says in one line which setting it draws with and whence.
 --cfg is the classifier-free guidance scale alpha_c (1: none); --cd_k turns on contrastive
 top-k. Captions are greedy unless --num_captions > 1. --retrieve=K places the K documents of
 --memory nearest the prompt (by the bank's retriever) before it, as a model of
@@ -240,6 +241,10 @@ def chosen_setting(FLAGS, use: str) -> tuple[sampling.Setting, str]:
   measured = reports.sampling_defaults(FLAGS.workdir).get(use)
   base = measured.setting if measured else UNMEASURED
   given = [n for n in setting_flags(use) if getattr(FLAGS, n) is not None]
+  asks_for_draws = (FLAGS.rerank or 1) > 1 or {"temperature", "top_k", "top_p"} & set(given)
+  if base.config.greedy and "greedy" not in given and asks_for_draws:
+    # N argmax images are N copies of one, and a warper does nothing to an argmax.
+    base = dataclasses.replace(base, sampling=dataclasses.asdict(TEXT_SAMPLING))
   flag = lambda name, value: getattr(FLAGS, name) if name in given else value
   at_hand = "retriever" if FLAGS.retriever or FLAGS.memory else "model"
   rerank_by = base.rerank_by if base.candidates > 1 else at_hand

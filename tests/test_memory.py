@@ -88,9 +88,9 @@ def test_a_bank_refuses_another_retriever_dimension_or_codes(bank, parts, small_
   out, manifest = bank
   r, _ = parts
   with pytest.raises(ConfigError, match="built by another retriever"):
-    memory.check_compatible(manifest, out, "0" * 16, r.cfg.embed_dim)
-  with pytest.raises(ConfigError, match="holds 32-dimensional vectors; this retriever embeds in 8"):
-    memory.check_compatible(manifest, out, r.fingerprint, 8)
+    memory.check_compatible({**manifest, "retriever_fingerprint": "0" * 16}, out, r)
+  with pytest.raises(ConfigError, match="holds 8-dimensional vectors; this retriever embeds in 32"):
+    memory.check_compatible({**manifest, "dim": 8}, out, r)
   other = tmp_path / "codes"
   other.mkdir()
   (other / "train.json").write_text('{"records": 100}')
@@ -486,8 +486,8 @@ def test_the_retriever_score_is_each_decoded_images_cosine_to_its_caption(parts,
 
 def test_a_bank_of_a_state_dict_clip_reloads_its_retriever_as_it_was_made(parts, small_codes,
                                                                            tmp_path):
-  """A state dict records neither its heads nor its activation; the bank records both, and the
-  same weights under another activation are another retriever."""
+  """A state dict records neither its heads nor its activation; the bank records both, and
+  refuses the same weights under another activation."""
   import open_clip
   import torch
   from cm3jax.retrieval import augment
@@ -504,4 +504,5 @@ def test_a_bank_of_a_state_dict_clip_reloads_its_retriever_as_it_was_made(parts,
   found = augment.Memory.load(out)
   assert found.retriever.cfg.activation == "gelu" and found.retriever.cfg.text_heads == 2
   assert found.retriever.fingerprint == made_with.fingerprint
-  assert retriever.load(path, 16, "quick_gelu").fingerprint != made_with.fingerprint
+  with pytest.raises(ConfigError, match="retriever_activation='gelu' \\(this run: 'quick_gelu'\\)"):
+    augment.Memory.load(out, path, head_width=16, activation="quick_gelu")

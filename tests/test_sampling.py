@@ -610,6 +610,11 @@ def test_sample_without_a_recorded_setting_draws_greedily_without_guidance(tmp_p
   setting, _ = sample.chosen_setting(unset_flags(tmp_path, rerank=4, memory="bank"),
                                      "text_to_image, 3 retrieved")
   assert (setting.candidates, setting.rerank_by) == (4, "retriever")
+  assert not setting.config.greedy and setting.config.top_p == 0.9  # 4 draws, not 4 copies
+  setting, _ = sample.chosen_setting(unset_flags(tmp_path, top_k=5), "text_to_image")
+  assert not setting.config.greedy and setting.config.top_k == 5
+  setting, _ = sample.chosen_setting(unset_flags(tmp_path, rerank=4, greedy=True), "text_to_image")
+  assert setting.config.greedy  # as asked
   assert sampling.Setting().guidance == 1.0  # and the library draws without guidance too
 
 

@@ -36,7 +36,7 @@ class Memory:
       head_width = manifest.get("retriever_head_width", head_width)
       activation = manifest.get("retriever_activation", activation)
     r = retriever.load(retriever_path, head_width, activation)
-    memory.check_compatible(manifest, bank, r.fingerprint, r.cfg.embed_dim)
+    memory.check_compatible(manifest, bank, r)
     codes, captions = code_shards.read_split(manifest["codes"], manifest["split"], 2**62)
     return cls(r, mips.make_index(engine, vectors, ids), captions, codes)
 

@@ -92,7 +92,8 @@ def _activation(path: str, recorded: Optional[tuple[str, str]], given: str) -> s
       raise ConfigError(
           f"{path} does not record its MLP activation (open_clip trains with GELU unless the "
           "model config sets quick_gelu, as its -quickgelu models and OpenAI's weights do): pass "
-          "activation 'gelu' or 'quick_gelu' (--clip_activation)")
+          "activation 'gelu' or 'quick_gelu' (build_memory's and build_neighbours' "
+          f"--clip_activation), or put open_clip's {OPEN_CLIP_CONFIG} beside it")
     return given
   found, where = recorded
   if given and given != found:

@@ -84,14 +84,18 @@ def load(bank: str) -> tuple[np.ndarray, np.ndarray, dict]:
   return vectors_NxE, ids_N, manifest
 
 
-def check_compatible(manifest: dict, bank: str, fingerprint: str, dim: int):
-  """Refuses a bank built by another retriever, or of another dimension."""
+def check_compatible(manifest: dict, bank: str, r):
+  """Refuses a bank built by another retriever (`r`, a retriever.Retriever: its weights and
+  towers), or of another dimension."""
+  dim = r.cfg.embed_dim
   if manifest["dim"] != dim:
     raise ConfigError(f"memory bank {bank} holds {manifest['dim']}-dimensional vectors; this "
                       f"retriever embeds in {dim}")
-  if manifest["retriever_fingerprint"] != fingerprint:
+  if manifest["retriever_fingerprint"] != r.fingerprint:
     raise ConfigError(f"memory bank {bank} was built by another retriever "
                       f"({manifest['retriever']}); rebuild it with this one")
+  provenance.check(manifest, r.towers, f"memory bank {bank}",
+                   "load its retriever as the bank records it")
 
 
 def codes_identity(codes_dir: str, codes_manifest: dict) -> dict:

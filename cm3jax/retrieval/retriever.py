@@ -60,11 +60,16 @@ class Retriever:
 
   @functools.cached_property
   def fingerprint(self) -> str:
-    """Names these weights and the towers that run them (the same weights under another
-    activation embed otherwise): a memory bank records it, and refuses another retriever's
-    queries."""
-    return provenance.fingerprint({"weights": provenance.params_fingerprint(self.params),
-                                   "towers": self.cfg.to_dict()})
+    """Names these weights: a memory bank records it (with `towers`), and refuses another
+    retriever's queries."""
+    return provenance.params_fingerprint(self.params)
+
+  @property
+  def towers(self) -> dict:
+    """What runs the weights that a state dict does not record: the same weights with other
+    heads or another activation embed otherwise."""
+    return {"retriever_head_width": self.cfg.text_width // self.cfg.text_heads,
+            "retriever_activation": self.cfg.activation}
 
   def embed_images(self, images_uint8: np.ndarray) -> np.ndarray:
     """float32 [B, E], L2-normalised, of uint8 RGB images [B, S, S, 3] at the tower's size."""
