@@ -17,10 +17,10 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import train_step
-from cm3jax import train_tokenizer
 from cm3jax.config import load_config_file
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import cm3, code_shards, shapes, tf_cpu
-from cm3jax.vocab import Vocab
+from cm3jax.prepare import train_tokenizer
 
 _BATCHES = flags.DEFINE_integer("batches", 30, "Timed batches per row, after 3 warm-up batches.")
 

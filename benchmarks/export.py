@@ -18,11 +18,13 @@ import time
 import jax
 from absl import app, flags
 
-from cm3jax import checkpoint, sharding, train, train_tokenizer, train_vqgan, trainer
-from cm3jax import model as model_lib
 from cm3jax.config import load_config_file
+from cm3jax.core import checkpoint, sharding
+from cm3jax.core import model as model_lib
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import shapes
-from cm3jax.vocab import Vocab
+from cm3jax.prepare import train_tokenizer
+from cm3jax.training import train, train_vqgan, trainer
 
 _CONFIG = flags.DEFINE_string("config", "configs/350m.py", "The token model's config.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Export dtype.")

@@ -25,7 +25,8 @@ import jax
 from absl import app, flags
 
 from benchmarks import train_step  # its grid flags
-from cm3jax import sharding, trainer
+from cm3jax.core import sharding
+from cm3jax.training import trainer
 
 _TOP = flags.DEFINE_integer("top", 0, "List this many of the largest memory-bound kernel groups.")
 

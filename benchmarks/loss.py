@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from cm3jax import hardware, loss
+from cm3jax.core import hardware
+from cm3jax.training import loss
 
 _BATCH = flags.DEFINE_integer("batch", 8, "Rows.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Positions per row.")

@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from cm3jax import model as model_lib
-from cm3jax import sampling, train_tokenizer
+from cm3jax.core import model as model_lib
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import shapes
-from cm3jax.vocab import Vocab
+from cm3jax.prepare import train_tokenizer
+from cm3jax.sampling import engine
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/350m.py", "Model config.")
 _IMAGES = flags.DEFINE_integer("images", 16, "Images (requests), each with guidance.")
@@ -53,12 +54,12 @@ def main(_):
   # Random weights everywhere (the zero-initialised head would make every logit 0).
   params = jax.tree.map(lambda p: 0.02 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape),
                         params)
-  sampler = sampling.Sampler(cfg, params, vocab)
-  top_p = sampling.SamplingConfig(top_p=0.9)
+  sampler = engine.Sampler(cfg, params, vocab)
+  top_p = engine.SamplingConfig(top_p=0.9)
   key = jax.random.PRNGKey(0)
 
   def run():
-    codes = sampling.text_to_image(sampler, ["a red circle above a blue square"], _IMAGES.value,
+    codes = engine.text_to_image(sampler, ["a red circle above a blue square"], _IMAGES.value,
                                    _TOKENS.value, key, 3.0, top_p)
     assert codes.shape == (1, _IMAGES.value, _TOKENS.value)
 

@@ -6,7 +6,7 @@ r"""tokenize_text on one long document (a file with no blank line); prints a tab
 Each file is random lower-case words and spaces, with a newline every 80 characters
 and never a blank line, so the whole file is one document that text_corpus.chunks cuts into
 records of at most --max_chars characters. For each size: the seconds of the cut alone and of the
-whole split written as shards (cm3jax.tokenize_text.tokenize_split), and the records written. A
+whole split written as shards (cm3jax.prepare.tokenize_text.tokenize_split), and the records written. A
 linear cutter takes about twice the seconds for twice the size.
 """
 
@@ -17,8 +17,8 @@ import time
 import numpy as np
 from absl import app, flags
 
-from cm3jax import tokenize_text
 from cm3jax.data import text_corpus, tf_cpu
+from cm3jax.prepare import tokenize_text
 
 _SIZES_MB = flags.DEFINE_list("sizes_mb", ["2", "4", "8", "100"], "File sizes, in MB (10^6 B).")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", tokenize_text.MAX_CHARS, "Characters per record.")

@@ -20,9 +20,11 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from cm3jax import model as model_lib, sharding, trainer
 from cm3jax.config import load_config_file
+from cm3jax.core import model as model_lib
+from cm3jax.core import sharding
 from cm3jax.data import synthetic
+from cm3jax.training import trainer
 
 _SIZES = flags.DEFINE_list("sizes", ["350m"], "Names of configs/*.py (350m, 760m, 7b, tiny) or 1.3b.")
 _BATCH = flags.DEFINE_list("batch", ["4"], "Rows per step (each of seq_len tokens).")

@@ -1,123 +1,21 @@
 """Retrieve, offline, the documents each record of the code shards is trained with.
 
-  python -m cm3jax.build_neighbours --retriever=workdirs/clip --memory=workdirs/tiny/memory \
-      --codes=workdirs/tiny/codes --vqgan=workdirs/tiny/vqgan --out=workdirs/tiny/neighbours
+  python -m cm3jax.build_neighbours --retriever=workdirs/clip --memory=workdirs/tiny/memory       --codes=workdirs/tiny/codes --vqgan=workdirs/tiny/vqgan --out=workdirs/tiny/neighbours
 
 Each record queries the bank by its text (query dropout) and by its image; the strategy and the
 file format are in cm3jax/retrieval/neighbours.py. The CM3 stream reads the result with
 cm3.retrieval.neighbours_dir. Shards are written whole, so a second run resumes after the last;
 a resume or a reuse of neighbours made from another bank, VQGAN or codes, or with other
-settings, is refused (cm3jax/provenance.py).
+settings, is refused (cm3jax/core/provenance.py).
 """
 
-import collections
-import itertools
-import os
-import zlib
-
-import numpy as np
 from absl import flags
 
-from cm3jax import cli, provenance
+from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards
-from cm3jax.retrieval import memory, mips, neighbours, retriever
+from cm3jax.prepare import build_neighbours
+from cm3jax.retrieval import mips, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-
-SEED, SHARD_SIZE = 0, 4096  # of the query dropout; records per shard (by default)
-
-
-def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index,
-                documents_NxE: np.ndarray, bank: dict, codes_dir: str, split: str, out: str,
-                per_record: int = 4, candidates: int = 128,
-                query_dropout: float = 0.2, max_relevance: float = 0.9, seed: int = SEED,
-                shard_size: int = SHARD_SIZE) -> dict:
-  """Writes (or resumes) one split's neighbour shards and returns its manifest (a complete
-  split's, made as this run would make it, as it is). `index` searches the bank, whose vectors
-  by record id are `documents_NxE` (`documents_by_id`)."""
-  if not 0 <= query_dropout < 1:
-    raise ConfigError(f"--query_dropout={query_dropout} must lie in [0, 1)")
-  if per_record < 1 or candidates < per_record:
-    raise ConfigError(f"--per_record={per_record} must be at least 1 and at most "
-                      f"--candidates={candidates}")
-  total = code_shards.read_manifest(codes_dir, split)["records"]
-  settings = made_by(vqgan.fingerprint, bank, codes_dir, split, per_record, candidates,
-                     query_dropout, max_relevance, seed, shard_size)
-  if os.path.exists(neighbours.manifest_path(out, split)):
-    info = neighbours.read_manifest(out, split)
-    provenance.check(info, settings, f"the {split} neighbours in {out}", neighbours.REMEDY)
-    return info
-  shards = -(-total // shard_size)
-  os.makedirs(out, exist_ok=True)
-  done = neighbours.done_shards(out, split)
-  provenance.start(neighbours.settings_path(out, split), settings,
-                   f"the {len(done)} {split} neighbour shards in {out}", bool(done),
-                   neighbours.REMEDY)
-  in_bank = split == bank["split"]  # then a record is in the bank, and never its own neighbour
-  stream = memory.records(codes_dir, split)
-  found = 0
-  for shard in range(shards):
-    rows = list(itertools.islice(stream, shard_size))
-    if shard in done:
-      continue
-    keys = np.array([key for _, key, _, _ in rows], object)
-    ids = np.full((len(rows), per_record), -1, np.int64)
-    ok = list(memory.usable(rows, vqgan.cfg.n_embed, collections.Counter()))  # the bank's count
-    if ok:
-      record_ids = np.array([i for i, _, _, _ in ok])
-      images = vqgan.decode(np.stack([c for _, _, _, c in ok]))
-      rng = np.random.default_rng([seed, zlib.crc32(split.encode()), shard])
-      tokens = neighbours.drop_tokens(r.tokenize([t for _, _, t, _ in ok], r.cfg.context_length),
-                                      r.cfg.eot_id, query_dropout, rng)
-      text_scores, text_ids = index.search(r.embed_tokens(tokens), candidates)
-      image_scores, image_ids = index.search(r.embed_images(images), candidates)
-      query_ids = record_ids if in_bank else np.full(len(ok), -1)
-      ids[record_ids - rows[0][0]] = neighbours.pick(query_ids, text_scores, text_ids,
-                                                     image_scores, image_ids, documents_NxE,
-                                                     per_record, max_relevance)
-    neighbours.write_shard(out, split, shard, keys.astype(bytes), ids)
-    found += int((ids >= 0).sum())
-    print(f"{split} neighbour shard {shard + 1}/{shards}: {len(rows)} records", flush=True)
-  info = {**settings, provenance.FINGERPRINT: provenance.fingerprint(settings), "records": total,
-          "shards": shards}
-  neighbours.finish(out, split, info)
-  return info
-
-
-def made_by(vqgan_fingerprint: str, bank: dict, codes_dir: str, split: str, per_record: int,
-            candidates: int, query_dropout: float, max_relevance: float, seed: int,
-            shard_size: int) -> dict:
-  """A split's made_by (cm3jax/provenance.py): the bank (`bank`: its manifest and "path"), whose
-  retriever embeds the queries, the VQGAN that draws the query images, the split's code shards
-  and the settings of the strategy."""
-  return {"split": split, **memory.codes_identity(codes_dir,
-                                                  code_shards.read_manifest(codes_dir, split)),
-          "bank": bank["path"], "bank_fingerprint": bank.get(provenance.FINGERPRINT),
-          "bank_split": bank["split"], "retriever_fingerprint": bank["retriever_fingerprint"],
-          "vqgan": vqgan_fingerprint, "per_record": per_record, "candidates": candidates,
-          "query_dropout": query_dropout, "max_relevance": max_relevance, "seed": seed,
-          "shard_size": shard_size}
-
-
-def build(r: retriever.Retriever, vqgan: ImageTokenizer, memory_dir: str, codes_dir: str,
-          out: str, splits=("train", "validation"), engine: str = "exact", **options
-          ) -> list[dict]:
-  """Every split's neighbours from the bank in `memory_dir`, after checking that the bank was
-  built by `r` from these codes; `options` go to `build_split`. Returns the splits' manifests."""
-  vectors, ids, manifest = memory.load(memory_dir)
-  memory.check_compatible(manifest, memory_dir, r)
-  memory.check_covers(manifest, memory_dir, codes_dir)
-  index = mips.make_index(engine, vectors, ids)
-  bank = {**manifest, "path": os.path.abspath(memory_dir)}
-  return [build_split(r, vqgan, index, documents_by_id(vectors, ids), bank, codes_dir, split, out,
-                      **options) for split in splits]
-
-
-def documents_by_id(vectors_NxE: np.ndarray, ids_N: np.ndarray) -> np.ndarray:
-  """The bank's vectors as rows indexed by record id (zero rows for ids it skipped)."""
-  out = np.zeros((int(ids_N.max(initial=-1)) + 1, vectors_NxE.shape[1]), vectors_NxE.dtype)
-  out[ids_N] = vectors_NxE
-  return out
 
 
 def _define_flags():
@@ -133,7 +31,7 @@ def _define_flags():
   flags.DEFINE_float("query_dropout", 0.2, "Share of a text query's tokens dropped.")
   flags.DEFINE_float("max_relevance", 0.9, "Candidates more relevant than this are skipped.")
   flags.DEFINE_enum("engine", "exact", mips.ENGINES, "MIPS engine.")
-  flags.DEFINE_integer("seed", SEED, "Seed of the query dropout.")
+  flags.DEFINE_integer("seed", build_neighbours.SEED, "Seed of the query dropout.")
   flags.DEFINE_integer("head_width", 64, "Head width of a state-dict CLIP (heads are not stored).")
   flags.DEFINE_string("clip_activation", "", "MLP activation of a state-dict CLIP that does "
                       "not record it: gelu or quick_gelu.")
@@ -143,7 +41,7 @@ def main(FLAGS):
   for name in ("retriever", "memory", "codes", "vqgan", "out"):
     if not getattr(FLAGS, name):
       raise ConfigError(f"--{name} is required")
-  infos = build(retriever.load(FLAGS.retriever, FLAGS.head_width, FLAGS.clip_activation),
+  infos = build_neighbours.build(retriever.load(FLAGS.retriever, FLAGS.head_width, FLAGS.clip_activation),
                 ImageTokenizer.load(FLAGS.vqgan),
                 FLAGS.memory, FLAGS.codes, FLAGS.out, FLAGS.splits, FLAGS.engine,
                 per_record=FLAGS.per_record, candidates=FLAGS.candidates,

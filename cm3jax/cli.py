@@ -13,8 +13,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from cm3jax import faults
 from cm3jax.config import ConfigError
+from cm3jax.training import faults
 
 
 def run(name: str, define_flags: Callable[[], None], body: Callable):

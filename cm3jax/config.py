@@ -233,7 +233,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.z_loss = 0.0  # Coefficient of the log(Z)^2 auxiliary loss; 0 disables it.
   # Fuse the loss with the LM head, this many positions of every row at a time, so that the
-  # [tokens, vocab] logits never exist at once (cm3jax/loss.py); 0: plain logits.
+  # [tokens, vocab] logits never exist at once (cm3jax/training/loss.py); 0: plain logits.
   c.cross_entropy_chunk = 0
 
   # Peak dense bf16 TFLOP/s of one device, for MFU; None looks the device kind up.

@@ -23,10 +23,9 @@ guidance is scored with the documents in the unconditional stream and without th
 retriever (--retriever, or the bank's), best of 8 reranked by the retriever's image-text score
 is scored too.
 
-  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft --tasks=edit,grounded,seg2image,\
-      image2seg,caption,vqa --splits=validation --num_examples=200 --baseline=workdirs/tiny
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft --tasks=edit,grounded,seg2image,      image2seg,caption,vqa --splits=validation --num_examples=200 --baseline=workdirs/tiny
 
-scores the instruction-tuned tasks instead (cm3jax/eval_tasks.py) on each split's first
+scores the instruction-tuned tasks instead (cm3jax/eval/eval_tasks.py) on each split's first
 --num_examples records of every task of the shapes task suite, for the run and, with
 --baseline, the run it was tuned from; the report goes to WORKDIR/eval_tasks.json and .md,
 each task's best decoding of the run to WORKDIR/sampling_defaults.json.
@@ -34,106 +33,13 @@ each task's best decoding of the run to WORKDIR/sampling_defaults.json.
 
 import os
 import time
-from typing import Optional, Sequence
 
-import jax
 from absl import flags
 
-from cm3jax import checkpoint, cli, data, eval_tasks, reports, sampling
+from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, sft, shapes
-from cm3jax.data.shapes_analyser import analyse, caption_matches
-from cm3jax.retrieval import augment, retriever
-from cm3jax.sampling import Setting
-from cm3jax.vqgan.tokenizer import ImageTokenizer
-
-SETTINGS = {
-    "greedy, no guidance": Setting(sampling=dict(greedy=True)),
-    "top-p 0.9, no guidance": Setting(sampling=dict(top_p=0.9)),
-    "top-p 0.9, CFG 1.5": Setting(1.5, dict(top_p=0.9)),
-    "top-p 0.9, CFG 3": Setting(3.0, dict(top_p=0.9)),
-    # k = 1 is Li et al.'s plausibility set (p_cond >= alpha * max p_cond). At k = 8 the set admits
-    # tail codes, whose log-ratio is the largest, and a tiny model's samples turn to noise.
-    "CD-K (k=1, alpha=0.1)": Setting(sampling=dict(cd_k=1, cd_alpha=0.1)),
-    "top-p 0.9, best of 8 by the caption's likelihood": Setting(sampling=dict(top_p=0.9),
-                                                                candidates=8),
-}
-RERANKED_SETTINGS = {  # where a retriever is given
-    "top-p 0.9, best of 8 by the retriever's score": Setting(sampling=dict(top_p=0.9),
-                                                             candidates=8, rerank_by="retriever"),
-}
-RETRIEVAL_SETTINGS = {  # with retrieved documents: the other definition of the unconditional stream
-    "top-p 0.9, CFG 1.5, no documents in the unconditional stream": Setting(
-        1.5, dict(top_p=0.9), uncond_retrieved=False),
-    "top-p 0.9, CFG 3, no documents in the unconditional stream": Setting(
-        3.0, dict(top_p=0.9), uncond_retrieved=False),
-}
-SPLITS = ("validation", "test")
-REPORT_FILES = ("eval_shapes.json", "eval_shapes.md")  # in the workdir
-
-
-def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int = 128,
-             seed: int = 0, settings: Optional[dict] = None,
-             memory: Optional[augment.Memory] = None, retrieve: int = 0,
-             reranker: Optional[retriever.Retriever] = None) -> dict:
-  """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
-  held-out compositions; validation: compositions seen in training), of the workdir's newest
-  checkpoint. With `retrieve` > 0, each caption follows the `retrieve` documents of `memory`
-  nearest it, and each image being captioned those nearest the image. `reranker` (by default
-  the memory's retriever) scores the settings that rerank by the retriever."""
-  if retrieve and memory is None:
-    raise ConfigError(f"retrieve={retrieve} needs a memory bank")
-  reranker = reranker or (memory.retriever if memory else None)
-  if settings is None:
-    settings = {**SETTINGS, **(RERANKED_SETTINGS if reranker else {}),
-                **(RETRIEVAL_SETTINGS if retrieve else {})}
-  step = checkpoint.latest_step(workdir)
-  sampler, config = sampling.load(workdir)
-  paths = data.input_paths(config["cm3"], workdir)
-  vqgan = ImageTokenizer.load(paths.vqgan_workdir)
-  codes, captions = code_shards.read_split(paths.codes_dir, split, num_examples)
-  truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
-  image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
-  results = {"split": split, "step": step, "examples": len(captions), "retrieved": retrieve}
-  # The ceiling of text->image: how many of the split's own codes decode to a readable image.
-  readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
-                 for start in range(0, len(captions), batch_size))
-  results["VQGAN reconstructions"] = readable / len(captions)
-  by_text = by_image = None
-  if retrieve:
-    by_text = memory.context(sampler.vocab, captions, retrieve)
-    by_image = memory.documents(sampler.vocab,
-                                memory.retrieve_by_images(vqgan.decode(codes), retrieve))
-  for name, setting in settings.items():
-    if setting.rerank_by == "retriever" and setting.candidates > 1 and reranker is None:
-      raise ConfigError(f"setting {name!r} reranks by the retriever, and none is given")
-    score = augment.retriever_score(reranker, vqgan) if setting.rerank_by == "retriever" else None
-    cfg = sampling.SamplingConfig(**setting.sampling)
-    right = 0
-    per_batch = max(1, batch_size // setting.candidates)
-    for start in range(0, len(captions), per_batch):
-      batch = slice(start, start + per_batch)
-      generated = sampling.text_to_image_reranked(
-          sampler, captions[batch], setting.candidates, vqgan.cfg.tokens_per_image,
-          jax.random.fold_in(image_key, start), setting.guidance, cfg,
-          None if by_text is None else by_text[batch], setting.uncond_retrieved, score)
-      right += _shown(vqgan, generated, truths[batch])
-    results[f"text_to_image, {name}"] = right / len(captions)
-  right, examples = 0, []
-  for start in range(0, len(captions), batch_size):
-    batch = slice(start, start + batch_size)
-    made = sampling.caption_images(sampler, codes[batch], jax.random.fold_in(caption_key, start),
-                                   context=None if by_image is None else by_image[batch])
-    right += sum(caption_matches(c, t) for c, t in zip(made, truths[batch]))
-    examples += made[:max(0, 8 - len(examples))]
-  results["image_to_text, greedy"] = right / len(captions)
-  results["caption examples"] = [f"{got!r} for {want!r}" for got, want in zip(examples, captions)]
-  return results
-
-
-def _shown(vqgan, codes, truths) -> int:
-  """How many of these images' codes decode to an image that the analyser reads as its truth."""
-  return sum(analyse(image) == truth for image, truth in zip(vqgan.decode(codes), truths))
+from cm3jax.data import sft
+from cm3jax.eval import eval_shapes, eval_tasks, reports
 
 
 def _define_flags():
@@ -141,7 +47,7 @@ def _define_flags():
   flags.DEFINE_integer("num_examples", 1000, "Examples to score per split (each has 1,000).")
   flags.DEFINE_integer("batch_size", 128, "Images generated together.")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_list("splits", list(SPLITS), "test: held-out compositions; validation: "
+  flags.DEFINE_list("splits", list(eval_shapes.SPLITS), "test: held-out compositions; validation: "
                     "compositions seen in training.")
   flags.DEFINE_integer("retrieve", 0, "Also score each split with this many documents retrieved "
                        "from --memory before each prompt; 0: no retrieval.")
@@ -153,83 +59,6 @@ def _define_flags():
                     f"and captions: {','.join(sft.TASKS)}.")
   flags.DEFINE_string("baseline", "", "With --tasks: also score this run (the model before "
                       "instruction tuning).")
-
-
-def columns(splits: Sequence[str], retrieve: int) -> dict[str, tuple[str, int]]:
-  """The report's columns, {name: (split, documents retrieved)}: each split, and with `retrieve`
-  each split with retrieval."""
-  out = {}
-  for s in splits:
-    out[s] = (s, 0)
-    if retrieve:
-      out[f"{s}, {retrieve} retrieved"] = (s, retrieve)
-  return out
-
-
-def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: int = 128,
-           seed: int = 0, retrieve: int = 0, memory_path: str = "", retriever_path: str = ""
-           ) -> dict:
-  """`evaluate` of each split, and with `retrieve` of each split with retrieval from the memory
-  bank at `memory_path` (by default the run's), written to WORKDIR/eval_shapes.json (by column)
-  and, as the table that `table` makes, WORKDIR/eval_shapes.md."""
-  unknown = [s for s in splits if s not in SPLITS]
-  if unknown or not splits:
-    raise ConfigError(f"splits {list(splits)}: each must be one of {list(SPLITS)}")
-  if retrieve < 0:
-    raise ConfigError(f"retrieve={retrieve}: retrieve 0 documents (none) or more")
-  memory = None
-  if retrieve:
-    config = checkpoint.saved_config(workdir, checkpoint.latest_step(workdir))
-    memory_path = memory_path or data.retrieval_paths(config["cm3"], workdir).memory
-    memory = augment.Memory.load(memory_path)
-  reranker = retriever.load(retriever_path) if retriever_path else None
-  results = {}
-  for column, (split, retrieved) in columns(splits, retrieve).items():
-    results[column] = evaluate(workdir, split, num_examples, batch_size, seed, memory=memory,
-                               retrieve=retrieved, reranker=reranker)
-  reports.write(workdir, REPORT_FILES, results, table(results))
-  reports.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(results))
-  return results
-
-
-def sampling_defaults(results: dict) -> dict[str, reports.Measured]:
-  """The best text->image setting of `results` ({column: evaluate's dict}) for each number of
-  documents retrieved, {reports.text_to_image_use(retrieved): Measured}. Without retrieval only
-  the settings that need no retriever compete: sampling without documents is given none."""
-  every = {**SETTINGS, **RERANKED_SETTINGS, **RETRIEVAL_SETTINGS}
-  out = {}
-  for retrieved in dict.fromkeys(r["retrieved"] for r in results.values()):
-    rows = {f"text_to_image, {name}": s for name, s in every.items()
-            if retrieved or s.candidates == 1 or s.rerank_by != "retriever"}
-    found = reports.best({c: r for c, r in results.items() if r["retrieved"] == retrieved}, rows,
-                         REPORT_FILES[0])
-    if found:
-      out[reports.text_to_image_use(retrieved)] = found
-  return out
-
-
-def saved(workdir: str) -> dict:
-  """The saved report, {column: results}; {} when there is none."""
-  return reports.saved(workdir, REPORT_FILES)
-
-
-def table(results: dict) -> list[str]:
-  """A markdown table of `results` ({column: evaluate's dict}), then some captions the model
-  wrote; a setting a column did not score is "-"."""
-  kinds = {"validation": "seen compositions", "test": "held-out compositions"}
-  heads = [f"{r['split']} ({kinds[r['split']]}" + (f", {r['retrieved']} retrieved)"
-                                                   if r.get("retrieved") else ")")
-           for r in results.values()]
-  rows = list(dict.fromkeys(name for r in results.values() for name, value in r.items()
-                            if isinstance(value, float)))
-  first = next(iter(results.values()))
-  lines = [f"eval_shapes of step {first['step']}, {first['examples']} examples per split",
-           "", "| task, sampling | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
-  lines += [f"| {name} | " + " | ".join(f"{r[name]:.1%}" if name in r else "-"
-                                          for r in results.values()) + " |" for name in rows]
-  for column, r in results.items():
-    lines += ["", f"Captions of {column} images:"] + [f"- {line}" for line in r["caption examples"]]
-  return lines
 
 
 def main(FLAGS):
@@ -249,11 +78,11 @@ def main(FLAGS):
     return
   if FLAGS.baseline:
     raise ConfigError("--baseline scores the tasks of --tasks; name them")
-  results = report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
+  results = eval_shapes.report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
                    FLAGS.retrieve, FLAGS.memory or "", FLAGS.retriever or "")
-  print("\n".join(table(results)))
+  print("\n".join(eval_shapes.table(results)))
   print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
-      os.path.join(FLAGS.workdir, f) for f in REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)))
+      os.path.join(FLAGS.workdir, f) for f in eval_shapes.REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)))
 
 
 if __name__ == "__main__":

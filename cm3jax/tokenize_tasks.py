@@ -13,139 +13,12 @@ an image that cannot be read are skipped and counted. Writes the shards and then
 reused.
 """
 
-import collections
-import itertools
-import os
-from typing import Iterable, Iterator, Optional
-
-import numpy as np
 from absl import flags
 
-from cm3jax import cli, provenance, tokenize_images
+from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, sft, shapes_tasks, task_shards, tf_cpu
+from cm3jax.prepare import tokenize_tasks
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-
-ENCODE_RECORDS = 256  # records whose images are encoded in one batch
-SHARD_SIZE = 4096  # records per shard, by default
-
-
-def records(dataset: str, split: str, examples_per_task: int, skipped: collections.Counter
-            ) -> Iterator[sft.Record]:
-  """The records of one split of `dataset`; JSONL lines that are not records are counted in
-  `skipped`."""
-  if dataset == "shapes_tasks":
-    for task in sft.TASKS:
-      for i in range(examples_per_task):
-        yield shapes_tasks.example(task, split, i)
-    return
-  kind, _, path = dataset.partition(":")
-  if kind != "jsonl" or not path:
-    raise ConfigError(f"--dataset={dataset!r} is not shapes_tasks or jsonl:PATH")
-  path = path.replace("{split}", split)
-  good, bad = sft.read_jsonl(path)
-  skipped.update(bad)
-  folder = os.path.dirname(os.path.abspath(path))
-  for record in good:
-    place = lambda s: (sft.ImagePath(os.path.join(folder, s.path))
-                       if isinstance(s, sft.ImagePath) else s)
-    yield sft.Record(record.task, tuple(map(place, record.input)),
-                     tuple(map(place, record.output)))
-
-
-def _pixels(image, resolution: int) -> np.ndarray:
-  if isinstance(image, shapes_tasks.Picture):
-    return image.render()
-  with open(image.path, "rb") as f:
-    return tokenize_images.decode_image(f.read(), resolution)
-
-
-def encoded(tokenizer: ImageTokenizer, made: Iterable[sft.Record],
-            skipped: collections.Counter) -> Iterator[sft.Record]:
-  """Each record with its images as codes; one whose image cannot be read is counted and left
-  out."""
-  resolution = tokenizer.cfg.resolution
-  made = iter(made)
-  while chunk := list(itertools.islice(made, ENCODE_RECORDS)):
-    kept, pixels = [], []
-    for record in chunk:
-      try:
-        images = [_pixels(s, resolution) for s in record.input + record.output
-                  if not isinstance(s, str)]
-      except Exception:  # PIL and the file system raise many types for a bad image
-        skipped["unreadable image"] += 1
-        continue
-      kept.append(record)
-      pixels += images
-    codes = iter(tokenizer.encode(np.stack(pixels)) if pixels else [])
-    for record in kept:
-      swap = lambda s: s if isinstance(s, str) else next(codes)
-      yield sft.Record(record.task, tuple(map(swap, record.input)),
-                       tuple(map(swap, record.output)))
-
-
-def source(dataset: str, examples_per_task: int) -> dict:
-  """What names a dataset's records in a split's made_by: the JSONL file's absolute path, or the
-  shapes task suite with its records per task."""
-  kind, _, path = dataset.partition(":")
-  if kind == "jsonl" and path:
-    return {"dataset": f"jsonl:{os.path.abspath(path)}"}
-  return {"dataset": dataset, "examples_per_task": examples_per_task}
-
-
-def write_split(tokenizer: ImageTokenizer, made: Iterable[sft.Record], out: str, split: str,
-                shard_size: int = SHARD_SIZE, skipped=None, made_from: Optional[dict] = None
-                ) -> dict:
-  """Writes the records' shards and OUT/SPLIT.json; returns the manifest. A complete split is
-  reused when its manifest records this run's made_by (tokenize_images.made_by: the records,
-  named by `made_from` (`source`), the VQGAN and the shard size) and refused otherwise."""
-  if shard_size < 1:
-    raise ConfigError(f"--shard_size={shard_size} must be at least 1")
-  tf = tf_cpu.tensorflow()
-  manifest_path = task_shards.manifest_path(out, split)
-  settings = tokenize_images.made_by(tokenizer, shard_size, made_from)
-  if os.path.exists(manifest_path):
-    summary = task_shards.read_manifest(out, split)
-    provenance.check(summary, settings, f"the complete {split} split in {out}",
-                     code_shards.REMEDY)
-    return summary
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
-  skipped = collections.Counter() if skipped is None else skipped
-  tasks: collections.Counter = collections.Counter()
-  shards = 0
-  stream = encoded(tokenizer, made, skipped)
-  while chunk := list(itertools.islice(stream, shard_size)):
-    with tf.io.TFRecordWriter(task_shards.shard_path(out, split, shards) + ".tmp") as writer:
-      for record in chunk:
-        writer.write(task_shards.serialize(record))
-        tasks[record.task] += 1
-    shards += 1
-  if not shards:
-    raise ConfigError(f"split {split} has no usable record (skipped: {dict(skipped) or 'none'})")
-  for i in range(shards):
-    path = task_shards.shard_path(out, split, i)
-    os.replace(path + ".tmp", path)
-  summary = {"split": split, "records": sum(tasks.values()), "tasks": dict(sorted(tasks.items())),
-             "shards": shards, **settings, provenance.FINGERPRINT: provenance.fingerprint(settings),
-             "skipped": dict(skipped)}
-  provenance.write_json(manifest_path, summary)
-  return summary
-
-
-def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str,
-                   examples_per_task: int, shard_size: int = SHARD_SIZE) -> dict:
-  skipped: collections.Counter = collections.Counter()
-  return write_split(tokenizer, records(dataset, split, examples_per_task, skipped), out, split,
-                     shard_size, skipped, source(dataset, examples_per_task))
-
-
-def describe(summary: dict) -> str:
-  tasks = ", ".join(f"{n} {t}" for t, n in summary["tasks"].items())
-  skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
-  return f"{summary['split']}: {summary['records']} records ({tasks}); skipped: {skipped}"
 
 
 def _define_flags():
@@ -157,7 +30,7 @@ def _define_flags():
   flags.DEFINE_integer("examples_per_task", 2000, "shapes_tasks: train records per task.")
   flags.DEFINE_integer("eval_examples_per_task", 500, "shapes_tasks: records per task of the "
                        "other splits.")
-  flags.DEFINE_integer("shard_size", SHARD_SIZE, "Records per shard.")
+  flags.DEFINE_integer("shard_size", tokenize_tasks.SHARD_SIZE, "Records per shard.")
 
 
 def main(FLAGS):
@@ -168,7 +41,7 @@ def main(FLAGS):
   tokenizer = ImageTokenizer.load(FLAGS.vqgan_workdir)
   for split in FLAGS.splits:
     count = FLAGS.examples_per_task if split == "train" else FLAGS.eval_examples_per_task
-    print(describe(tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, count,
+    print(tokenize_tasks.describe(tokenize_tasks.tokenize_split(tokenizer, FLAGS.dataset, split, FLAGS.out, count,
                                   FLAGS.shard_size)), flush=True)
 
 

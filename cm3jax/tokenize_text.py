@@ -2,8 +2,7 @@
 
   python -m cm3jax.tokenize_text --out=workdirs/text_tiny/codes
 
-  python -m cm3jax.tokenize_text --out=TEXT --dataset=files:wikitext-103/wiki.{split}.raw \
-      --splits=train,validation --max_chars=8000
+  python -m cm3jax.tokenize_text --out=TEXT --dataset=files:wikitext-103/wiki.{split}.raw       --splits=train,validation --max_chars=8000
 
 --dataset is shapes_text (the default: the built-in corpus), files:PATTERN or tfds:NAME:FIELD
 (cm3jax/data/text_corpus.py). The records are image-code shards with no codes
@@ -14,40 +13,14 @@ them within one training row (about seq_len - 3 * cm3.max_spans tokens; the stre
 counts longer ones). Empty and non-UTF-8 documents are skipped and counted.
 """
 
-import collections
 import os
 
-import numpy as np
 from absl import flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.data import code_shards, text_corpus
-
-NO_CODES = np.zeros(0, np.int64)
-RECORDS_PER_WRITE = 1024
-MAX_CHARS = 1000
-
-
-def tokenize_split(dataset: str, split: str, out: str, data_dir: str = "",
-                   max_chars: int = MAX_CHARS, shard_size: int = 4096) -> dict:
-  """Writes one split of `dataset` into text-record shards in `out`; returns its counts."""
-  skipped: collections.Counter = collections.Counter()
-  documents, total = text_corpus.documents(dataset, split, skipped, data_dir, max_chars)
-  settings = {"shard_size": shard_size, "dataset": dataset, "max_chars": max_chars,
-              "tokens_per_image": 0, "codebook_size": 0}
-
-  def records(chunk: list[text_corpus.Document]) -> list[bytes]:
-    return [code_shards.serialize(key, NO_CODES, text) for key, text in chunk]
-
-  return code_shards.write_split(documents, records, out, split, settings, RECORDS_PER_WRITE,
-                                 total, skipped, unit="doc")
-
-
-def describe(summary: dict) -> str:
-  skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
-  return (f"{summary['split']}: {summary['records']} text records in {summary['shards']} shards; "
-          f"skipped: {skipped}")
+from cm3jax.data import text_corpus
+from cm3jax.prepare import tokenize_text
 
 
 def _define_flags():
@@ -56,7 +29,7 @@ def _define_flags():
                       "replaced by the split.")
   flags.DEFINE_list("splits", ["train", "validation", "test"], "Splits to write.")
   flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"), "TFDS data_dir.")
-  flags.DEFINE_integer("max_chars", MAX_CHARS, "Longer documents are cut into records of at most "
+  flags.DEFINE_integer("max_chars", tokenize_text.MAX_CHARS, "Longer documents are cut into records of at most "
                        "this many characters.")
   flags.DEFINE_integer("shard_size", 4096, "Records per output shard.")
 
@@ -65,7 +38,7 @@ def main(FLAGS):
   if not FLAGS.out:
     raise ConfigError("--out is required")
   for split in FLAGS.splits:
-    print(describe(tokenize_split(FLAGS.dataset, split, FLAGS.out, FLAGS.data_dir,
+    print(tokenize_text.describe(tokenize_text.tokenize_split(FLAGS.dataset, split, FLAGS.out, FLAGS.data_dir,
                                   FLAGS.max_chars, FLAGS.shard_size)), flush=True)
 
 

@@ -42,7 +42,7 @@ def shapes_data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vqgan_workdir(shapes_data_dir, tmp_path_factory):
   """A train_vqgan workdir after a few steps."""
-  from cm3jax import train_vqgan
+  from cm3jax.training import train_vqgan
   workdir = str(tmp_path_factory.mktemp("vqgan"))
   train_vqgan.train(vqgan_config(shapes_data_dir), workdir)
   return workdir
@@ -51,7 +51,7 @@ def vqgan_workdir(shapes_data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def retriever_workdir(shapes_data_dir, tmp_path_factory):
   """A train_retriever workdir after a few steps on shapes/small."""
-  from cm3jax import train_retriever
+  from cm3jax.training import train_retriever
   from tests.helpers import clip_config
   workdir = str(tmp_path_factory.mktemp("clip"))
   train_retriever.train(clip_config(shapes_data_dir, num_train_steps=150, eval_every=0),
@@ -62,7 +62,7 @@ def retriever_workdir(shapes_data_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_codes(vqgan_workdir, shapes_data_dir, tmp_path_factory):
   """Code shards of shapes/small's train and validation splits (shards of 100 records)."""
-  from cm3jax import tokenize_images
+  from cm3jax.prepare import tokenize_images
   from cm3jax.vqgan.tokenizer import ImageTokenizer
   out = str(tmp_path_factory.mktemp("codes"))
   tokenizer = ImageTokenizer.load(vqgan_workdir)

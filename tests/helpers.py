@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 
-from cm3jax.vocab import EOS
+from cm3jax.core.vocab import EOS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,8 +3,9 @@
 import libtpu  # noqa: F401  (requirements-test.txt installs it: a missing one fails, not skips)
 import pytest
 
-from cm3jax import aot, hardware
 from cm3jax.config import ConfigError
+from cm3jax.core import hardware
+from cm3jax.training import aot
 from tests.helpers import run_module, tiny_config
 
 # The suite's compilation cache (tests/conftest.py) stores these TPU executables, but a client of

@@ -15,8 +15,8 @@ import torch
 import transformers
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-from cm3jax import build_memory, build_neighbours
 from cm3jax.config import ConfigError
+from cm3jax.prepare import build_memory, build_neighbours
 from cm3jax.retrieval import bpe, clip, clip_io
 
 TOLERANCE = 1e-4

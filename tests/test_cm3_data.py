@@ -8,14 +8,15 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cm3jax import train_tokenizer
-from cm3jax.config import ConfigError  # noqa: E402
 from cm3jax import data  # noqa: E402
+from cm3jax.config import ConfigError  # noqa: E402
+from cm3jax.core.vocab import EOS, Vocab  # noqa: E402
 from cm3jax.data import cm3, code_shards, html, shapes  # noqa: E402
+from cm3jax.prepare import train_tokenizer
 from cm3jax.retrieval import neighbours  # noqa: E402
-from cm3jax.vocab import EOS, Vocab  # noqa: E402
 
 CAPTIONS = [shapes.scene("train", i).caption() for i in range(2000)]
 TOKENS_PER_IMAGE = 16

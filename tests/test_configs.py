@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cm3jax import model as model_lib
+from cm3jax.core import model as model_lib
 from tests.helpers import REPO, load_config
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -67,8 +67,8 @@ def test_vqgan_config():
 
 
 def test_clip_config_docstring_gives_command_and_true_size():
-  from cm3jax import train_retriever
   from cm3jax.retrieval import clip
+  from cm3jax.training import train_retriever
   module = load(os.path.join(REPO, "configs", "clip_shapes.py"))
   assert ("python -m cm3jax.train_retriever --config=configs/clip_shapes.py --workdir="
           in module.__doc__)

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from cm3jax import eval_tasks, train_tokenizer
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import sft, shapes, shapes_tasks
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.eval import eval_tasks
+from cm3jax.prepare import train_tokenizer
 from tests.helpers import RecordingSampler
 
 

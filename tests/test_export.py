@@ -13,11 +13,15 @@ import pytest
 import torch
 import transformers
 
-from cm3jax import checkpoint, export, sampling, sharding, train, train_tokenizer, trainer
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint, sharding
+from cm3jax.core import model as model_lib
+from cm3jax.core.vocab import EOS, PAD, Vocab
 from cm3jax.data import shapes
-from cm3jax.vocab import EOS, PAD, Vocab
+from cm3jax.io import export
+from cm3jax.prepare import train_tokenizer
+from cm3jax.sampling import engine
+from cm3jax.training import train, trainer
 from tests.helpers import assert_one_line_error, nontrivial, run_module, tiny_config
 
 
@@ -68,10 +72,10 @@ def assert_equals_transformers(hf, cfg, params, vocab):
                                atol=1e-4, rtol=0)
 
   prompts = [vocab.encode_document([c]) for c in ("a red circle", "a small blue square above")]
-  ours = sampling.Sampler(cfg, params, vocab).generate(
-      [sampling.Request(p, jax.random.PRNGKey(0)) for p in prompts], 32, "text",
-      sampling.SamplingConfig(greedy=True))
-  allowed = sampling.allowed_tokens(vocab, "text", cfg.vocab_size)
+  ours = engine.Sampler(cfg, params, vocab).generate(
+      [engine.Request(p, jax.random.PRNGKey(0)) for p in prompts], 32, "text",
+      engine.SamplingConfig(greedy=True))
+  allowed = engine.allowed_tokens(vocab, "text", cfg.vocab_size)
   for p, row in zip(prompts, ours):
     with torch.no_grad():
       theirs = hf.generate(torch.from_numpy(p[None].astype(np.int64)), do_sample=False,
@@ -115,7 +119,7 @@ def test_jax_to_pytorch_to_jax_through_torch(vocab, vqgan_workdir, tmp_path, dty
   config = checkpoint.saved_config(str(tmp_path / "back"), step)
   cfg = model_lib.ModelConfig.from_dict(config["model"])
   again = checkpoint.restore_params(str(tmp_path / "back"), step,
-                                    sampling.abstract_params(cfg, sampling.default_mesh()))
+                                    engine.abstract_params(cfg, engine.default_mesh()))
   rounded = jax.tree.map(lambda p: np.asarray(jnp.asarray(p).astype(dtype), np.float32), params)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(again), rounded)
   assert checkpoint.load_vocab(str(tmp_path / "back"), step) == vocab
@@ -185,7 +189,7 @@ def _imported(workdir):
   step = checkpoint.latest_step(workdir)
   cfg = model_lib.ModelConfig.from_dict(checkpoint.saved_config(workdir, step)["model"])
   params = checkpoint.restore_params(workdir, step,
-                                     sampling.abstract_params(cfg, sampling.default_mesh()))
+                                     engine.abstract_params(cfg, engine.default_mesh()))
   return cfg, jax.device_get(params)
 
 

@@ -13,11 +13,15 @@ import pytest
 import torch
 import transformers
 
-from cm3jax import checkpoint, export, fairseq_io, sampling, train, train_tokenizer
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint
+from cm3jax.core import model as model_lib
+from cm3jax.core.vocab import EOS, PAD, SPECIALS, Vocab
 from cm3jax.data import shapes
-from cm3jax.vocab import EOS, PAD, SPECIALS, Vocab
+from cm3jax.io import export, fairseq_io
+from cm3jax.prepare import train_tokenizer
+from cm3jax.sampling import engine
+from cm3jax.training import train
 from tests.helpers import REPO, assert_one_line_error, load_config, run_module, tiny_config
 
 NUM_CODES, NUM_SENTINELS = 64, 4
@@ -91,7 +95,7 @@ def imported(files, workdir, **kwargs):
   step = checkpoint.latest_step(str(workdir))
   cfg = model_lib.ModelConfig.from_dict(checkpoint.saved_config(str(workdir), step)["model"])
   params = checkpoint.restore_params(str(workdir), step,
-                                     sampling.abstract_params(cfg, sampling.default_mesh()))
+                                     engine.abstract_params(cfg, engine.default_mesh()))
   return cfg, jax.device_get(params), checkpoint.load_vocab(str(workdir), step)
 
 
@@ -140,11 +144,11 @@ def test_a_fairseq_checkpoint_equals_xglm_left_padded(activation, spm_model, dic
 
   # The checkpoint samples on the devices (greedy, guided by a caption-free stream: the streams
   # are left-padded to one length) what XGLM writes, and trains on.
-  s = sampling.Sampler(cfg, params, vocab)
+  s = engine.Sampler(cfg, params, vocab)
   prompt, uncond = vocab.encode_document(["a red circle"]), np.array([EOS])
-  row = s.generate([sampling.Request(prompt, jax.random.PRNGKey(0), uncond, 3.0)], 8, "text",
-                   sampling.SamplingConfig(greedy=True))[0]
-  allowed = sampling.allowed_tokens(vocab, "text", cfg.vocab_size)[ids]
+  row = s.generate([engine.Request(prompt, jax.random.PRNGKey(0), uncond, 3.0)], 8, "text",
+                   engine.SamplingConfig(greedy=True))[0]
+  allowed = engine.allowed_tokens(vocab, "text", cfg.vocab_size)[ids]
 
   def xglm_next(stream_prompt, written):
     theirs_row = [to_fairseq[t] for t in [*stream_prompt, *written]]

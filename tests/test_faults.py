@@ -18,10 +18,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from cm3jax import checkpoint, faults, sampling, torch_layout, train, train_vqgan, trainer
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint
+from cm3jax.core import model as model_lib
 from cm3jax.data import synthetic
+from cm3jax.io import torch_layout
+from cm3jax.sampling import engine
+from cm3jax.training import faults, train, train_vqgan, trainer
 from tests.helpers import REPO, run_module, tiny_config, vqgan_config
 
 DIVERGING = {"optimizer.peak_lr": 1e6, "optimizer.warmup_steps": 1}
@@ -36,7 +39,7 @@ def saved_params(workdir, step):
   config = checkpoint.saved_config(str(workdir), step)
   cfg = model_lib.ModelConfig.from_dict(config["model"])
   return checkpoint.restore_params(str(workdir), step,
-                                   sampling.abstract_params(cfg, sampling.default_mesh()))
+                                   engine.abstract_params(cfg, engine.default_mesh()))
 
 
 def test_a_non_finite_step_stops_the_run_and_keeps_the_finite_checkpoints(tmp_path):
@@ -404,7 +407,7 @@ def test_bad_inputs_to_the_commands_are_one_line(token_workdir, tmp_path):
 
 
 def test_a_bad_import_says_why_and_leaves_nothing(tmp_path, monkeypatch):
-  from cm3jax import export
+  from cm3jax.io import export
   source = tmp_path / "opt"
   source.mkdir()
   (source / "config.json").write_text("{not json")
@@ -434,7 +437,7 @@ def test_a_bad_import_says_why_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_an_export_removes_what_a_killed_export_left(tmp_path, capsys):
-  from cm3jax import export
+  from cm3jax.io import export
   dead = subprocess.Popen(["true"])
   dead.wait()
   left = tmp_path / ".export-left"

@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 
-from cm3jax import sampling, train_tokenizer
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import html, shapes
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.prepare import train_tokenizer
+from cm3jax.sampling import engine
 from tests.test_sampling import greedy_reference, model_config, random_params
 
 CODES = 64
@@ -25,7 +26,7 @@ def vocab():
 @pytest.fixture(scope="module")
 def sampler(vocab):
   cfg = model_config(vocab)
-  return sampling.Sampler(cfg, random_params(cfg), vocab)
+  return engine.Sampler(cfg, random_params(cfg), vocab)
 
 
 def test_the_alt_prompt_is_a_prefix_of_the_document(vocab):
@@ -77,7 +78,7 @@ def test_the_html_forms_prompts(vocab, sampler, monkeypatch):
       requests) or np.full((len(requests), num_new), vocab.image_offset, np.int32))
   context = [np.array([EOS, 7, 8], np.int32)]
   for context_in_uncond in (True, False):
-    sampling.text_to_image(sampler, ['a "red" circle'], 1, 16, jax.random.PRNGKey(0), 2.0,
+    engine.text_to_image(sampler, ['a "red" circle'], 1, 16, jax.random.PRNGKey(0), 2.0,
                            context=context, context_in_uncond=context_in_uncond, form="html")
   cond = [EOS, *vocab.encode_text('<img alt="a &quot;red&quot; circle" src="')]
   uncond = [EOS, *vocab.encode_text('<img alt="" src="')]
@@ -87,16 +88,16 @@ def test_the_html_forms_prompts(vocab, sampler, monkeypatch):
 
 def test_the_sampling_tasks(vocab, sampler):
   """Greedy html-form drawing and infilling equal the reference decoding of their prompts."""
-  greedy = sampling.SamplingConfig(greedy=True)
-  codes = sampling.text_to_image(sampler, ["a red circle", "a blue square"], 1, 16,
+  greedy = engine.SamplingConfig(greedy=True)
+  codes = engine.text_to_image(sampler, ["a red circle", "a blue square"], 1, 16,
                                  jax.random.PRNGKey(0), guidance=2.0, sampling=greedy, form="html")
   for caption, drawn in zip(["a red circle", "a blue square"], codes[:, 0]):
     want = greedy_reference(sampler, html.alt_prompt(vocab, caption), 16, "image",
                             [EOS, *vocab.encode_text('<img alt="" src="')], 2.0)
     np.testing.assert_array_equal(drawn, want - vocab.image_offset)
-  filled = sampling.infill_text(sampler, ["a red <mask> above"], jax.random.PRNGKey(0), 6)
+  filled = engine.infill_text(sampler, ["a red <mask> above"], jax.random.PRNGKey(0), 6)
   s0 = vocab.sentinel(0)
   span = greedy_reference(sampler, [EOS, *vocab.encode_text("a red "), s0,
                                     *vocab.encode_text(" above"), s0], 6, "text")
-  assert filled == ["a red " + sampling.decode_text(vocab, span) + " above"]
+  assert filled == ["a red " + engine.decode_text(vocab, span) + " above"]
   assert span[0] != EOS

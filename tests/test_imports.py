@@ -6,11 +6,11 @@ import sys
 
 from tests.helpers import REPO
 
-WITHOUT_TENSORFLOW = ["cm3jax.model", "cm3jax.train", "cm3jax.vqgan.model",
+WITHOUT_TENSORFLOW = ["cm3jax.core.model", "cm3jax.train", "cm3jax.vqgan.model",
                       "cm3jax.vqgan.torch_io", "cm3jax.vqgan.tokenizer", "cm3jax.train_vqgan",
-                      "cm3jax.tokenize_images", "cm3jax.vocab", "cm3jax.sampling",
+                      "cm3jax.tokenize_images", "cm3jax.core.vocab", "cm3jax.sampling.engine",
                       "cm3jax.sample", "cm3jax.export", "cm3jax.pipeline", "cm3jax.eval_shapes",
-                      "cm3jax.instruct", "cm3jax.data.shapes_tasks", "cm3jax.eval_tasks",
+                      "cm3jax.sampling.instruct", "cm3jax.data.shapes_tasks", "cm3jax.eval.eval_tasks",
                       "cm3jax.tokenize_tasks", "cm3jax.data.sft_stream",
                       "cm3jax.data.shapes_analyser"]
 

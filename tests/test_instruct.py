@@ -5,9 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from cm3jax import instruct, sampling, train_tokenizer
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import sft, shapes, shapes_tasks
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.prepare import train_tokenizer
+from cm3jax.sampling import engine, instruct
 from tests.helpers import RecordingSampler
 
 
@@ -118,18 +119,18 @@ def test_instruct_guided_edit_through_the_real_sampler(vocab):
   decoding of the full prompt without guidance."""
   from tests.test_sampling import model_config, random_params
   cfg = model_config(vocab)
-  sampler = sampling.Sampler(cfg, random_params(cfg, 4), vocab)
+  sampler = engine.Sampler(cfg, random_params(cfg, 4), vocab)
   codes = np.array([[1, 2, 3, 4], [9, 8, 7, 6]])
   instructions = ["make the red circle blue", "remove the green diamond"]
-  greedy = sampling.SamplingConfig(greedy=True)
+  greedy = engine.SamplingConfig(greedy=True)
   edited = instruct.edit(sampler, codes, instructions, jax.random.PRNGKey(0), 1.0, 1.0, greedy)
-  alone = sampler.generate([sampling.Request(instruct.prompt(vocab, [sft.EDIT_PROMPT, c, i]),
+  alone = sampler.generate([engine.Request(instruct.prompt(vocab, [sft.EDIT_PROMPT, c, i]),
                                              jax.random.PRNGKey(0))
                             for c, i in zip(codes, instructions)], 4, "image", greedy)
   np.testing.assert_array_equal(edited, vocab.image_codes(alone))
   image_only = instruct.edit(sampler, codes, instructions, jax.random.PRNGKey(0), 1.0, 0.0,
                              greedy)
-  masked = sampler.generate([sampling.Request(instruct.prompt(vocab, [sft.EDIT_PROMPT, c, None]),
+  masked = sampler.generate([engine.Request(instruct.prompt(vocab, [sft.EDIT_PROMPT, c, None]),
                                               jax.random.PRNGKey(0)) for c in codes], 4, "image",
                             greedy)
   np.testing.assert_array_equal(image_only, vocab.image_codes(masked))

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cm3jax import faults
+from cm3jax.training import faults
 from tests.helpers import assert_one_line_error, run_module
 
 pytestmark = pytest.mark.slow

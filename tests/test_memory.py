@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from cm3jax import build_memory, build_neighbours
 from cm3jax.config import ConfigError
+from cm3jax.prepare import build_memory, build_neighbours
 from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 from tests.helpers import REPO, RecordingSampler, assert_one_line_error, run_module
@@ -303,7 +303,7 @@ def test_neighbours_made_otherwise_are_neither_resumed_nor_reused(neighbour_dir,
 
 def test_the_pipeline_refuses_its_own_bank_or_neighbours_made_otherwise(
     neighbour_dir, bank, retriever_workdir, vqgan_workdir, small_codes, tmp_path, monkeypatch):
-  from cm3jax import pipeline
+  from cm3jax.jobs import pipeline
   from tests.helpers import tiny_config
   out, _ = bank
   shutil.copytree(out, tmp_path / "memory")
@@ -361,9 +361,9 @@ def test_bad_input_to_the_commands(tmp_path, retriever_workdir, small_codes, vqg
 
 
 def test_sampling_context_is_the_retrieved_documents_best_first(bank, parts, small_codes):
-  from cm3jax import train_tokenizer
+  from cm3jax.core.vocab import Vocab
+  from cm3jax.prepare import train_tokenizer
   from cm3jax.retrieval import augment
-  from cm3jax.vocab import Vocab
   out, _ = bank
   r, _ = parts
   found = augment.Memory.load(out)
@@ -388,26 +388,28 @@ def test_sampling_context_is_the_retrieved_documents_best_first(bank, parts, sma
 @pytest.mark.parametrize("in_uncond", [True, False])
 def test_text_to_image_places_the_context_before_the_prompt(in_uncond):
   import jax
-  from cm3jax import sampling, train_tokenizer
+
+  from cm3jax.core.vocab import Vocab
   from cm3jax.data import shapes
-  from cm3jax.vocab import Vocab
+  from cm3jax.prepare import train_tokenizer
+  from cm3jax.sampling import engine
   vocab = Vocab(train_tokenizer.train([shapes.scene("train", i).caption() for i in range(300)],
                                       300), num_sentinels=16, num_image_codes=64)
   sampler = RecordingSampler(vocab)
   context = [np.array([2, 10, 11], np.int32), np.array([2, 12], np.int32)]
   captions = ["a small red circle on the left", "a large blue square at the top"]
-  sampling.text_to_image(sampler, captions, 2, 4, jax.random.PRNGKey(0), 3.0,
+  engine.text_to_image(sampler, captions, 2, 4, jax.random.PRNGKey(0), 3.0,
                          context=context, context_in_uncond=in_uncond)
   assert len(sampler.requests) == 4
   for n, request in enumerate(sampler.requests):
     i = n // 2
     np.testing.assert_array_equal(
-        request.prompt, np.concatenate([context[i], sampling.image_prompt(vocab, captions[i])]))
+        request.prompt, np.concatenate([context[i], engine.image_prompt(vocab, captions[i])]))
     kept = context[i] if in_uncond else np.zeros(0, np.int32)
     np.testing.assert_array_equal(request.uncond_prompt, np.concatenate(
-        [kept, sampling.unconditional_image_prompt(vocab)]))
+        [kept, engine.unconditional_image_prompt(vocab)]))
   with pytest.raises(ConfigError, match="1 contexts for 2 captions"):
-    sampling.text_to_image(sampler, captions, 1, 4, jax.random.PRNGKey(0), context=context[:1])
+    engine.text_to_image(sampler, captions, 1, 4, jax.random.PRNGKey(0), context=context[:1])
 
 
 class CountingSampler(RecordingSampler):
@@ -422,9 +424,11 @@ class CountingSampler(RecordingSampler):
 
 def test_reranking_keeps_the_candidate_the_score_rates_highest(monkeypatch):
   import jax
-  from cm3jax import sampling, train_tokenizer
+
+  from cm3jax.core.vocab import Vocab
   from cm3jax.data import shapes
-  from cm3jax.vocab import Vocab
+  from cm3jax.prepare import train_tokenizer
+  from cm3jax.sampling import engine
   vocab = Vocab(train_tokenizer.train([shapes.scene("train", i).caption() for i in range(300)],
                                       300), num_sentinels=16, num_image_codes=64)
   captions = ["a small red circle on the left", "a large blue square at the top"]
@@ -438,37 +442,39 @@ def test_reranking_keeps_the_candidate_the_score_rates_highest(monkeypatch):
                      for c, t in zip(codes_NxT, texts)], np.float32)
 
   sampler = CountingSampler(vocab)
-  kept = sampling.text_to_image_reranked(sampler, captions, 4, 3, jax.random.PRNGKey(0), 3.0,
+  kept = engine.text_to_image_reranked(sampler, captions, 4, 3, jax.random.PRNGKey(0), 3.0,
                                          context=context, context_in_uncond=False, score=score)
   # caption i's candidates are codes 4i .. 4i + 3; the score wants 4i + preferred[i]
   np.testing.assert_array_equal(kept, [[2, 2, 2], [5, 5, 5]])
   assert seen == [[captions[0]] * 4 + [captions[1]] * 4]
   for request in sampler.requests:  # the context reaches the prompt, not the unconditional stream
     assert request.prompt[:2].tolist() == [2, 10] or request.prompt[:2].tolist() == [2, 12]
-    np.testing.assert_array_equal(request.uncond_prompt, sampling.unconditional_image_prompt(vocab))
+    np.testing.assert_array_equal(request.uncond_prompt, engine.unconditional_image_prompt(vocab))
   # the default score is the model's own likelihood of the caption
-  monkeypatch.setattr(sampling, "caption_log_likelihood",
+  monkeypatch.setattr(engine, "caption_log_likelihood",
                       lambda s, codes, texts: score(codes, texts))
-  np.testing.assert_array_equal(sampling.text_to_image_reranked(
+  np.testing.assert_array_equal(engine.text_to_image_reranked(
       CountingSampler(vocab), captions, 4, 3, jax.random.PRNGKey(0)), [[2, 2, 2], [5, 5, 5]])
 
 
 def test_captioning_places_the_context_before_the_caption_prompt():
   import jax
-  from cm3jax import sampling, train_tokenizer
+
+  from cm3jax.core.vocab import Vocab
   from cm3jax.data import shapes
-  from cm3jax.vocab import Vocab
+  from cm3jax.prepare import train_tokenizer
+  from cm3jax.sampling import engine
   vocab = Vocab(train_tokenizer.train([shapes.scene("train", i).caption() for i in range(300)],
                                       300), num_sentinels=16, num_image_codes=64)
   sampler = RecordingSampler(vocab)
   codes = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
   context = [np.array([2, 10, 11], np.int32), np.array([2, 12], np.int32)]
-  sampling.caption_images(sampler, codes, jax.random.PRNGKey(0), context=context)
+  engine.caption_images(sampler, codes, jax.random.PRNGKey(0), context=context)
   for request, before, c in zip(sampler.requests, context, codes):
     np.testing.assert_array_equal(request.prompt,
-                                  np.concatenate([before, sampling.caption_prompt(vocab, c)]))
+                                  np.concatenate([before, engine.caption_prompt(vocab, c)]))
   with pytest.raises(ConfigError, match="1 contexts for 2 images"):
-    sampling.caption_images(sampler, codes, jax.random.PRNGKey(0), context=context[:1])
+    engine.caption_images(sampler, codes, jax.random.PRNGKey(0), context=context[:1])
 
 
 def test_the_retriever_score_is_each_decoded_images_cosine_to_its_caption(parts, small_codes):
@@ -490,6 +496,7 @@ def test_a_bank_of_a_state_dict_clip_reloads_its_retriever_as_it_was_made(parts,
   refuses the same weights under another activation."""
   import open_clip
   import torch
+
   from cm3jax.retrieval import augment
   _, vqgan = parts
   model = open_clip.model.CLIP(

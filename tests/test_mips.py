@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cm3jax import sharding
 from cm3jax.config import ConfigError
+from cm3jax.core import sharding
 from cm3jax.retrieval import mips
 
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax import checkpoint
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint
+from cm3jax.core import model as model_lib
 from tests.helpers import nontrivial
 
 CFG = dict(vocab_size=96, num_layers=3, d_model=32, num_heads=4, mlp_dim=64, max_seq_len=16,

@@ -8,9 +8,10 @@ import jax
 import pytest
 from jax.experimental import multihost_utils
 
-from cm3jax import pipeline, tokenize_images
 from cm3jax.config import ConfigError
 from cm3jax.data import code_shards
+from cm3jax.jobs import pipeline
+from cm3jax.prepare import tokenize_images
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 from tests.helpers import tiny_config
 

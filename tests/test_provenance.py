@@ -2,8 +2,8 @@
 
 import pytest
 
-from cm3jax import provenance
 from cm3jax.config import ConfigError
+from cm3jax.core import provenance
 
 
 def test_a_field_recorded_otherwise_is_refused_naming_it():

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from cm3jax import model as model_lib
-from cm3jax import eval_shapes, reports, sample, sampling, sharding, train_tokenizer, trainer
 from cm3jax.config import ConfigError
+from cm3jax.core import model as model_lib
+from cm3jax.core import sharding
+from cm3jax.core.vocab import EOS, PAD, Vocab
 from cm3jax.data import shapes
-from cm3jax.vocab import EOS, PAD, Vocab
+from cm3jax.eval import eval_shapes, reports
+from cm3jax.prepare import train_tokenizer
+from cm3jax.sampling import engine, sample
+from cm3jax.training import trainer
 from tests.helpers import assert_one_line_error, nontrivial, run_module, tiny_config
 
 CODES = 64
@@ -41,7 +45,7 @@ def random_params(cfg, seed=0):
 @pytest.fixture(scope="module")
 def sampler(vocab):
   cfg = model_config(vocab)
-  return sampling.Sampler(cfg, random_params(cfg), vocab)
+  return engine.Sampler(cfg, random_params(cfg), vocab)
 
 
 def greedy_reference(sampler, prompt, num_new, mode, uncond=None, guidance=1.0) -> np.ndarray:
@@ -51,7 +55,7 @@ def greedy_reference(sampler, prompt, num_new, mode, uncond=None, guidance=1.0) 
   </s> or <eoss>, then <pad>."""
   length = sampler.cfg.max_seq_len
   forward = jax.jit(lambda row: sampler.model.apply({"params": sampler.params}, row)[0])
-  allowed = sampling.allowed_tokens(sampler.vocab, mode, sampler.cfg.vocab_size)
+  allowed = engine.allowed_tokens(sampler.vocab, mode, sampler.cfg.vocab_size)
   tokens = []
 
   def next_logits(stream_prompt):
@@ -110,9 +114,9 @@ def test_guidance_and_contrastive_top_k_match_numpy():
   rng = np.random.default_rng(1)
   cond, uncond = rng.normal(size=(2, 3, 50)).astype(np.float32) * 3
   alpha = np.array([1.0, 3.0, 0.5], np.float32)
-  np.testing.assert_allclose(sampling.guide(cond, uncond, alpha),
+  np.testing.assert_allclose(engine.guide(cond, uncond, alpha),
                              uncond + alpha[:, None] * (cond - uncond), rtol=1e-6)
-  got = np.asarray(sampling.contrastive_top_k(jnp.asarray(cond), jnp.asarray(uncond), 5, 0.1))
+  got = np.asarray(engine.contrastive_top_k(jnp.asarray(cond), jnp.asarray(uncond), 5, 0.1))
   for b in range(3):
     p_cond = np.exp(cond[b] - cond[b].max())
     p_cond /= p_cond.sum()
@@ -125,7 +129,7 @@ def test_guidance_and_contrastive_top_k_match_numpy():
                                rtol=1e-5, atol=1e-5)
 
 
-def last_token_sampler(vocab, logits_after: dict[int, np.ndarray]) -> sampling.Sampler:
+def last_token_sampler(vocab, logits_after: dict[int, np.ndarray]) -> engine.Sampler:
   """A sampler whose model's next-token logits depend on the last token alone: `logits_after[t]`
   after token t. The attention and MLP outputs are zero (zero_init_residual) and positions are
   0, so the final hidden state is LayerNorm(embed[t]); each given t gets its own orthogonal,
@@ -142,7 +146,7 @@ def last_token_sampler(vocab, logits_after: dict[int, np.ndarray]) -> sampling.S
     head += np.outer(u, logits) / D
   params = dict(params, embed=jnp.asarray(embed), lm_head=jnp.asarray(head),
                 pos_embed=jnp.zeros_like(params["pos_embed"]))
-  return sampling.Sampler(cfg, params, vocab)
+  return engine.Sampler(cfg, params, vocab)
 
 
 def image_logits(vocab, size, **codes) -> np.ndarray:
@@ -167,7 +171,7 @@ def test_guidance_moves_probability_toward_the_conditional_stream(vocab):
   s = last_token_sampler(vocab, {COND_TOKEN: cond, UNCOND_TOKEN: uncond})
   alphas, n = (0.0, 0.5, 1.0, 3.0), 2000
   keys = jax.random.split(jax.random.PRNGKey(0), len(alphas) * n)
-  requests = [sampling.Request(np.array([EOS, COND_TOKEN]), keys[i * n + j],
+  requests = [engine.Request(np.array([EOS, COND_TOKEN]), keys[i * n + j],
                                np.array([EOS, UNCOND_TOKEN]), alpha)
               for i, alpha in enumerate(alphas) for j in range(n)]
   first = s.generate(requests, 1, "image")[:, 0].reshape(len(alphas), n)
@@ -195,7 +199,7 @@ def test_instruct_guidance_mixes_three_streams_as_the_formula_says(vocab):
   s = last_token_sampler(vocab, {COND_TOKEN: full, IMAGE_TOKEN: image, UNCOND_TOKEN: uncond})
   scales, n = [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0), (1.5, 0.6), (0.5, 1.2)], 2000
   keys = jax.random.split(jax.random.PRNGKey(2), len(scales) * n)
-  requests = [sampling.Request(np.array([EOS, COND_TOKEN]), keys[i * n + j],
+  requests = [engine.Request(np.array([EOS, COND_TOKEN]), keys[i * n + j],
                                np.array([EOS, UNCOND_TOKEN]), s_txt,
                                np.array([EOS, IMAGE_TOKEN]), s_img)
               for i, (s_img, s_txt) in enumerate(scales) for j in range(n)]
@@ -212,7 +216,7 @@ def test_instruct_guidance_mixes_three_streams_as_the_formula_says(vocab):
   f, i, u = rng.normal(size=(3, 4, 20)).astype(np.float32)
   s_img, s_txt = np.array([0.0, 1.0, 1.5, 2.0], np.float32), np.array([7.5, 1.0, 0.0, 3.0],
                                                                         np.float32)
-  np.testing.assert_allclose(sampling.instruct_guide(f, i, u, s_img, s_txt),
+  np.testing.assert_allclose(engine.instruct_guide(f, i, u, s_img, s_txt),
                              u + s_img[:, None] * (i - u) + s_txt[:, None] * (f - i), rtol=1e-5)
 
 
@@ -225,12 +229,12 @@ def test_contrastive_top_k_takes_its_candidates_from_the_conditional_stream(voca
   uncond = image_logits(vocab, size, c1=5.0, c2=0.0, c3=-20.0)
   s = last_token_sampler(vocab, {COND_TOKEN: cond, UNCOND_TOKEN: uncond})
   keys = jax.random.split(jax.random.PRNGKey(1), 500)
-  requests = [sampling.Request(np.array([EOS, COND_TOKEN]), k, np.array([EOS, UNCOND_TOKEN]))
+  requests = [engine.Request(np.array([EOS, COND_TOKEN]), k, np.array([EOS, UNCOND_TOKEN]))
               for k in keys]
   cd_k = dict(cd_k=1, cd_alpha=0.1)
-  greedy = s.generate(requests[:1], 1, "image", sampling.SamplingConfig(greedy=True, **cd_k))
+  greedy = s.generate(requests[:1], 1, "image", engine.SamplingConfig(greedy=True, **cd_k))
   assert greedy[0, 0] == vocab.image_offset + 2
-  drawn = s.generate(requests, 1, "image", sampling.SamplingConfig(**cd_k))[:, 0]
+  drawn = s.generate(requests, 1, "image", engine.SamplingConfig(**cd_k))[:, 0]
   codes, counts = np.unique(drawn - vocab.image_offset, return_counts=True)
   assert set(codes) <= {1, 2} and counts[list(codes).index(2)] > 400, (codes, counts)
 
@@ -241,8 +245,8 @@ def test_warpers_match_transformers(temperature, top_k, top_p):
   from transformers.generation import logits_process as lp
   scores = np.random.default_rng(2).permutation(np.linspace(-6, 6, 4 * 64)).reshape(4, 64)
   scores = scores.astype(np.float32)  # distinct values: no ties
-  got = np.asarray(sampling.warp(jnp.asarray(scores),
-                                 sampling.SamplingConfig(temperature, top_k, top_p)))
+  got = np.asarray(engine.warp(jnp.asarray(scores),
+                                 engine.SamplingConfig(temperature, top_k, top_p)))
   warpers = [lp.TemperatureLogitsWarper(temperature)]
   if top_k:
     warpers.append(lp.TopKLogitsWarper(top_k))
@@ -258,19 +262,19 @@ def test_warpers_match_transformers(temperature, top_k, top_p):
 
 def test_image_mode_yields_exactly_n_image_codes(sampler, vocab):
   keys = jax.random.split(jax.random.PRNGKey(0), 5)
-  requests = [sampling.Request(sampling.image_prompt(vocab, "a red circle in the center"), k,
-                               sampling.unconditional_image_prompt(vocab), 3.0) for k in keys]
-  for cfg in (sampling.SamplingConfig(), sampling.SamplingConfig(cd_k=4),
-              sampling.SamplingConfig(top_k=5, top_p=0.8, temperature=0.7)):
+  requests = [engine.Request(engine.image_prompt(vocab, "a red circle in the center"), k,
+                               engine.unconditional_image_prompt(vocab), 3.0) for k in keys]
+  for cfg in (engine.SamplingConfig(), engine.SamplingConfig(cd_k=4),
+              engine.SamplingConfig(top_k=5, top_p=0.8, temperature=0.7)):
     tokens = sampler.generate(requests, 16, "image", cfg)
     assert tokens.shape == (5, 16) and np.all(vocab.is_image(tokens))
 
 
 def test_text_mode_never_yields_image_codes_and_stops(sampler, vocab):
   keys = jax.random.split(jax.random.PRNGKey(1), 8)
-  requests = [sampling.Request(sampling.caption_prompt(vocab, np.arange(16) % CODES), k)
+  requests = [engine.Request(engine.caption_prompt(vocab, np.arange(16) % CODES), k)
               for k in keys]
-  tokens = sampler.generate(requests, 40, "text", sampling.SamplingConfig(temperature=2.0))
+  tokens = sampler.generate(requests, 40, "text", engine.SamplingConfig(temperature=2.0))
   stopped = 0
   for row in tokens:
     stops = np.flatnonzero(np.isin(row, [EOS, vocab.eoss_id]))
@@ -282,28 +286,28 @@ def test_text_mode_never_yields_image_codes_and_stops(sampler, vocab):
 
 
 def test_same_key_same_sample_whatever_the_batch(sampler, vocab):
-  prompt = sampling.image_prompt(vocab, "a small blue square on the left")
+  prompt = engine.image_prompt(vocab, "a small blue square on the left")
   key = jax.random.PRNGKey(7)
-  alone = sampler.generate([sampling.Request(prompt, key)], 12, "image")
-  others = [sampling.Request(sampling.image_prompt(vocab, "a large green diamond at the top"),
+  alone = sampler.generate([engine.Request(prompt, key)], 12, "image")
+  others = [engine.Request(engine.image_prompt(vocab, "a large green diamond at the top"),
                              jax.random.PRNGKey(i)) for i in range(3)]
-  batched = sampler.generate(others[:2] + [sampling.Request(prompt, key)] + others[2:], 12, "image")
+  batched = sampler.generate(others[:2] + [engine.Request(prompt, key)] + others[2:], 12, "image")
   np.testing.assert_array_equal(batched[2], alone[0])
-  other_key = sampler.generate([sampling.Request(prompt, jax.random.PRNGKey(8))], 12, "image")
+  other_key = sampler.generate([engine.Request(prompt, jax.random.PRNGKey(8))], 12, "image")
   assert not np.array_equal(other_key, alone)
 
 
 def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
   """Prompts of 5 to 40 tokens, batched (left-padded to 48) and one at a time (padded to 16,
   32 or 48): the same greedy tokens, in both modes."""
-  greedy = sampling.SamplingConfig(greedy=True)
+  greedy = engine.SamplingConfig(greedy=True)
   rng = np.random.default_rng(4)
   prompts = [np.concatenate([[EOS], rng.integers(4, vocab.text_size, n - 1)]).astype(np.int32)
              for n in (5, 40, 17, 29)]
   key = jax.random.PRNGKey(0)
   for mode in ("image", "text"):
-    batched = sampler.generate([sampling.Request(p, key) for p in prompts], 10, mode, greedy)
-    alone = [sampler.generate([sampling.Request(p, key)], 10, mode, greedy)[0] for p in prompts]
+    batched = sampler.generate([engine.Request(p, key) for p in prompts], 10, mode, greedy)
+    alone = [sampler.generate([engine.Request(p, key)], 10, mode, greedy)[0] for p in prompts]
     np.testing.assert_array_equal(np.stack(alone), batched)
     assert len({tuple(row) for row in batched}) == len(prompts)  # the prompts matter
 
@@ -311,31 +315,31 @@ def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
 def test_tasks(sampler, vocab, monkeypatch):
   """Each task's greedy output is the reference's (greedy_reference) on the prompt the task's
   docstring names, written out here token by token."""
-  key, greedy = jax.random.PRNGKey(3), sampling.SamplingConfig(greedy=True)
+  key, greedy = jax.random.PRNGKey(3), engine.SamplingConfig(greedy=True)
   s0, brk = vocab.sentinel(0), vocab.break_id
   texts = ["a red circle in the center", "a blue square"]
-  codes = sampling.text_to_image(sampler, texts, 2, 16, key, guidance=2.0, sampling=greedy)
+  codes = engine.text_to_image(sampler, texts, 2, 16, key, guidance=2.0, sampling=greedy)
   assert codes.shape == (2, 2, 16)
   for text, drawn in zip(texts, codes):
     want = greedy_reference(sampler, [EOS, *vocab.encode_text(text), brk], 16, "image",
                             [EOS, s0, brk], 2.0)
     np.testing.assert_array_equal(drawn, [want - vocab.image_offset] * 2)
-  unguided = sampling.text_to_image(sampler, texts, 1, 16, key, sampling=greedy)
+  unguided = engine.text_to_image(sampler, texts, 1, 16, key, sampling=greedy)
   assert not np.array_equal(unguided[:, 0], codes[:, 0])  # the unconditional stream counts
-  captions = sampling.caption_images(sampler, codes[:, 0], key)  # greedy by default
+  captions = engine.caption_images(sampler, codes[:, 0], key)  # greedy by default
   for image, caption in zip(codes[:, 0], captions):
     want = greedy_reference(sampler, [EOS, s0, brk, *vocab.image_tokens(image), s0], 32, "text")
-    assert caption == sampling.decode_text(vocab, want) and want[0] != EOS
-  continued = sampling.continue_text(sampler, ["a red"], key, sampling=greedy)
+    assert caption == engine.decode_text(vocab, want) and want[0] != EOS
+  continued = engine.continue_text(sampler, ["a red"], key, sampling=greedy)
   want = greedy_reference(sampler, [EOS, *vocab.encode_text("a red")], 32, "text")
-  assert continued == [sampling.decode_text(vocab, want)] and want[0] != EOS
+  assert continued == [engine.decode_text(vocab, want)] and want[0] != EOS
 
   asked = []
   generate = sampler.generate
   monkeypatch.setattr(sampler, "generate", lambda requests, *a: asked.append(
       (requests, a)) or generate(requests, *a))
   original = np.arange(16) % CODES
-  filled = sampling.infill_image(sampler, "a red circle", original, 4, 9, key)
+  filled = engine.infill_image(sampler, "a red circle", original, 4, 9, key)
   (request,), (num_new, mode, _) = asked[0]
   s0, image = vocab.sentinel(0), original + vocab.image_offset
   # The prompt is the document with the region cut out, then the sentinel that asks for it.
@@ -368,7 +372,7 @@ def test_guidance_keeps_the_retrieved_documents_in_the_unconditional_stream_by_d
                                                               vocab.break_id]
   for name, setting in settings.items():
     asked.clear()
-    sampling.text_to_image_reranked(sampler, ["a red circle"], setting.candidates, 4,
+    engine.text_to_image_reranked(sampler, ["a red circle"], setting.candidates, 4,
                                     jax.random.PRNGKey(0), setting.guidance, setting.config,
                                     context, setting.uncond_retrieved)
     dropped = "no documents" in name or "--nouncond_retrieved" in name
@@ -414,26 +418,26 @@ def test_tasks_of_a_model_that_memorised_its_documents(vocab):
     batch = trainer.device_batch(host_batch, s.batch_sharding)
     for _ in range(config.num_train_steps):
       state, _ = s.train_step(state, batch)
-  sampler = sampling.Sampler(s.model_cfg, state.params, vocab, s.mesh)
-  greedy, key = sampling.SamplingConfig(greedy=True), jax.random.PRNGKey(0)
-  assert sampling.caption_images(sampler, codes, key) == captions
-  drawn = sampling.text_to_image(sampler, captions, 1, 16, key, sampling=greedy)[:, 0]
+  sampler = engine.Sampler(s.model_cfg, state.params, vocab, s.mesh)
+  greedy, key = engine.SamplingConfig(greedy=True), jax.random.PRNGKey(0)
+  assert engine.caption_images(sampler, codes, key) == captions
+  drawn = engine.text_to_image(sampler, captions, 1, 16, key, sampling=greedy)[:, 0]
   np.testing.assert_array_equal(drawn, codes)
   # Self-reranking: the model finds each image's own caption the likeliest of the eight, so
   # of the eight images as candidates for a caption it keeps that caption's.
-  scores_IxC = np.stack([sampling.caption_log_likelihood(sampler, codes, [c] * 8)
+  scores_IxC = np.stack([engine.caption_log_likelihood(sampler, codes, [c] * 8)
                          for c in captions], 1)
   np.testing.assert_array_equal(scores_IxC.argmax(1), np.arange(8))
   shuffled = np.stack([codes[np.random.default_rng(i).permutation(8)] for i in range(8)])
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sampling, "text_to_image", lambda *a, **k: shuffled)
+    patch.setattr(engine, "text_to_image", lambda *a, **k: shuffled)
     np.testing.assert_array_equal(
-        sampling.text_to_image_reranked(sampler, captions, 8, 16, key), codes)
+        engine.text_to_image_reranked(sampler, captions, 8, 16, key), codes)
   for caption, image in zip(captions[:3], codes):
     damaged = image.copy()
     damaged[5:11] = (damaged[5:11] + 1) % CODES
     np.testing.assert_array_equal(
-        sampling.infill_image(sampler, caption, damaged, 5, 11, key, greedy), image)
+        engine.infill_image(sampler, caption, damaged, 5, 11, key, greedy), image)
 
 
 def test_log_likelihood_sums_the_continuation_tokens_of_the_full_forward(sampler, vocab):
@@ -465,7 +469,7 @@ def test_log_likelihood_sums_the_continuation_tokens_of_the_full_forward(sampler
 ])
 def test_bad_sampling_settings(fields, message):
   with pytest.raises(ConfigError, match=message):
-    sampling.SamplingConfig(**fields)
+    engine.SamplingConfig(**fields)
 
 
 def test_bad_requests(sampler, vocab):
@@ -473,37 +477,37 @@ def test_bad_requests(sampler, vocab):
   long_prompt = np.full(90, 10, np.int32)
   with pytest.raises(ConfigError, match="a prompt of 90 tokens and 16 new tokens exceed the "
                      "model's context of 96"):
-    sampler.generate([sampling.Request(long_prompt, key)], 16, "image")
+    sampler.generate([engine.Request(long_prompt, key)], 16, "image")
   # 81 tokens pad to 96 cache slots, but only 81 + 15 positions are used: that fits.
-  assert sampler.generate([sampling.Request(long_prompt[:81], key)], 15, "image").shape == (1, 15)
+  assert sampler.generate([engine.Request(long_prompt[:81], key)], 15, "image").shape == (1, 15)
   for bad in (np.array([2, vocab.size]), np.array([2, -1])):
     with pytest.raises(ConfigError, match=r"prompt tokens must be integers in \[0, "):
-      sampler.generate([sampling.Request(bad, key)], 4, "image")
+      sampler.generate([engine.Request(bad, key)], 4, "image")
   with pytest.raises(ConfigError, match="mode 'audio' is not one of"):
-    sampler.generate([sampling.Request(np.array([2]), key)], 4, "audio")
+    sampler.generate([engine.Request(np.array([2]), key)], 4, "audio")
   with pytest.raises(ConfigError, match="contrastive top-k .* give unconditional prompts"):
-    sampler.generate([sampling.Request(np.array([2]), key)], 4, "image",
-                     sampling.SamplingConfig(cd_k=4))
+    sampler.generate([engine.Request(np.array([2]), key)], 4, "image",
+                     engine.SamplingConfig(cd_k=4))
   with pytest.raises(ConfigError, match="guidance must be >= 0"):
-    sampler.generate([sampling.Request(np.array([2]), key, np.array([2]), -1.0)], 4, "image")
+    sampler.generate([engine.Request(np.array([2]), key, np.array([2]), -1.0)], 4, "image")
   with pytest.raises(ConfigError, match="guidance must be >= 0"):
-    sampler.generate([sampling.Request(np.array([2]), key, np.array([2]), 1.0, np.array([2]),
+    sampler.generate([engine.Request(np.array([2]), key, np.array([2]), 1.0, np.array([2]),
                                        -0.5)], 4, "image")
   with pytest.raises(ConfigError, match="an image-only prompt .* needs an unconditional prompt"):
-    sampler.generate([sampling.Request(np.array([2]), key, image_prompt=np.array([2]))], 4,
+    sampler.generate([engine.Request(np.array([2]), key, image_prompt=np.array([2]))], 4,
                      "image")
-  three = sampling.Request(np.array([2]), key, np.array([2]), 7.5, np.array([2]), 1.5)
+  three = engine.Request(np.array([2]), key, np.array([2]), 7.5, np.array([2]), 1.5)
   with pytest.raises(ConfigError, match="every request has an image-only prompt or none has"):
-    sampler.generate([three, sampling.Request(np.array([2]), key, np.array([2]))], 4, "image")
+    sampler.generate([three, engine.Request(np.array([2]), key, np.array([2]))], 4, "image")
   with pytest.raises(ConfigError, match="contrastive top-k .* no image-only prompts"):
-    sampler.generate([three], 4, "image", sampling.SamplingConfig(cd_k=4))
+    sampler.generate([three], 4, "image", engine.SamplingConfig(cd_k=4))
   with pytest.raises(ConfigError, match=r"the region \[5, 20\) is not inside the 16 codes"):
-    sampling.infill_image(sampler, "a", np.zeros(16, int), 5, 20, key)
+    engine.infill_image(sampler, "a", np.zeros(16, int), 5, 20, key)
 
 
 def test_no_checkpoint(tmp_path):
   with pytest.raises(ConfigError, match="no checkpoints in"):
-    sampling.load(str(tmp_path))
+    engine.load(str(tmp_path))
 
 
 # The run's best measured setting: recorded by the report, drawn with by cm3jax.sample.
@@ -535,7 +539,7 @@ def test_the_report_records_the_best_row_of_each_use(tmp_path):
                                                                    BY_RETRIEVER: 0.92,
                                                                    DROPPED: 0.93})}
   task = reports.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
-                          sampling.Setting(sampling=dict(greedy=True)))
+                          engine.Setting(sampling=dict(greedy=True)))
   reports.record_sampling_defaults(str(tmp_path), "eval_tasks.json", {"edit": task})
   older = reports.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 1200,
                            {"validation": 0.5}, eval_shapes.SETTINGS[GREEDY])
@@ -552,10 +556,10 @@ def test_the_report_records_the_best_row_of_each_use(tmp_path):
   retrieved = recorded["text_to_image, 3 retrieved"]
   assert retrieved.row == f"text_to_image, {DROPPED}"
   assert retrieved.scores == {"validation, 3 retrieved": 0.93}
-  assert retrieved.setting == sampling.Setting(1.5, dict(top_p=0.9), uncond_retrieved=False)
+  assert retrieved.setting == engine.Setting(1.5, dict(top_p=0.9), uncond_retrieved=False)
   # Without the test column the best of 8 has the best mean.
   del results["test"]
-  assert eval_shapes.sampling_defaults(results)["text_to_image"].setting == sampling.Setting(
+  assert eval_shapes.sampling_defaults(results)["text_to_image"].setting == engine.Setting(
       sampling=dict(top_p=0.9), candidates=8)
 
 
@@ -572,9 +576,9 @@ def unset_flags(workdir, **given):
 def record_best_of_8(workdir):
   best = reports.Measured(f"text_to_image, {BEST_OF_8}", "eval_shapes.json", 2400,
                           {"validation": 0.744, "test": 0.016},
-                          sampling.Setting(sampling=dict(top_p=0.9), candidates=8))
+                          engine.Setting(sampling=dict(top_p=0.9), candidates=8))
   edit = reports.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
-                          sampling.Setting(sampling=dict(greedy=True)))
+                          engine.Setting(sampling=dict(greedy=True)))
   reports.record_sampling_defaults(str(workdir), "eval_shapes.json", {"text_to_image": best})
   reports.record_sampling_defaults(str(workdir), "eval_tasks.json", {"edit": edit})
 
@@ -582,7 +586,7 @@ def record_best_of_8(workdir):
 def test_sample_draws_with_the_recorded_setting_unless_a_flag_says_otherwise(tmp_path):
   record_best_of_8(tmp_path)
   setting, line = sample.chosen_setting(unset_flags(tmp_path), "text_to_image")
-  assert setting.config == sampling.SamplingConfig(top_p=0.9)
+  assert setting.config == engine.SamplingConfig(top_p=0.9)
   assert (setting.guidance, setting.candidates, setting.rerank_by) == (1.0, 8, "model")
   row = f"text_to_image, {BEST_OF_8}"
   assert line == (f"sampling text_to_image with --top_p=0.9 --cfg=1 --rerank=8 --rerank_by=model "
@@ -591,7 +595,7 @@ def test_sample_draws_with_the_recorded_setting_unless_a_flag_says_otherwise(tmp
   setting, line = sample.chosen_setting(unset_flags(tmp_path, cfg=2.0, top_k=5, greedy=False,
                                                     rerank=2), "text_to_image")
   assert (setting.guidance, setting.candidates, setting.rerank_by) == (2.0, 2, "model")
-  assert setting.config == sampling.SamplingConfig(top_k=5, top_p=0.9)
+  assert setting.config == engine.SamplingConfig(top_k=5, top_p=0.9)
   assert line.endswith("; --cfg --top_k --greedy --rerank as given)"), line
   setting, line = sample.chosen_setting(unset_flags(tmp_path, s_txt=7.5), "edit")
   assert (setting.image_guidance, setting.guidance, setting.config.greedy) == (1.0, 7.5, True)
@@ -615,7 +619,7 @@ def test_sample_without_a_recorded_setting_draws_greedily_without_guidance(tmp_p
   assert not setting.config.greedy and setting.config.top_k == 5
   setting, _ = sample.chosen_setting(unset_flags(tmp_path, rerank=4, greedy=True), "text_to_image")
   assert setting.config.greedy  # as asked
-  assert sampling.Setting().guidance == 1.0  # and the library draws without guidance too
+  assert engine.Setting().guidance == 1.0  # and the library draws without guidance too
 
 
 @pytest.mark.parametrize("text, why", [
@@ -663,7 +667,7 @@ def test_the_sample_command_reads_the_recorded_setting_and_its_flags(tmp_path):
 def test_the_pipeline_report_is_complete_only_with_the_recorded_setting(tmp_path, monkeypatch):
   """The report stage leaves WORKDIR/sampling_defaults.json: without it of the newest step (or
   with a damaged one) the stage is made again."""
-  from cm3jax import pipeline
+  from cm3jax.jobs import pipeline
   monkeypatch.setattr(pipeline.checkpoint, "newest_step", lambda workdir: 40)
   job = pipeline.Job(tiny_config(data="cm3"), str(tmp_path))
   for name in sample.SAMPLE_FILES:

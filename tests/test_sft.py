@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from cm3jax import tokenize_tasks, train_tokenizer
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.prepare import tokenize_tasks, train_tokenizer
 
 SPLITS = ("train", "validation", "test")
 

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from cm3jax import train, train_tokenizer
 from cm3jax.config import ConfigError
+from cm3jax.prepare import train_tokenizer
+from cm3jax.training import train
 from tests.helpers import assert_one_line_error, load_config, override, run_module
 
 pytestmark = pytest.mark.slow
@@ -103,6 +104,7 @@ def test_sft_refuses_another_model_or_vocabulary(sft_job, base, tmp_path):
 
 def test_sample_does_each_task(sft_job, tmp_path):
   from PIL import Image
+
   from cm3jax.data import shapes
   workdir, _ = sft_job
   Image.fromarray(shapes.example("validation", 0)["image"]).save(tmp_path / "in.png")

@@ -11,10 +11,11 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cm3jax import data, tokenize_tasks, train_tokenizer
+from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import cm3, sft, sft_stream, shapes, shapes_tasks, task_shards
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.prepare import tokenize_tasks, train_tokenizer
 from tests.helpers import tiny_config
 from tests.test_cm3_data import unmask
 

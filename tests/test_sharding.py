@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cm3jax import data, sharding, trainer
+from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.core import sharding
+from cm3jax.training import trainer
 from tests.helpers import tiny_config
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cm3jax import data, tokenize_text, train_tokenizer
+from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import cm3, code_shards, text_corpus
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.prepare import tokenize_text, train_tokenizer
 from tests.helpers import assert_one_line_error, load_config, override, run_module
 from tests.test_cm3_data import unmask
 

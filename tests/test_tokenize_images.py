@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cm3jax import tokenize_images
 from cm3jax.config import ConfigError
+from cm3jax.prepare import tokenize_images
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cm3jax import checkpoint, data, loss, optimizer, sharding, train, trainer
+from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint, sharding
+from cm3jax.training import loss, optimizer, train, trainer
 from tests.helpers import assert_one_line_error, run_module, tiny_config
 
 
@@ -259,9 +261,9 @@ def test_resume_is_refused_on_another_number_of_hosts(tmp_path):
 
 
 def test_resume_is_refused_with_another_vocabulary(tmp_path):
-  from cm3jax import train_tokenizer
+  from cm3jax.core.vocab import Vocab
   from cm3jax.data import shapes
-  from cm3jax.vocab import Vocab
+  from cm3jax.prepare import train_tokenizer
   spm = train_tokenizer.train([shapes.scene("train", i).caption() for i in range(200)], 300)
   vocab, other = Vocab(spm, 4, 16), Vocab(spm, 4, 24)
   config = tiny_config()

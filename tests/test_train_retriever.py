@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from cm3jax import train_retriever
 from cm3jax.config import ConfigError
 from cm3jax.retrieval import retriever
+from cm3jax.training import train_retriever
 from tests.helpers import assert_one_line_error, clip_config, run_module
 
 

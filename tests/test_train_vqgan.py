@@ -7,8 +7,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cm3jax import data, train_vqgan
+from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.training import train_vqgan
 from cm3jax.vqgan.model import VQGANConfig
 from tests.helpers import assert_one_line_error, run_module, vqgan_config
 
@@ -128,7 +129,7 @@ def test_every_command_reports_bad_flags_in_one_line(command, args, message):
 
 def test_preemption_saves_the_step_it_stopped_at_and_the_run_resumes(shapes_data_dir, tmp_path,
                                                                      monkeypatch):
-  from cm3jax import faults
+  from cm3jax.training import faults
   config = vqgan_config(shapes_data_dir, num_train_steps=6, checkpoint_every=100)
   monkeypatch.setattr(faults.Preemption, "requested", lambda self, step: step == 4)
   with pytest.raises(faults.Preempted, match="after step 4: checkpoint saved"):

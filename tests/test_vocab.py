@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cm3jax import train_tokenizer
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import shapes
-from cm3jax.vocab import Vocab
+from cm3jax.prepare import train_tokenizer
 from tests.helpers import run_module
 
 CORPUS = ([shapes.scene("train", i).caption() for i in range(2000)]
@@ -77,6 +78,7 @@ def test_bad_inputs(vocab, tmp_path):
 
 def test_foreign_sentencepiece_model_is_refused():
   import io
+
   import sentencepiece as spm
   model = io.BytesIO()
   spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model,

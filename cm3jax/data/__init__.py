@@ -24,8 +24,9 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import code_shards, html, synthetic
-from cm3jax.vocab import Vocab
+
 
 def batch_indices(seed: int, step: int, batch_size: int, num_examples: int) -> np.ndarray:
   """Rows of step `step`: epochs are seeded permutations, so a resumed run sees the same data."""

@@ -28,8 +28,8 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import code_shards, html, tf_cpu
-from cm3jax.vocab import EOS, Vocab
 
 SKIPPED: collections.Counter = collections.Counter()  # Documents left out, by reason, this process.
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}

@@ -4,7 +4,7 @@ write and the CM3 stream reads.
 `DIR/SPLIT-NNNNN.tfrecord` files of tf.train.Examples (`codes`: int64 [tokens_per_image],
 `caption`: bytes, `key`: bytes), `DIR/SPLIT.settings.json` (what made them, written before the
 first) and, once a split is complete, `DIR/SPLIT.json` with its counts (records, shards, skipped
-rows by reason), its made_by (cm3jax/provenance.py: the source, the VQGAN, shard_size,
+rows by reason), its made_by (cm3jax/core/provenance.py: the source, the VQGAN, shard_size,
 tokens_per_image, codebook_size) and that made_by's fingerprint. Text records
 (tokenize_text) are records with no codes: tokens_per_image and codebook_size are 0 and the
 caption is the text.
@@ -21,8 +21,8 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import tqdm
 
-from cm3jax import provenance
 from cm3jax.config import ConfigError
+from cm3jax.core import provenance
 from cm3jax.data import tf_cpu
 
 REMEDY = "run with the settings it was made with, or write to a new --out"
@@ -37,7 +37,7 @@ def manifest_path(directory: str, split: str) -> str:
 
 
 def settings_path(directory: str, split: str) -> str:
-  """What made the shards of a split (cm3jax/provenance.py), for resuming."""
+  """What made the shards of a split (cm3jax/core/provenance.py), for resuming."""
   return os.path.join(directory, f"{split}.settings.json")
 
 
@@ -136,7 +136,7 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
   `examples` into shards of settings["shard_size"] records, and then OUT/SPLIT.json; returns its
   counts (a complete split's as they are). Each shard is written under a temporary name and
   renamed when whole, and a run resumes after the whole shards in `out`, skipping (without making
-  records of) the examples they hold. `settings` is the split's made_by (cm3jax/provenance.py:
+  records of) the examples they hold. `settings` is the split's made_by (cm3jax/core/provenance.py:
   the source, the encoder and the sizes that decide the shards' contents, with tokens_per_image
   and codebook_size): it is recorded in OUT/SPLIT.settings.json before the first shard and in
   OUT/SPLIT.json with its fingerprint, and a resume or a reuse with other settings is refused.

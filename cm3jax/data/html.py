@@ -18,7 +18,7 @@ import re
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.core.vocab import EOS, Vocab
 
 DOCUMENT_FORMS = ("break", "html")  # cm3.document_form: CM3Leon's, or this module's
 MASK = "<mask>"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.vocab import Vocab
+from cm3jax.core.vocab import Vocab
 
 EDIT_PROMPT = "Edit first image following the instruction"
 SEG2IMAGE_PROMPT = "Make high quality image from segmentation map features"

@@ -22,8 +22,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import cm3, code_shards, sft, task_shards, tf_cpu
-from cm3jax.vocab import Vocab
 
 LOSS_ON = ("all", "output")
 

@@ -1,6 +1,6 @@
 """The pixel analyser of the shapes data: what a 32x32 picture shows, read back exactly as
 `shapes.described` states a scene, so generated pictures and captions are scored against the
-truth (cm3jax.eval_shapes, cm3jax.eval_tasks)."""
+truth (cm3jax.eval_shapes, cm3jax.eval.eval_tasks)."""
 
 import numpy as np
 

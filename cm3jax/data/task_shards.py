@@ -5,7 +5,7 @@ stream (`data.sft_stream`) reads.
 VQGAN codes: `task` (bytes), `layout` (bytes: a letter per segment, `t` text or `i` image, the
 input's, `|`, the output's), `texts` (bytes, the text segments in order) and `codes` (int64,
 the images' codes end to end). `DIR/SPLIT.json`, written once the split is whole, counts its
-records per task and the rows skipped by reason, and holds its made_by (cm3jax/provenance.py:
+records per task and the rows skipped by reason, and holds its made_by (cm3jax/core/provenance.py:
 the dataset, the VQGAN, shard_size, tokens_per_image, codebook_size) with its fingerprint.
 """
 

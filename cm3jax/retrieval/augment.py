@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import code_shards
 from cm3jax.retrieval import memory, mips, retriever
-from cm3jax.vocab import Vocab
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 

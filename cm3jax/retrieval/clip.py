@@ -8,7 +8,7 @@ LayerNorms are affine and the blocks' projections carry biases, as in every rele
 
 Shapes are in names: B batch, S image side, N patches + 1, C context length, W width, H heads,
 K head_dim, F MLP width, E embedding. Parameters carry the token model's logical axis names, so
-`cm3jax.sharding` places them on the same mesh (docs/design.md, "Retrieval").
+`cm3jax.core.sharding` places them on the same mesh (docs/design.md, "Retrieval").
 """
 
 import dataclasses

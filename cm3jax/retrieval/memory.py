@@ -4,7 +4,7 @@
 record's index in its split, in file order) and `skipped` (its records left out, by reason) for
 records NNNNN * shard_size onwards; shards are written whole (a temporary file, then a rename),
 so an interrupted build resumes after the last one. `BANK/bank.settings.json`, written before
-the first shard, records what made them (the bank's made_by, cm3jax/provenance.py: the
+the first shard, records what made them (the bank's made_by, cm3jax/core/provenance.py: the
 retriever's and the VQGAN's fingerprints, the dimension, the code shards and split it embeds,
 the shard size), and a resume compares it. `BANK/bank.json`, written last, marks a complete
 bank: the made_by and its fingerprint, the retriever's source, the record count and the records
@@ -18,12 +18,12 @@ import os
 
 import numpy as np
 
-from cm3jax import provenance
 from cm3jax.config import ConfigError
+from cm3jax.core import provenance
 from cm3jax.data import code_shards, tf_cpu
 
 MANIFEST = "bank.json"
-SETTINGS = "bank.settings.json"  # what made the shards (cm3jax/provenance.py), for resuming
+SETTINGS = "bank.settings.json"  # what made the shards (cm3jax/core/provenance.py), for resuming
 REMEDY = ("run with the retriever, VQGAN, codes and settings it was made with, or write to a new "
           "--out")
 
@@ -99,7 +99,7 @@ def check_compatible(manifest: dict, bank: str, r):
 
 
 def codes_identity(codes_dir: str, codes_manifest: dict) -> dict:
-  """What names the code shards of a split in a made_by (cm3jax/provenance.py)."""
+  """What names the code shards of a split in a made_by (cm3jax/core/provenance.py)."""
   return {"codes": os.path.abspath(codes_dir),
           "codes_fingerprint": codes_manifest.get(provenance.FINGERPRINT),
           "codes_records": codes_manifest["records"]}

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3jax import sharding
 from cm3jax.config import ConfigError
+from cm3jax.core import sharding
 
 ENGINES = ("exact", "faiss_flat", "faiss_ivfpq")
 

@@ -13,7 +13,7 @@ to reach past a query's own duplicates.
 `NEIGHBOURS/SPLIT-NNNNN.npz` shards hold `keys` (the records' code-shard keys, bytes [n]) and
 `ids` (int64 [n, per_record]: record indices of the bank's split), written whole so that a build
 resumes after the last one; `NEIGHBOURS/SPLIT.settings.json`, written before the first, records
-what made them (the split's made_by, cm3jax/provenance.py: the bank and its fingerprint, the
+what made them (the split's made_by, cm3jax/core/provenance.py: the bank and its fingerprint, the
 retriever's and the VQGAN's, the code shards, per_record and the strategy's settings), and a
 resume compares it; `NEIGHBOURS/SPLIT.json`, written last, holds the made_by, its fingerprint
 and the counts.
@@ -24,8 +24,8 @@ import os
 
 import numpy as np
 
-from cm3jax import provenance
 from cm3jax.config import ConfigError
+from cm3jax.core import provenance
 
 REMEDY = ("run with the bank, VQGAN, codes and settings they were made with, or write to a new "
           "--out")
@@ -75,7 +75,7 @@ def manifest_path(directory: str, split: str) -> str:
 
 
 def settings_path(directory: str, split: str) -> str:
-  """What made a split's shards (cm3jax/provenance.py), for resuming."""
+  """What made a split's shards (cm3jax/core/provenance.py), for resuming."""
   return os.path.join(directory, f"{split}.settings.json")
 
 

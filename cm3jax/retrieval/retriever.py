@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import sentencepiece as spm
 
-from cm3jax import checkpoint, provenance
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint, provenance
 from cm3jax.retrieval import bpe, clip, clip_io
 
 TOKENIZER_FILE = "tokenizer.model"  # in a train_retriever workdir

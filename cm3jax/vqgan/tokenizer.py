@@ -7,8 +7,8 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cm3jax import checkpoint, provenance, sharding
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint, provenance, sharding
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, images_to_model_input, model_output_to_images
 
 

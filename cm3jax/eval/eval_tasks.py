@@ -20,10 +20,13 @@ from typing import Sequence, Union
 import jax
 import numpy as np
 
-from cm3jax import checkpoint, data, instruct, reports, sampling
+from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
-from cm3jax.sampling import Sampler, SamplingConfig, Setting
+from cm3jax.eval import reports
+from cm3jax.sampling import engine, instruct
+from cm3jax.sampling.engine import Sampler, SamplingConfig, Setting
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 Output = Union[np.ndarray, str]  # image codes [T], or text
@@ -80,7 +83,7 @@ def outputs(sampler: Sampler, vqgan: ImageTokenizer, task: str, records: Sequenc
   if task == "image2seg":
     return list(instruct.image2seg(sampler, _codes(vqgan, _pictures(records, 0)), key, cfg))
   if task == "text2image":
-    return list(sampling.text_to_image(sampler, [r.input[0] for r in records], 1, T, key,
+    return list(engine.text_to_image(sampler, [r.input[0] for r in records], 1, T, key,
                                        guidance, cfg)[:, 0])
   if task == "caption":
     return instruct.caption(sampler, _codes(vqgan, _pictures(records, 0)), key, sampling=cfg)
@@ -128,7 +131,7 @@ def evaluate(workdir: str, split: str, tasks: Sequence[str], num_examples: int,
   ceiling ("TASK, ceiling"), of the first `num_examples` records of the task suite's `split`,
   for the newest checkpoint of `workdir`."""
   tasks = parse_tasks(tasks)
-  sampler, config = sampling.load(workdir)
+  sampler, config = engine.load(workdir)
   vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], workdir).vqgan_workdir)
   results = {"split": split, "step": checkpoint.latest_step(workdir), "examples": num_examples}
   key = jax.random.PRNGKey(seed)

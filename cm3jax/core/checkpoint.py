@@ -16,7 +16,7 @@ import tensorstore as ts
 from etils import epath
 
 from cm3jax.config import ConfigError
-from cm3jax.vocab import Vocab
+from cm3jax.core.vocab import Vocab
 
 ITEMS = ("state", "config", "vocab", "data")
 DAMAGED = "damaged_checkpoints"  # WORKDIR/DAMAGED: checkpoints that did not restore, set aside

@@ -7,9 +7,10 @@ from typing import Optional
 
 import jax
 
-from cm3jax import hardware, sharding, trainer
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import hardware, sharding
+from cm3jax.core import model as model_lib
+from cm3jax.training import trainer
 
 GIB = 2.0**30
 

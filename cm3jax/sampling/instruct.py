@@ -26,9 +26,9 @@ from typing import Sequence, Union
 import jax
 import numpy as np
 
+from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import sft
-from cm3jax.sampling import Request, Sampler, SamplingConfig, complete_texts
-from cm3jax.vocab import EOS, Vocab
+from cm3jax.sampling.engine import Request, Sampler, SamplingConfig, complete_texts
 
 MASKED = None  # a segment of `prompt` replaced by the next sentinel
 PromptSegment = Union[str, np.ndarray, None]

@@ -18,9 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from cm3jax import torch_layout
 from cm3jax.config import ConfigError
-from cm3jax.vocab import SPECIALS, Vocab, read_spm_model
+from cm3jax.core.vocab import SPECIALS, Vocab, read_spm_model
+from cm3jax.io import torch_layout
 
 # fairseq's activation_fn -> cm3jax's activation
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh"}

@@ -7,8 +7,9 @@ import json
 import os
 from typing import Mapping, Optional, Sequence
 
-from cm3jax import provenance, sampling
 from cm3jax.config import ConfigError
+from cm3jax.core import provenance
+from cm3jax.sampling import engine
 
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
 SAMPLING_DEFAULTS_VERSION = 1
@@ -40,7 +41,7 @@ class Measured:
   report: str  # the report's JSON file, in the workdir
   step: int
   scores: dict  # {column: share right}
-  setting: sampling.Setting
+  setting: engine.Setting
 
   def __post_init__(self):
     if not (isinstance(self.row, str) and isinstance(self.report, str)
@@ -58,7 +59,7 @@ def text_to_image_use(retrieved: int) -> str:
   return f"text_to_image, {retrieved} retrieved" if retrieved else "text_to_image"
 
 
-def best(columns: Mapping[str, dict], rows: Mapping[str, sampling.Setting], report: str
+def best(columns: Mapping[str, dict], rows: Mapping[str, engine.Setting], report: str
          ) -> Optional[Measured]:
   """Of `rows` ({row: its setting}) that every one of the report `columns` ({column: {row:
   score, "step": step, ...}}) scored, the one with the highest mean score, the first on a tie;
@@ -99,7 +100,7 @@ def sampling_defaults(workdir: str) -> dict[str, Measured]:
       saved = json.load(f)
     if not isinstance(saved, dict) or saved.get("version") != SAMPLING_DEFAULTS_VERSION:
       raise ValueError(f"not version {SAMPLING_DEFAULTS_VERSION} of the format")
-    return {use: Measured(**{**entry, "setting": sampling.Setting(**entry["setting"])})
+    return {use: Measured(**{**entry, "setting": engine.Setting(**entry["setting"])})
             for use, entry in saved["defaults"].items()}
   except FileNotFoundError:
     return {}

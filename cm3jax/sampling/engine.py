@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cm3jax import checkpoint, sharding
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import checkpoint, sharding
+from cm3jax.core import model as model_lib
+from cm3jax.core.vocab import EOS, PAD, Vocab
 from cm3jax.data import html
-from cm3jax.vocab import EOS, PAD, Vocab
 
 MODES = ("image", "text")
 

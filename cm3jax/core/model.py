@@ -6,7 +6,7 @@ narrower word embeddings); at their defaults the parameters and the function are
 
 Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_dim, V vocab,
 E word embedding width (d_model unless word_embed_dim is set), T cache slots. Every parameter and the main activations carry logical axis names;
-`cm3jax.sharding` maps them onto the device mesh.
+`cm3jax.core.sharding` maps them onto the device mesh.
 
 `Decoder` has three entry points, each with one return type: logits (training and evaluation),
 the final hidden states with the LM head (a loss fused with the head), and `decode`, which takes

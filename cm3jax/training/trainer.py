@@ -1,6 +1,6 @@
 """The token model's trainer, built from a config: the model, the mesh, the sharded train
 state and the jitted init, train, gradient and eval functions. `cm3jax.train` runs it in a loop;
-`cm3jax.aot` compiles it for a TPU pod."""
+`cm3jax.training.aot` compiles it for a TPU pod."""
 
 import dataclasses
 import functools
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cm3jax import loss, optimizer, sharding
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError, check_ranges
+from cm3jax.core import model as model_lib
+from cm3jax.core import sharding
+from cm3jax.training import loss, optimizer
 
 
 @flax.struct.dataclass

@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 import jax
 import numpy as np
 
-from cm3jax import model as model_lib
 from cm3jax.config import ConfigError
+from cm3jax.core import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)

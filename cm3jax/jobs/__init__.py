@@ -1,0 +1,1 @@
+"""What runs every layer end to end: the pipeline of stages."""
