@@ -44,7 +44,7 @@ def _main(name: str, body: Callable, argv):
   except faults.Preempted as e:
     print(f"cm3jax.{name}: {e}", flush=True)
     sys.exit(0)
-  except ConfigError as e:
+  except (ConfigError, faults.NonFinite) as e:
     _fail(name, str(e))
 
 

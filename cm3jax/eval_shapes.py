@@ -39,7 +39,8 @@ from absl import flags
 from cm3jax import cli
 from cm3jax.config import ConfigError
 from cm3jax.data import sft
-from cm3jax.eval import eval_shapes, eval_tasks, reports
+from cm3jax.eval import eval_shapes, eval_tasks
+from cm3jax.sampling import defaults
 
 
 def _define_flags():
@@ -74,7 +75,7 @@ def main(FLAGS):
     print("\n".join(eval_tasks.table(runs)))
     print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
         os.path.join(FLAGS.workdir, f)
-        for f in eval_tasks.REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)))
+        for f in eval_tasks.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
     return
   if FLAGS.baseline:
     raise ConfigError("--baseline scores the tasks of --tasks; name them")
@@ -82,7 +83,7 @@ def main(FLAGS):
                    FLAGS.retrieve, FLAGS.memory or "", FLAGS.retriever or "")
   print("\n".join(eval_shapes.table(results)))
   print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
-      os.path.join(FLAGS.workdir, f) for f in eval_shapes.REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)))
+      os.path.join(FLAGS.workdir, f) for f in eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
 
 
 if __name__ == "__main__":

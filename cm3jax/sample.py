@@ -45,9 +45,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from cm3jax import cli, data
+from cm3jax import cli
 from cm3jax.config import ConfigError
-from cm3jax.eval import reports
+from cm3jax.core.paths import input_paths
+from cm3jax.sampling import defaults
 from cm3jax.retrieval import augment, retriever
 from cm3jax.sampling import engine, sample
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -107,7 +108,7 @@ def main(FLAGS):
     raise ConfigError("--rerank needs --prompt")
   text = sample.sampling_config(FLAGS, sample.TEXT_SAMPLING)
   use = FLAGS.task if FLAGS.task in sample.DRAWN_TASKS else (
-      reports.text_to_image_use(FLAGS.retrieve) if FLAGS.prompt and not FLAGS.task else None)
+      defaults.text_to_image_use(FLAGS.retrieve) if FLAGS.prompt and not FLAGS.task else None)
   setting = sample.UNMEASURED
   if use:
     setting, line = sample.chosen_setting(FLAGS, use)
@@ -124,7 +125,7 @@ def main(FLAGS):
   if not sampler.vocab.num_image_codes:
     raise ConfigError(f"{FLAGS.workdir} is a text-only model (no image codes): sample it with "
                       f"--task={' or --task='.join(sample.TEXT_TASKS)}")
-  vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
+  vqgan = ImageTokenizer.load(input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   if FLAGS.task:
     print("\n".join(sample.run_task(FLAGS, sampler, vqgan, key, setting)))
     return

@@ -20,6 +20,7 @@ from absl import flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.core.vocab import SPECIALS
 from cm3jax.prepare import train_tokenizer
 
@@ -45,7 +46,7 @@ def main(FLAGS):
   skipped = collections.Counter()
   model = train_tokenizer.train(train_tokenizer.read_sentences(FLAGS.input, skipped, FLAGS.data_dir), FLAGS.vocab_size,
                 FLAGS.model_type)
-  train_tokenizer.write_atomically(FLAGS.out, model)
+  files.write_atomic(FLAGS.out, model)
   lines = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
   print(f"wrote {FLAGS.out}: {train_tokenizer.num_pieces(model)} pieces; skipped lines: {lines}")
 

@@ -1,5 +1,7 @@
 """Tests run on the CPU with 8 host devices, so that meshes such as 2x2x2 can be built, and share
-one persistent compilation cache (.pytest_cache/jax)."""
+one persistent compilation cache (.pytest_cache/jax). The VQGAN, CLIP and codes of the fixtures
+here are untrained (the unit tests train no model they do not test); tests/jobs/conftest.py
+overrides them with trained ones for the jobs."""
 
 import os
 
@@ -22,7 +24,8 @@ import pytest  # noqa: E402
 if importlib.util.find_spec("triton") is not None:
   import triton  # noqa: E402, F401
 
-from tests.helpers import tiny_config, vqgan_config  # noqa: E402
+from tests.helpers import (clip_config, save_untrained, tiny_config,  # noqa: E402
+                           tokenize_shapes, vqgan_config)
 
 
 @pytest.fixture
@@ -41,32 +44,39 @@ def shapes_data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vqgan_workdir(shapes_data_dir, tmp_path_factory):
-  """A train_vqgan workdir after a few steps."""
+  """A train_vqgan workdir of vqgan_config's 6 steps whose checkpoint holds the initial, untrained
+  VQGAN (tests/jobs/conftest.py has a trained one)."""
   from cm3jax.training import train_vqgan
+  config = vqgan_config(shapes_data_dir)
   workdir = str(tmp_path_factory.mktemp("vqgan"))
-  train_vqgan.train(vqgan_config(shapes_data_dir), workdir)
+  save_untrained(workdir, config, {"vqgan": dict.fromkeys(train_vqgan.ARCHITECTURE)},
+                 train_vqgan.setup(config))
   return workdir
 
 
 @pytest.fixture(scope="session")
 def retriever_workdir(shapes_data_dir, tmp_path_factory):
-  """A train_retriever workdir after a few steps on shapes/small."""
+  """A train_retriever workdir of clip_config's 6 steps on shapes/small whose checkpoint holds the
+  initial, untrained CLIP, with the tokenizer trained on the train captions as train_retriever
+  trains it (tests/jobs/conftest.py has a trained CLIP)."""
+  import ml_collections
+
+  from cm3jax.retrieval import retriever
   from cm3jax.training import train_retriever
-  from tests.helpers import clip_config
+  config = clip_config(shapes_data_dir)
   workdir = str(tmp_path_factory.mktemp("clip"))
-  train_retriever.train(clip_config(shapes_data_dir, num_train_steps=150, eval_every=0),
-                        workdir)
+  captions = train_retriever.load_split(config, "train")["caption"]
+  tokenize = retriever.SentencePieceText(train_retriever.tokenizer(config, workdir, captions))
+  s = train_retriever.setup(config, tokenize.vocab_size)
+  saved_config = config.copy_and_resolve_references()  # as train_retriever saves it
+  with saved_config.unlocked():
+    saved_config.clip = ml_collections.ConfigDict(s.cfg.to_dict())
+  save_untrained(workdir, saved_config, {"clip": dict.fromkeys(train_retriever.ARCHITECTURE)}, s)
   return workdir
 
 
 @pytest.fixture(scope="session")
 def small_codes(vqgan_workdir, shapes_data_dir, tmp_path_factory):
-  """Code shards of shapes/small's train and validation splits (shards of 100 records)."""
-  from cm3jax.prepare import tokenize_images
-  from cm3jax.vqgan.tokenizer import ImageTokenizer
-  out = str(tmp_path_factory.mktemp("codes"))
-  tokenizer = ImageTokenizer.load(vqgan_workdir)
-  for split in ("train", "validation"):
-    tokenize_images.tokenize_split(tokenizer, "shapes/small", split, out, shapes_data_dir,
-                                   shard_size=100)
-  return out
+  """Code shards of shapes/small's train and validation splits (shards of 100 records) by the
+  VQGAN of `vqgan_workdir`."""
+  return tokenize_shapes(vqgan_workdir, shapes_data_dir, str(tmp_path_factory.mktemp("codes")))

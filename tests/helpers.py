@@ -1,12 +1,15 @@
 """What several test modules share: the repository's configs shrunk for tests, parameters that
-hide no bug, running a command line as a user does, and a sampler that records its requests."""
+hide no bug, untrained checkpoints, running a command line as a user does, and a sampler that
+records its requests."""
 
+import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from cm3jax.core.vocab import EOS
@@ -72,6 +75,28 @@ def nontrivial(params, seed=1):
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
   return treedef.unflatten([0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def save_untrained(workdir: str, config, architecture: dict, s) -> None:
+  """Saves the initial state of trainer setup `s` through the trainer's checkpoints, as the last
+  step of `config`'s run: a finished workdir whose weights are untrained."""
+  from cm3jax.core import checkpoint, sharding
+  ckpts = checkpoint.Checkpoints(checkpoint.prepare_workdir(workdir), config, architecture)
+  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
+    state = s.init_state(jax.random.PRNGKey(config.seed))
+    ckpts.save(config.num_train_steps,
+               state.replace(step=jnp.asarray(config.num_train_steps, state.step.dtype)))
+    ckpts.wait()
+
+
+def tokenize_shapes(vqgan_workdir: str, data_dir: str, out: str) -> str:
+  """OUT: code shards of shapes/small's train and validation splits (shards of 100 records)."""
+  from cm3jax.prepare import tokenize_images
+  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  tokenizer = ImageTokenizer.load(vqgan_workdir)
+  for split in ("train", "validation"):
+    tokenize_images.tokenize_split(tokenizer, "shapes/small", split, out, data_dir, shard_size=100)
+  return out
 
 
 def run_module(module: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:

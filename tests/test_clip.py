@@ -16,7 +16,7 @@ import transformers
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 from cm3jax.config import ConfigError
-from cm3jax.prepare import build_memory, build_neighbours
+from cm3jax import build_memory, build_neighbours  # the commands: main(FLAGS)
 from cm3jax.retrieval import bpe, clip, clip_io
 
 TOLERANCE = 1e-4

@@ -22,7 +22,7 @@ from cm3jax.io import export
 from cm3jax.prepare import train_tokenizer
 from cm3jax.sampling import engine
 from cm3jax.training import train, trainer
-from tests.helpers import assert_one_line_error, nontrivial, run_module, tiny_config
+from tests.helpers import nontrivial, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -329,25 +329,3 @@ def test_bad_inputs(vocab, vqgan_workdir, tmp_path, monkeypatch):
   os.remove(os.path.join(out, "model.safetensors"))
   with pytest.raises(ConfigError, match="has neither model.safetensors nor pytorch_model.bin"):
     export.import_opt(out, str(tmp_path / "i4"), tiny_config())
-
-
-@pytest.mark.slow
-def test_cli(vocab, vqgan_workdir, tmp_path):
-  make_workdir(tmp_path / "run", vocab, vqgan_workdir, max_seq_len=256)
-  cli = lambda *a: run_module("cm3jax.export", *a, timeout=300)
-  result = cli(f"--workdir={tmp_path}/run", f"--out={tmp_path}/out")
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json",
-                                                  "generation_config.json", "model.safetensors",
-                                                  "tokenizer", "vqgan"]
-  result = cli(f"--import_from={tmp_path}/out", f"--workdir={tmp_path}/back",
-               "--config=configs/tiny.py", "--config.seq_len=64")
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "imported" in result.stdout
-  assert "python -m cm3jax.train --config=configs/tiny.py" in result.stdout
-  assert "--config.seq_len=64" in result.stdout
-  assert checkpoint.saved_config(str(tmp_path / "back"), 0)["seq_len"] == 64
-  assert_one_line_error(cli(f"--workdir={tmp_path}/run"), "cm3jax.export", "--out is required")
-  assert_one_line_error(cli(f"--workdir={tmp_path}/run", f"--out={tmp_path}/out2",
-                            "--config=configs/tiny.py"), "cm3jax.export",
-                        "--config is for --import_from")

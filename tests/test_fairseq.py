@@ -1,9 +1,7 @@
 """CM3's own checkpoints: a fairseq transformer_lm .pt, its dict.txt and dict.model, imported and
 checked against transformers' XGLM (a port of fairseq's decoder) and OPT with the same weights."""
 
-import os
 import re
-import shlex
 
 import flax.linen as nn
 import jax
@@ -22,7 +20,7 @@ from cm3jax.io import export, fairseq_io
 from cm3jax.prepare import train_tokenizer
 from cm3jax.sampling import engine
 from cm3jax.training import train
-from tests.helpers import REPO, assert_one_line_error, load_config, run_module, tiny_config
+from tests.helpers import load_config, tiny_config
 
 NUM_CODES, NUM_SENTINELS = 64, 4
 
@@ -258,39 +256,6 @@ def test_unsupported_fairseq_options_are_refused(change, message, spm_model, dic
   assert not (tmp_path / "run").exists()
 
 
-def test_bad_files_are_refused_in_one_line(spm_model, dictionary, tmp_path):
-  state, model_cfg, (pt, dict_txt, spm) = _state_and_cfg(tmp_path, spm_model, dictionary)
-  run = str(tmp_path / "run")
-  torch.save({"model": state}, tmp_path / "nocfg.pt")
-  with pytest.raises(ConfigError, match="holds no fairseq config"):
-    export.import_cm3(str(tmp_path / "nocfg.pt"), dict_txt, spm, run, tiny_config())
-  short = tmp_path / "short.txt"
-  short.write_text("".join((tmp_path / "dict.txt").read_text().splitlines(True)[:-3]))
-  with pytest.raises(ConfigError, match=re.escape(
-      f"has {len(dictionary) - 3} symbols (with fairseq's 4 specials), {pt}'s embedding has "
-      f"{len(dictionary)} rows: not its dictionary")):
-    export.import_cm3(pt, str(short), spm, run, tiny_config())
-  (tmp_path / "bad.txt").write_text("just-a-symbol\n")
-  with pytest.raises(ConfigError, match=r"bad.txt:1: not a fairseq dictionary line"):
-    export.import_cm3(pt, str(tmp_path / "bad.txt"), spm, run, tiny_config())
-  with pytest.raises(ConfigError, match=re.escape("the dictionary has no image code '<img0>' "
-                                                  "(--image_token='<img{}>')")):
-    export.import_cm3(pt, dict_txt, spm, run, tiny_config(), image_token="<img{}>")
-  (tmp_path / "garbage.pt").write_bytes(b"not a pickle")
-  with pytest.raises(ConfigError, match="cannot read .*garbage.pt"):
-    export.import_cm3(str(tmp_path / "garbage.pt"), dict_txt, spm, run, tiny_config())
-  for name, damaged in (("cut.model", spm_model[:len(spm_model) // 2]), ("empty.model", b"")):
-    (tmp_path / name).write_bytes(damaged)
-    with pytest.raises(ConfigError, match=re.escape(
-        f"{tmp_path / name} is not a sentencepiece model (it does not parse, or holds no pieces)")):
-      export.import_cm3(pt, dict_txt, str(tmp_path / name), run, tiny_config())
-  assert not (tmp_path / "run").exists()
-  assert_one_line_error(run_module("cm3jax.export", f"--import_from={pt}", f"--workdir={run}",
-                                   "--config=configs/tiny.py", timeout=300),
-                        "cm3jax.export", "a fairseq --import_from needs --dict (dict.txt) and "
-                        "--spm (dict.model)")
-
-
 def test_a_repeated_symbol_needs_fairseqs_overwrite_flag_and_then_takes_the_later_index(
     spm_model, dictionary, tmp_path):
   """As fairseq's Dictionary.add_from_file: a repeat without `#fairseq:overwrite` is refused;
@@ -314,7 +279,7 @@ def test_a_repeated_symbol_needs_fairseqs_overwrite_flag_and_then_takes_the_late
 
 def test_the_context_comes_from_the_checkpoint_and_overrides_may_not_contradict_it(
     spm_model, dictionary, tmp_path):
-  """The README's command with configs/7b.py (seq_len 4,096) on a checkpoint of 2,048
+  """docs/export.md's import command with configs/7b.py (seq_len 4,096) on a checkpoint of 2,048
   positions: the import trains 2,048-token rows; an override beyond the checkpoint is refused."""
   _, files = opt_form_checkpoint(tmp_path, spm_model, dictionary, positions=2048)
   config = load_config("7b.py").get_config()
@@ -333,32 +298,3 @@ def test_the_context_comes_from_the_checkpoint_and_overrides_may_not_contradict_
   _, _, written = export.import_cm3(*files, str(tmp_path / "short"), shorter,
                                     overrides={"seq_len": 16})
   assert (written.seq_len, written.model.max_seq_len) == (16, 2048)
-
-
-def readme_import_command(**paths) -> list[str]:
-  """The arguments of the README's fairseq import command (model_13B.pt + configs/7b.py), with
-  `paths` replacing the values of its flags."""
-  readme = open(os.path.join(REPO, "README.md")).read()
-  command = re.search(r"python -m cm3jax.export (--import_from=model_13B.pt[^#]*)", readme)
-  args = shlex.split(command.group(1).replace("\\\n", " "))
-  flags = dict(arg.split("=", 1) for arg in args)
-  assert set(paths) <= {f.lstrip("-") for f in flags}, flags
-  return [f"{f}={paths.get(f.lstrip('-'), v)}" for f, v in flags.items()]
-
-
-@pytest.mark.slow
-def test_the_readmes_import_command_takes_the_checkpoints_context(spm_model, dictionary,
-                                                                    tmp_path):
-  _, (pt, dict_txt, spm) = opt_form_checkpoint(tmp_path, spm_model, dictionary, positions=2048)
-  run = str(tmp_path / "run")
-  args = readme_import_command(import_from=pt, dict=dict_txt, spm=spm, workdir=run)
-  assert "--config=configs/7b.py" in args
-  assert_one_line_error(run_module("cm3jax.export", *args, "--config.seq_len=4096", timeout=300),
-                        "cm3jax.export", "--config.seq_len=4096 exceeds the checkpoint's 2048 "
-                        "positions")
-  result = run_module("cm3jax.export", *args, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert "--config.seq_len=2048" in result.stdout and "--config.model.max_seq_len=2048" in (
-      result.stdout), result.stdout
-  saved = checkpoint.saved_config(run, 0)
-  assert (saved["seq_len"], saved["model"]["max_seq_len"]) == (2048, 2048)

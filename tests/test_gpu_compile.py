@@ -1,15 +1,9 @@
 """benchmarks/gpu_compile.py's accounting of a compiled step's kernels, on CPU-compiled HLO."""
 
-import importlib.util
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
-import pytest
 
 from benchmarks import gpu_compile
-from tests.helpers import REPO
 
 
 def kernels(f, *args):
@@ -42,31 +36,3 @@ def test_a_loop_body_counts_once_per_trip():
                              jnp.ones((1000,))) if "while/body" in k[2]]
   assert body and all(repeats == 5 for repeats, *_ in body)
   assert max(moved for *_, moved, _ in body) == 4 * 1000 * 2
-
-
-def run_script(*args):
-  return subprocess.run([sys.executable, "-m", "benchmarks.gpu_compile", "--sizes=tiny", *args],
-                        cwd=REPO, capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu",
-                                                                       "PATH": "/usr/bin:/bin"})
-
-
-@pytest.mark.slow
-def test_automatic_attention_is_refused():
-  result = run_script("--attention=auto")
-  assert result.returncode != 0
-  assert "--attention=auto picks XLA's attention on a machine without a GPU" in result.stderr
-
-
-def cuda_plugin_installed():
-  try:
-    return importlib.util.find_spec("jax_plugins.xla_cuda13") is not None
-  except ModuleNotFoundError:
-    return False
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(cuda_plugin_installed(), reason="jax's CUDA plugin is installed")
-def test_without_the_cuda_plugin_it_says_what_is_missing():
-  result = run_script("--attention=cudnn")
-  assert result.returncode != 0
-  assert "compiling for an H100 needs jax's CUDA plugin" in result.stderr

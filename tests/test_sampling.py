@@ -18,9 +18,9 @@ from cm3jax.core.vocab import EOS, PAD, Vocab
 from cm3jax.data import shapes
 from cm3jax.eval import eval_shapes, reports
 from cm3jax.prepare import train_tokenizer
-from cm3jax.sampling import engine, sample
+from cm3jax.sampling import defaults, engine, sample
 from cm3jax.training import trainer
-from tests.helpers import assert_one_line_error, nontrivial, run_module, tiny_config
+from tests.helpers import nontrivial, tiny_config
 
 CODES = 64
 
@@ -360,7 +360,7 @@ def test_guidance_keeps_the_retrieved_documents_in_the_unconditional_stream_by_d
   asked = []
   monkeypatch.setattr(sampler, "generate", lambda requests, num_new, *a: asked.extend(
       requests) or np.full((len(requests), num_new), vocab.image_offset, np.int32))
-  use = reports.text_to_image_use(1)
+  use = defaults.text_to_image_use(1)
   settings = {"sample": sample.chosen_setting(unset_flags(tmp_path, cfg=1.5), use)[0],
               "sample --nouncond_retrieved": sample.chosen_setting(
                   unset_flags(tmp_path, cfg=1.5, uncond_retrieved=False), use)[0]}
@@ -538,20 +538,20 @@ def test_the_report_records_the_best_row_of_each_use(tmp_path):
       "validation, 3 retrieved": shapes_column("validation", 3, **{GREEDY: 0.80, BEST_OF_8: 0.79,
                                                                    BY_RETRIEVER: 0.92,
                                                                    DROPPED: 0.93})}
-  task = reports.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
+  task = defaults.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
                           engine.Setting(sampling=dict(greedy=True)))
-  reports.record_sampling_defaults(str(tmp_path), "eval_tasks.json", {"edit": task})
-  older = reports.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 1200,
+  defaults.record_sampling_defaults(str(tmp_path), "eval_tasks.json", {"edit": task})
+  older = defaults.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 1200,
                            {"validation": 0.5}, eval_shapes.SETTINGS[GREEDY])
-  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
+  defaults.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
                                    {"text_to_image, 2 retrieved": older})  # replaced below
-  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
+  defaults.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
                                    eval_shapes.sampling_defaults(results))
-  recorded = reports.sampling_defaults(str(tmp_path))
+  recorded = defaults.sampling_defaults(str(tmp_path))
   assert list(recorded) == ["edit", "text_to_image", "text_to_image, 3 retrieved"]
   assert recorded["edit"] == task
   plain = recorded["text_to_image"]
-  assert plain == reports.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 2400,
+  assert plain == defaults.Measured(f"text_to_image, {GREEDY}", "eval_shapes.json", 2400,
                                    {"validation": 0.58, "test": 0.30}, eval_shapes.SETTINGS[GREEDY])
   retrieved = recorded["text_to_image, 3 retrieved"]
   assert retrieved.row == f"text_to_image, {DROPPED}"
@@ -574,13 +574,13 @@ def unset_flags(workdir, **given):
 
 
 def record_best_of_8(workdir):
-  best = reports.Measured(f"text_to_image, {BEST_OF_8}", "eval_shapes.json", 2400,
+  best = defaults.Measured(f"text_to_image, {BEST_OF_8}", "eval_shapes.json", 2400,
                           {"validation": 0.744, "test": 0.016},
                           engine.Setting(sampling=dict(top_p=0.9), candidates=8))
-  edit = reports.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
+  edit = defaults.Measured("edit, greedy", "eval_tasks.json", 1000, {"W, validation": 0.085},
                           engine.Setting(sampling=dict(greedy=True)))
-  reports.record_sampling_defaults(str(workdir), "eval_shapes.json", {"text_to_image": best})
-  reports.record_sampling_defaults(str(workdir), "eval_tasks.json", {"edit": edit})
+  defaults.record_sampling_defaults(str(workdir), "eval_shapes.json", {"text_to_image": best})
+  defaults.record_sampling_defaults(str(workdir), "eval_tasks.json", {"edit": edit})
 
 
 def test_sample_draws_with_the_recorded_setting_unless_a_flag_says_otherwise(tmp_path):
@@ -643,25 +643,7 @@ def test_a_damaged_sampling_defaults_file_refuses_in_one_line(tmp_path, text, wh
   assert why in message and "\n" not in message, message
   # The report remakes it.
   record_best_of_8(tmp_path)
-  assert list(reports.sampling_defaults(str(tmp_path))) == ["text_to_image", "edit"]
-
-
-def test_the_sample_command_reads_the_recorded_setting_and_its_flags(tmp_path):
-  """The command's flags are unset unless given: --top_k overrides the recorded setting's, the
-  rest is the recorded best of 8. (There is no checkpoint: it stops there.)"""
-  record_best_of_8(tmp_path)
-  result = run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a", "--top_k=3")
-  assert_one_line_error(result, "cm3jax.sample", "no checkpoints in")
-  assert result.stdout.startswith("sampling text_to_image with --top_k=3 --top_p=0.9 --cfg=1 "
-                                  "--rerank=8 --rerank_by=model (the best measured, row "), (
-                                      result.stdout)
-  assert result.stdout.strip().endswith("; --top_k as given)"), result.stdout
-  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a",
-                                   "--rerank=0"), "cm3jax.sample", "--rerank must be at least 1")
-  (tmp_path / "sampling_defaults.json").write_text('{"version": 7}')
-  assert_one_line_error(run_module("cm3jax.sample", f"--workdir={tmp_path}", "--prompt=a"),
-                        "cm3jax.sample", "sampling_defaults.json is not a sampling-defaults file")
-
+  assert list(defaults.sampling_defaults(str(tmp_path))) == ["text_to_image", "edit"]
 
 
 def test_the_pipeline_report_is_complete_only_with_the_recorded_setting(tmp_path, monkeypatch):
@@ -678,10 +660,10 @@ def test_the_pipeline_report_is_complete_only_with_the_recorded_setting(tmp_path
   assert pipeline.report_status(job)[0] == pipeline.MISSING
   older = {"text_to_image": dataclasses.replace(
       eval_shapes.sampling_defaults(results)["text_to_image"], step=20)}
-  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json", older)
+  defaults.record_sampling_defaults(str(tmp_path), "eval_shapes.json", older)
   assert pipeline.report_status(job)[0] == pipeline.MISSING
-  reports.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
+  defaults.record_sampling_defaults(str(tmp_path), "eval_shapes.json",
                                    eval_shapes.sampling_defaults(results))
   assert pipeline.report_status(job)[0] == pipeline.COMPLETE
-  (tmp_path / reports.SAMPLING_DEFAULTS_FILE).write_text("{")
+  (tmp_path / defaults.SAMPLING_DEFAULTS_FILE).write_text("{")
   assert pipeline.report_status(job)[0] == pipeline.MISSING

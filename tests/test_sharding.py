@@ -1,11 +1,7 @@
-import flax
-import jax
 import ml_collections
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from cm3jax import data
 from cm3jax.config import ConfigError
 from cm3jax.core import sharding
 from cm3jax.training import trainer
@@ -43,7 +39,15 @@ def test_parameters_and_batches_are_sharded_by_the_table():
   # Adam's moments are sharded like the parameters they belong to.
   mu = s.abstract_state.opt_state[1][0].mu
   assert mu["layers"]["mlp"]["wi"].sharding.spec == P(None, "fsdp", "tensor")
-  assert s.batch_sharding.spec == P(("data", "fsdp"), None)
+  assert s.batch_sharding.spec == P(("data", "fsdp"))
+
+
+def test_a_batch_splits_over_data_and_fsdp_not_tensor():
+  mesh = sharding.make_mesh(mesh_config(data=2, fsdp=2, tensor=2))
+  assert sharding.batch_devices(mesh) == 4
+  assert sharding.batch_devices(sharding.make_mesh(mesh_config(data=1, fsdp=2, tensor=4))) == 2
+  assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"))
+  assert sharding.batch_sharding(mesh, axis=1).spec == P(None, ("data", "fsdp"))
 
 
 def test_a_dimension_a_mesh_axis_does_not_divide_is_replicated():

@@ -1,6 +1,6 @@
 """Text-only CM3 (data="text"): the corpora, tokenize_text's record shards and their resume, the
-CM3 stream over text records (masking, packing, exact resume), the source's refusals, and the
-text_tiny job from the command line: pipeline, sample --task=continue and infill."""
+CM3 stream over text records (masking, packing, exact resume) and the source's refusals (the
+text_tiny job from the command line: tests/jobs/test_text_data.py)."""
 
 import collections
 import json
@@ -16,7 +16,7 @@ from cm3jax.config import ConfigError
 from cm3jax.core.vocab import EOS, Vocab
 from cm3jax.data import cm3, code_shards, text_corpus
 from cm3jax.prepare import tokenize_text, train_tokenizer
-from tests.helpers import assert_one_line_error, load_config, override, run_module
+from tests.helpers import load_config, override
 from tests.test_cm3_data import unmask
 
 DOCUMENTS = [text_corpus.shapes_document("train", i) for i in range(300)]
@@ -163,9 +163,9 @@ def stream(directory, vocab, split="train", seq_len=256, rows=4, **kwargs):
 def test_text_records_are_masked_and_packed_whole(vocab, tmp_path, host, num_hosts):
   documents = DOCUMENTS[:40]
   out = text_shards(tmp_path, "validation", documents, shard_size=40)  # read in record order
-  cm3.SKIPPED.clear()
+  skipped = collections.Counter()
   rows = list(stream(out, vocab, "validation", rows=1, repeat=False, host=host,
-                     num_hosts=num_hosts))
+                     num_hosts=num_hosts, skipped=skipped))
   base = cm3.stream_seed((0, 1), "validation", host)
   mine = documents[host::num_hosts]
   masked = [cm3.cm3_mask(np.array([EOS] + vocab.encode_text(d), np.int32),
@@ -176,7 +176,7 @@ def test_text_records_are_masked_and_packed_whole(vocab, tmp_path, host, num_hos
     assert restored == [EOS] + vocab.encode_text(text) and 1 <= len(spans) <= 8
   expected = np.concatenate(masked)
   windows = np.concatenate([np.concatenate([r["inputs"][0], r["targets"][0, -1:]]) for r in rows])
-  assert len(expected) - len(windows) < 257 and not cm3.SKIPPED
+  assert len(expected) - len(windows) < 257 and not skipped
   np.testing.assert_array_equal(windows, expected[:len(windows)])
   for r in rows:
     sentinel = vocab.is_sentinel(r["targets"][0])
@@ -227,32 +227,3 @@ def test_a_text_only_vocabulary_has_no_image_ids(vocab):
   assert vocab.size == 384 and not vocab.is_image(np.arange(vocab.size)).any()
   with pytest.raises(ConfigError, match="at least 0 image codes"):
     Vocab(vocab.spm_model, 8, -1)
-
-
-@pytest.mark.slow
-def test_text_tiny_job_trains_and_samples_from_the_command_line(tmp_path):
-  workdir = tmp_path / "text_tiny"
-  run = run_module("cm3jax.pipeline", "--config=configs/text_tiny.py", f"--workdir={workdir}",
-                   "--config.num_train_steps=40", "--config.log_every=10",
-                   "--config.eval_every=20", "--config.checkpoint_every=20",
-                   "--config.eval_steps=2", "--config.optimizer.warmup_steps=5")
-  assert run.returncode == 0, run.stderr[-3000:]
-  for line in (f"[1/3] text records: making (0 of 3 splits in {workdir}/codes)",
-               "train: 20000 text records", "[2/3] text tokenizer: done",
-               "[3/3] token model: done", "train step 40: loss"):
-    assert line in run.stdout, run.stdout
-  evals = [float(l.split("loss ")[1].split()[0]) for l in run.stdout.splitlines()
-           if l.startswith("eval step")]
-  assert len(evals) == 2 and evals[1] < evals[0]
-  prompt = "a small red circle above a large blue square, so"
-  go = run_module("cm3jax.sample", f"--workdir={workdir}", "--task=continue",
-                  f"--prompt={prompt}", "--greedy", "--max_tokens=12")
-  assert go.returncode == 0, go.stderr[-2000:]
-  assert go.stdout.startswith(prompt) and len(go.stdout.strip()) > len(prompt)
-  filled = run_module("cm3jax.sample", f"--workdir={workdir}", "--task=infill", "--greedy",
-                      "--page=a small <mask> above a large blue square.", "--max_tokens=8")
-  assert filled.returncode == 0, filled.stderr[-2000:]
-  assert filled.stdout.startswith("a small ") and "above a large blue square." in filled.stdout
-  refused = run_module("cm3jax.sample", f"--workdir={workdir}", f"--prompt={prompt}")
-  assert_one_line_error(refused, "cm3jax.sample", f"{workdir} is a text-only model (no image "
-                        "codes): sample it with --task=infill or --task=continue")

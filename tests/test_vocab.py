@@ -7,7 +7,6 @@ from cm3jax.config import ConfigError
 from cm3jax.core.vocab import Vocab
 from cm3jax.data import shapes
 from cm3jax.prepare import train_tokenizer
-from tests.helpers import run_module
 
 CORPUS = ([shapes.scene("train", i).caption() for i in range(2000)]
           + ["Ünïcödé, emoji 🙂 and 中文 text", "numbers 12345 and  double  spaces "])
@@ -26,6 +25,14 @@ def test_layout(vocab):
   ids = np.arange(vocab.size)
   kinds = vocab.is_text(ids).astype(int) + vocab.is_image(ids) + vocab.is_sentinel(ids)
   assert kinds.max() == 1 and kinds[4:vocab.image_offset + 1024].sum() == vocab.image_offset + 1024 - 6
+
+
+def test_a_captioned_image_is_eos_text_break_image(vocab):
+  """The one place the training document's ids are assembled (the stream, the prompts, SFT)."""
+  caption, codes = "a small red circle", np.array([0, 5, 1023])
+  assert vocab.encode_document([caption, codes]).tolist() == (
+      [2] + vocab.encode_text(caption) + [vocab.break_id] + [338, 343, 1361])
+  assert vocab.encode_document([caption]).tolist() == [2] + vocab.encode_text(caption)
 
 
 def test_captions_are_whole_words(vocab):
@@ -85,32 +92,3 @@ def test_foreign_sentencepiece_model_is_refused():
                                  vocab_size=60, minloglevel=2)  # sentencepiece's own ids
   with pytest.raises(ConfigError, match=r"has <s>, <pad>, </s>, <unk> at ids \(1, -1, 2, 0\)"):
     Vocab(model.getvalue(), 16, 1024)
-
-
-def _cli(*args):
-  return run_module("cm3jax.train_tokenizer", *args, timeout=300)
-
-
-@pytest.mark.slow
-def test_cli_trains_on_text_files_and_counts_bad_lines(tmp_path):
-  corpus = tmp_path / "corpus.txt"
-  corpus.write_bytes(("\n".join(CORPUS) + "\n\n").encode() + b"caf\xe9 latin-1\n")
-  out = tmp_path / "spm.model"
-  result = _cli(f"--input={tmp_path}/*.txt", "--vocab_size=300", f"--out={out}")
-  assert result.returncode == 0, result.stderr
-  assert "wrote" in result.stdout and "300 pieces; skipped lines: 1 empty, 1 not UTF-8" in result.stdout
-  assert Vocab.from_spm_file(str(out), 16, 1024).text_size == 300
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--input=/nonexistent/*.txt", "--vocab_size=300", "--out=x.model"],
-     "--input=/nonexistent/*.txt matches no file"),
-    (["--input=tfds:shapes", "--vocab_size=300", "--out=x.model"],
-     "tfds:shapes: expected tfds:NAME:FIELD, e.g. tfds:shapes:caption"),
-    (["--input=x.txt"], "--input, --vocab_size and --out are required"),
-])
-def test_cli_bad_input(args, message):
-  result = _cli(*args)
-  assert result.returncode == 1 and "Traceback" not in result.stderr
-  assert result.stderr.strip() == f"cm3jax.train_tokenizer: error: {message}"

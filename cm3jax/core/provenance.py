@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 
 FINGERPRINT = "fingerprint"  # the manifest field that holds fingerprint(made_by)
 
@@ -55,7 +56,7 @@ def start(path: str, made_by: dict, what: str, started: bool, remedy: str):
   written yet (not `started`); otherwise refuses to resume pieces that something else made.
   Every host of a sharded writer may call it: they record the same dict."""
   if not started:
-    write_json(path, made_by)
+    files.write_json(path, made_by)
     return
   try:
     with open(path) as f:
@@ -64,11 +65,3 @@ def start(path: str, made_by: dict, what: str, started: bool, remedy: str):
     raise ConfigError(f"{what}: no record of what made them ({os.path.basename(path)}); "
                       f"{remedy}") from None
   check(recorded, made_by, what, remedy)
-
-
-def write_json(path: str, value: dict):
-  """Whole or not at all, even with several processes writing the same file."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-  os.replace(tmp, path)

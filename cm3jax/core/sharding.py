@@ -37,6 +37,7 @@ LOGICAL_AXIS_RULES = (
 )
 
 BATCH_AXES = ("act_batch", "act_len")
+BATCH_MESH_AXES = dict(LOGICAL_AXIS_RULES)["act_batch"]  # the mesh axes a batch's rows split over
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
@@ -104,8 +105,18 @@ def shardings_of(shapes):
   return jax.tree.map(lambda s: s.sharding, shapes)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return logical_sharding(PartitionSpec(*BATCH_AXES), mesh)
+def batch_sharding(mesh: Mesh, axis: int = 0) -> NamedSharding:
+  """An array's `axis` (a batch's rows) split over data x fsdp, its other axes replicated."""
+  return NamedSharding(mesh, PartitionSpec(*(None,) * axis, BATCH_MESH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_devices(mesh: Mesh) -> int:
+  """How many parts a batch's rows are split into (data x fsdp): a batch size must divide by it."""
+  return math.prod(mesh.shape[axis] for axis in BATCH_MESH_AXES)
 
 
 @contextlib.contextmanager

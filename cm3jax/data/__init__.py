@@ -17,13 +17,15 @@ seen.
              (cm3jax.tokenize_tasks) and the text tokenizer.
 """
 
+import collections
 import dataclasses
 import os
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import paths
 from cm3jax.core.vocab import Vocab
 from cm3jax.data import code_shards, html, synthetic
 
@@ -42,39 +44,13 @@ SOURCES = ("synthetic", "cm3", "text", "sft")
 SPLITS = ("train", "validation")
 
 
-class InputPaths(NamedTuple):
-  """Where a run's CM3 inputs live."""
-  vqgan_workdir: str  # the image tokenizer (a cm3jax.train_vqgan workdir)
-  codes_dir: str  # the image-code shards (cm3jax.tokenize_images)
-  tokenizer: str  # the sentencepiece model (cm3jax.train_tokenizer)
-
-
-def tasks_dir(config, workdir: str) -> str:
-  """Where a run's task shards live (sft.tasks_dir)."""
-  return config.sft.tasks_dir or os.path.join(workdir, "tasks")
-
-
-class RetrievalPaths(NamedTuple):
-  """Where a run's retrieval inputs live (cm3.retrieval)."""
-  retriever: str  # a train_retriever workdir or a CLIP checkpoint
-  memory: str  # the memory bank (cm3jax.build_memory)
-  neighbours: str  # the offline neighbours (cm3jax.build_neighbours)
-
-
-def retrieval_paths(cm3, workdir: str) -> RetrievalPaths:
-  r = cm3["retrieval"]
-  return RetrievalPaths(r["retriever"] or os.path.join(workdir, "retriever"),
-                        r["memory"] or os.path.join(workdir, "memory"),
-                        r["neighbours_dir"] or os.path.join(workdir, "neighbours"))
-
-
 def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
   """The cm3.Retrieved of a split: its records' neighbours and the bank split's documents; a
   ConfigError when they are missing or were computed for other code shards (a record of the
   split whose key they lack, too: it would train without its neighbours)."""
   from cm3jax.data import cm3 as cm3_stream  # TensorFlow is imported by the cm3 source only.
   from cm3jax.retrieval import neighbours
-  directory = retrieval_paths(cm3, workdir).neighbours
+  directory = paths.retrieval_paths(cm3, workdir).neighbours
   keys, ids, manifest = neighbours.read(directory, split)
   records = code_shards.read_manifest(codes_dir, split)["records"]
   if manifest["codes"] != os.path.abspath(codes_dir) or manifest["records"] != records:
@@ -95,20 +71,15 @@ def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
                               codes, documents)
 
 
-def input_paths(cm3, workdir: str) -> InputPaths:
-  """The inputs of a run's `cm3` config section (the live ConfigDict or the JSON saved with a
-  checkpoint); empty paths are WORKDIR/vqgan, WORKDIR/codes and WORKDIR/tokenizer.model."""
-  return InputPaths(cm3["vqgan_workdir"] or os.path.join(workdir, "vqgan"),
-                    cm3["codes_dir"] or os.path.join(workdir, "codes"),
-                    cm3["tokenizer"] or os.path.join(workdir, "tokenizer.model"))
-
-
 @dataclasses.dataclass(frozen=True)
 class Source:
   config: object
   vocab: Optional[Vocab] = None  # The cm3 and sft sources' vocabulary,
   shards: Optional[str] = None  # the image-code shards (cm3) or task shards (sft),
   workdir: Optional[str] = None  # and the run's workdir (the default retrieval paths).
+  # Documents its streams have left out so far, by reason.
+  left_out: collections.Counter = dataclasses.field(default_factory=collections.Counter,
+                                                    compare=False)
 
   def batches(self, split: str, seed: Sequence[int], position: Optional[Sequence[int]] = None,
               host: tuple[int, int] = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
@@ -125,10 +96,12 @@ class Source:
     if config.data == "sft":
       from cm3jax.data import sft_stream
       return sft_stream.dataset(
-          self.shards, split, self.vocab, config.seq_len, rows, seed, start, host[0], host[1],
-          config.cm3.span_rate, config.cm3.whole_segment_rate, config.sft.mixture,
-          config.sft.loss_on, config.cm3.document_attention,
-          config.sft.max_spans).as_numpy_iterator()
+          tasks_dir=self.shards, split=split, vocab=self.vocab, seq_len=config.seq_len,
+          rows=rows, seed=seed, position=start, host=host[0], num_hosts=host[1],
+          span_rate=config.cm3.span_rate, whole_segment_rate=config.cm3.whole_segment_rate,
+          mixture=config.sft.mixture, loss_on=config.sft.loss_on,
+          document_attention=config.cm3.document_attention, max_spans=config.sft.max_spans,
+          skipped=self.left_out).as_numpy_iterator()
     retrieved = (retrieved_documents(config.cm3, self.workdir, self.shards, split)
                  if config.cm3.retrieval.documents else None)
     return cm3.batches(codes_dir=self.shards, split=split, vocab=self.vocab,
@@ -138,14 +111,11 @@ class Source:
                        whole_segment_rate=config.cm3.whole_segment_rate,
                        shuffle_buffer=config.cm3.shuffle_buffer,
                        document_attention=config.cm3.document_attention, retrieved=retrieved,
-                       document_form=config.cm3.document_form)
+                       document_form=config.cm3.document_form, skipped=self.left_out)
 
   def skipped(self) -> dict[str, int]:
-    """Documents this process has left out so far, by reason."""
-    if self.config.data == "synthetic":
-      return {}
-    from cm3jax.data import cm3
-    return dict(cm3.SKIPPED)
+    """Documents this source's streams have left out so far, by reason."""
+    return dict(self.left_out)
 
 
 MAKE_THEM = "or run every stage with python -m cm3jax.pipeline --config=CONFIG --workdir=WORKDIR"
@@ -161,43 +131,44 @@ def source(config, workdir: str) -> Source:
   if config.cm3.document_form not in html.DOCUMENT_FORMS:
     raise ConfigError(f"cm3.document_form={config.cm3.document_form!r} is not one of "
                       f"{list(html.DOCUMENT_FORMS)}")
-  paths = input_paths(config.cm3, workdir)
+  inputs = paths.input_paths(config.cm3, workdir)
   if config.data == "sft":
-    tasks = tasks_dir(config, workdir)
+    tasks = paths.tasks_dir(config, workdir)
     for split in SPLITS:
       if not os.path.exists(code_shards.manifest_path(tasks, split)):
         raise ConfigError(
             f"no complete {split} split of task records in {tasks} (sft.tasks_dir): make them "
-            f"with python -m cm3jax.tokenize_tasks --vqgan_workdir={paths.vqgan_workdir} "
+            f"with python -m cm3jax.tokenize_tasks --vqgan_workdir={inputs.vqgan_workdir} "
             f"--out={tasks}, {MAKE_THEM}")
-    return Source(config, _vocab(config, paths, code_shards.read_manifest(tasks, "train")), tasks,
+    return Source(config, _vocab(config, inputs, code_shards.read_manifest(tasks, "train")), tasks,
                   workdir)
   text = config.data == "text"
-  make = (f"python -m cm3jax.tokenize_text --out={paths.codes_dir} --dataset=DATASET" if text else
-          f"python -m cm3jax.tokenize_images --vqgan_workdir={paths.vqgan_workdir} "
-          f"--out={paths.codes_dir} --dataset=DATASET")
+  make = (f"python -m cm3jax.tokenize_text --out={inputs.codes_dir} --dataset=DATASET" if text else
+          f"python -m cm3jax.tokenize_images --vqgan_workdir={inputs.vqgan_workdir} "
+          f"--out={inputs.codes_dir} --dataset=DATASET")
   for split in SPLITS:
-    if not os.path.exists(code_shards.manifest_path(paths.codes_dir, split)):
-      raise ConfigError(f"no complete {split} split of {'text records' if text else 'image codes'}"
-                        f" in {paths.codes_dir} (cm3.codes_dir): make them with {make}, {MAKE_THEM}")
-  manifest = code_shards.read_manifest(paths.codes_dir, "train")
+    if not os.path.exists(code_shards.manifest_path(inputs.codes_dir, split)):
+      records = "text records" if text else "image codes"
+      raise ConfigError(f"no complete {split} split of {records} in {inputs.codes_dir} "
+                        f"(cm3.codes_dir): make them with {make}, {MAKE_THEM}")
+  manifest = code_shards.read_manifest(inputs.codes_dir, "train")
   if code_shards.is_text(manifest) != text:
-    raise ConfigError(f"{paths.codes_dir} (cm3.codes_dir) holds "
+    raise ConfigError(f"{inputs.codes_dir} (cm3.codes_dir) holds "
                       f"{'image codes' if text else 'text records with no image codes'}: "
                       f"data='{'cm3' if text else 'text'}' trains on them, or make "
                       f"{'text records' if text else 'image codes'} with {make}")
   if text and config.cm3.retrieval.documents:
     raise ConfigError("cm3.retrieval.documents > 0 retrieves images and captions: data='text' "
                       "has none (set it to 0)")
-  return Source(config, _vocab(config, paths, manifest), paths.codes_dir, workdir)
+  return Source(config, _vocab(config, inputs, manifest), inputs.codes_dir, workdir)
 
 
-def _vocab(config, paths: InputPaths, train_manifest: dict) -> Vocab:
+def _vocab(config, inputs: paths.InputPaths, train_manifest: dict) -> Vocab:
   """The vocabulary of the text tokenizer and of the codebook `train_manifest` records."""
-  if not os.path.exists(paths.tokenizer):
+  if not os.path.exists(inputs.tokenizer):
     raise ConfigError(
-        f"no text tokenizer {paths.tokenizer} (cm3.tokenizer): train one with python -m "
-        f"cm3jax.train_tokenizer --input={paths.codes_dir} --vocab_size="
-        f"{config.cm3.text_vocab_size} --out={paths.tokenizer}, {MAKE_THEM}")
-  return Vocab.from_spm_file(paths.tokenizer, config.cm3.max_spans,
+        f"no text tokenizer {inputs.tokenizer} (cm3.tokenizer): train one with python -m "
+        f"cm3jax.train_tokenizer --input={inputs.codes_dir} --vocab_size="
+        f"{config.cm3.text_vocab_size} --out={inputs.tokenizer}, {MAKE_THEM}")
+  return Vocab.from_spm_file(inputs.tokenizer, config.cm3.max_spans,
                              train_manifest["codebook_size"])

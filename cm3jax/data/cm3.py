@@ -19,7 +19,7 @@ of the masked document made from record `index` of this host's `epoch`-th pass. 
 started at a position yields exactly the windows that followed it, so a resumed run sees the
 batches it would have seen; skipping to the record reads, but does not process, the records
 before it. Documents that are empty, not UTF-8, hold out-of-range codes or cannot fit one
-window are skipped and counted in `SKIPPED`.
+window are skipped and counted, by reason, in the stream's `skipped` counter.
 """
 
 import collections
@@ -28,10 +28,9 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core.vocab import EOS, Vocab
+from cm3jax.core.vocab import Vocab
 from cm3jax.data import code_shards, html, tf_cpu
 
-SKIPPED: collections.Counter = collections.Counter()  # Documents left out, by reason, this process.
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
 
@@ -141,12 +140,12 @@ def masked_with_sources(tokens, seed, vocab: Vocab, span_rate: float = 1.0,
   return masked, sources
 
 
-def document_fn(vocab: Vocab, max_length: int, form: str = "break"):
+def document_fn(vocab: Vocab, max_length: int, form: str, skipped: collections.Counter):
   """(caption bytes, codes[, retrieved captions [k], their codes [k, T], which are real [k]]) ->
   the int32 document, `</s> text <break> image` (or, in the "html" form, CM3's
   `</s> <img alt="text" src="` image `">`, data/html.py; a text record, with no codes, is
   `</s> text` in both) per retrieved document and then the record's own, or [] for one to skip
-  (counted in SKIPPED). A retrieved document that cannot be made is left out."""
+  (counted in `skipped`, by reason). A retrieved document that cannot be made is left out."""
   def part(caption: bytes, codes: np.ndarray) -> tuple[Optional[np.ndarray], str]:
     try:
       text = caption.decode("utf-8")
@@ -155,31 +154,29 @@ def document_fn(vocab: Vocab, max_length: int, form: str = "break"):
     if not text.strip():
       return None, "empty caption"
     if not codes.size:  # a text record (cm3jax.tokenize_text)
-      return np.concatenate([[EOS], vocab.encode_text(text)]).astype(np.int32), ""
+      return vocab.encode_document([text]), ""
     if codes.min() < 0 or codes.max() >= vocab.num_image_codes:
       return None, "image code out of range"
     if form == "html":
       return html.image_document(vocab, text, codes), ""
-    return np.concatenate([[EOS], vocab.encode_text(text), [vocab.break_id],
-                           codes + vocab.image_offset]).astype(np.int32), ""
+    return vocab.encode_document([text, codes]), ""
 
   def make(caption: bytes, codes: np.ndarray, retrieved_captions=(), retrieved_codes=(),
            retrieved_real=()) -> np.ndarray:
     doc, why = part(caption, codes)
     if doc is None:
-      return _skip(why)
+      return skip(why)
     retrieved = [part(c, k)[0] for c, k, real in zip(retrieved_captions, retrieved_codes,
                                                       retrieved_real) if real]
     doc = np.concatenate([d for d in retrieved if d is not None] + [doc])
     if len(doc) > max_length:
-      return _skip("document longer than the sequence")
+      return skip("document longer than the sequence")
     return doc
+
+  def skip(reason: str) -> np.ndarray:
+    skipped[reason] += 1
+    return np.zeros(0, np.int32)
   return make
-
-
-def _skip(reason: str) -> np.ndarray:
-  SKIPPED[reason] += 1
-  return np.zeros(0, np.int32)
 
 
 def stream_seed(seed: Sequence[int], split: str, host: Optional[int] = None) -> int:
@@ -216,18 +213,19 @@ def epoch_records(paths: Sequence[str], epoch, seed: Sequence[int], split: str, 
   return records
 
 
-def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
+def dataset(*, codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
             seed: Sequence[int], position: Position = START, host: int = 0, num_hosts: int = 1,
             span_rate: float = 1.0, whole_segment_rate: float = 0.0,
             shuffle_buffer: int = 10_000, repeat: bool = True,
             document_attention: bool = False, retrieved: Optional[Retrieved] = None,
-            document_form: str = "break"):
+            document_form: str = "break", skipped: Optional[collections.Counter] = None):
   """A tf.data.Dataset of this host's batches from `position` on: `inputs`, `targets` (int32),
   `weights` (float32) of shape [rows, seq_len], `position` (int64 [rows, 3]) and, with
   `document_attention`, `positions` and `segments` (int32 [rows, seq_len]). With `retrieved`,
   each record's document follows its retrieved ones, one document for masking and attention,
   whose whole-segment spans come from the record's own caption and image. `document_form`:
-  "break" (CM3Leon's) or "html" (CM3's, see document_fn)."""
+  "break" (CM3Leon's) or "html" (CM3's, see document_fn). The documents left out are counted
+  in `skipped`, by reason, as the stream reaches them."""
   tf = tf_cpu.tensorflow()
   paths = code_shards.shard_paths(codes_dir, split)
   manifest = code_shards.read_manifest(codes_dir, split)
@@ -238,7 +236,8 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
     raise ConfigError(f"seq_len={seq_len} cannot hold an image of {manifest['tokens_per_image']} "
                       f"codes, its caption and {vocab.num_sentinels} masked spans")
   parse = code_shards.parser(manifest["tokens_per_image"])
-  make_document = document_fn(vocab, max_length, document_form)
+  make_document = document_fn(vocab, max_length, document_form,
+                              collections.Counter() if skipped is None else skipped)
   base_seed = stream_seed(seed, split, host)
   AUTOTUNE = tf.data.AUTOTUNE
 
@@ -275,11 +274,14 @@ def dataset(codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
 
   return batched_rows(records.map(numbered_documents, num_parallel_calls=AUTOTUNE,
                                   deterministic=True),
-                      vocab, seq_len, rows, base_seed, position, span_rate, whole_segment_rate,
-                      2 if retrieved is not None else 0, document_attention)
+                      vocab=vocab, seq_len=seq_len, rows=rows, base_seed=base_seed,
+                      position=position, span_rate=span_rate,
+                      whole_segment_rate=whole_segment_rate,
+                      whole_from_last=2 if retrieved is not None else 0,
+                      document_attention=document_attention)
 
 
-def batched_rows(documents, vocab: Vocab, seq_len: int, rows: int, base_seed: int,
+def batched_rows(documents, *, vocab: Vocab, seq_len: int, rows: int, base_seed: int,
                  position: Position, span_rate: float, whole_segment_rate: float,
                  whole_from_last: int, document_attention: bool,
                  max_spans: Optional[int] = None):

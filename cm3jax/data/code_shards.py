@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 
 from cm3jax.config import ConfigError
-from cm3jax.core import provenance
+from cm3jax.core import files, provenance
 from cm3jax.data import tf_cpu
 
 REMEDY = "run with the settings it was made with, or write to a new --out"
@@ -179,11 +179,10 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
       bar.update(len(chunk))
     if not records:
       break
-    path = shard_path(out, split, shard)
-    with tf.io.TFRecordWriter(path + ".tmp") as writer:
-      for record in records:
-        writer.write(record)
-    os.replace(path + ".tmp", path)
+    with files.atomic_path(shard_path(out, split, shard)) as tmp:
+      with tf.io.TFRecordWriter(tmp) as writer:
+        for record in records:
+          writer.write(record)
     written += len(records)
     shard += 1
   bar.close()
@@ -192,6 +191,6 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
                       "nothing written (--allow_empty_splits writes an empty split)")
   summary = {"split": split, "records": written, "shards": shard, **settings,
              provenance.FINGERPRINT: provenance.fingerprint(settings), "skipped": dict(skipped)}
-  provenance.write_json(manifest, summary)
+  files.write_json(manifest, summary)
   return summary
 

@@ -17,6 +17,7 @@ The records are held in host memory, tokens end to end: an SFT set (the paper's:
 records) fits a TPU VM's host memory, the pretraining data would not.
 """
 
+import collections
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -65,17 +66,20 @@ def round_draws(sizes: Sequence[int], task_rates: Sequence[float], seed: int, ro
   return np.random.default_rng([seed, round_]).permutation(draws).astype(np.int64)
 
 
-def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
+def dataset(*, tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
             seed: Sequence[int], position: cm3.Position = cm3.START, host: int = 0,
             num_hosts: int = 1, span_rate: float = 1.0, whole_segment_rate: float = 0.0,
             mixture: str = "", loss_on: str = "all", document_attention: bool = False,
-            max_spans: int = 4, records: Optional[Mapping[str, Sequence[sft.Record]]] = None):
+            max_spans: int = 4, records: Optional[Mapping[str, Sequence[sft.Record]]] = None,
+            skipped: Optional[collections.Counter] = None):
   """A tf.data.Dataset of this host's batches, as `cm3.dataset`'s. The validation split draws
   every record once per round. At most `max_spans` spans are masked in a record, so a
-  record fits when it leaves room for them. `records` (by task) replaces the shards, for tests."""
+  record fits when it leaves room for them; the others are counted in `skipped`. `records`
+  (by task) replaces the shards, for tests."""
   if loss_on not in LOSS_ON:
     raise ConfigError(f"sft.loss_on={loss_on!r} is not one of {list(LOSS_ON)}")
   tf = tf_cpu.tensorflow()
+  skipped = collections.Counter() if skipped is None else skipped
   if records is None:
     code_shards.check_codebook(tasks_dir, task_shards.read_manifest(tasks_dir, split),
                                vocab.num_image_codes)
@@ -92,7 +96,7 @@ def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
     for record in records[name]:
       doc, output_start = sft.encode(vocab, record, np.asarray)
       if len(doc) > max_length:
-        cm3.SKIPPED["record longer than the sequence"] += 1
+        skipped["record longer than the sequence"] += 1
         continue
       tokens.append(doc)
       output_starts.append(output_start if loss_on == "output" else 0)
@@ -122,9 +126,11 @@ def dataset(tasks_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,
   rounds = tf.data.Dataset.range(position.epoch, 2**62)
   documents = rounds.flat_map(draws_of_round).skip(position.index).map(
       document, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return cm3.batched_rows(documents, vocab, seq_len, rows, cm3.stream_seed(seed, split, host),
-                          position, span_rate, whole_segment_rate, 0, document_attention,
-                          max_spans)
+  return cm3.batched_rows(documents, vocab=vocab, seq_len=seq_len, rows=rows,
+                          base_seed=cm3.stream_seed(seed, split, host), position=position,
+                          span_rate=span_rate, whole_segment_rate=whole_segment_rate,
+                          whole_from_last=0, document_attention=document_attention,
+                          max_spans=max_spans)
 
 
 def by_task(records: Sequence[sft.Record]) -> dict[str, list[sft.Record]]:

@@ -6,12 +6,13 @@ from typing import Optional, Sequence
 
 import jax
 
-from cm3jax import data
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint
+from cm3jax.core.paths import input_paths, retrieval_paths
 from cm3jax.data import code_shards, shapes
 from cm3jax.data.shapes_analyser import analyse, caption_matches
 from cm3jax.eval import reports
+from cm3jax.sampling import defaults
 from cm3jax.retrieval import augment, retriever
 from cm3jax.sampling import engine
 from cm3jax.sampling.engine import Setting
@@ -59,7 +60,7 @@ def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int
                 **(RETRIEVAL_SETTINGS if retrieve else {})}
   step = checkpoint.latest_step(workdir)
   sampler, config = engine.load(workdir)
-  paths = data.input_paths(config["cm3"], workdir)
+  paths = input_paths(config["cm3"], workdir)
   vqgan = ImageTokenizer.load(paths.vqgan_workdir)
   codes, captions = code_shards.read_split(paths.codes_dir, split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
@@ -131,7 +132,7 @@ def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: i
   memory = None
   if retrieve:
     config = checkpoint.saved_config(workdir, checkpoint.latest_step(workdir))
-    memory_path = memory_path or data.retrieval_paths(config["cm3"], workdir).memory
+    memory_path = memory_path or retrieval_paths(config["cm3"], workdir).memory
     memory = augment.Memory.load(memory_path)
   reranker = retriever.load(retriever_path) if retriever_path else None
   results = {}
@@ -139,23 +140,23 @@ def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: i
     results[column] = evaluate(workdir, split, num_examples, batch_size, seed, memory=memory,
                                retrieve=retrieved, reranker=reranker)
   reports.write(workdir, REPORT_FILES, results, table(results))
-  reports.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(results))
+  defaults.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(results))
   return results
 
 
-def sampling_defaults(results: dict) -> dict[str, reports.Measured]:
+def sampling_defaults(results: dict) -> dict[str, defaults.Measured]:
   """The best text->image setting of `results` ({column: evaluate's dict}) for each number of
-  documents retrieved, {reports.text_to_image_use(retrieved): Measured}. Without retrieval only
+  documents retrieved, {defaults.text_to_image_use(retrieved): Measured}. Without retrieval only
   the settings that need no retriever compete: sampling without documents is given none."""
   every = {**SETTINGS, **RERANKED_SETTINGS, **RETRIEVAL_SETTINGS}
   out = {}
   for retrieved in dict.fromkeys(r["retrieved"] for r in results.values()):
     rows = {f"text_to_image, {name}": s for name, s in every.items()
             if retrieved or s.candidates == 1 or s.rerank_by != "retriever"}
-    found = reports.best({c: r for c, r in results.items() if r["retrieved"] == retrieved}, rows,
+    found = defaults.best({c: r for c, r in results.items() if r["retrieved"] == retrieved}, rows,
                          REPORT_FILES[0])
     if found:
-      out[reports.text_to_image_use(retrieved)] = found
+      out[defaults.text_to_image_use(retrieved)] = found
   return out
 
 

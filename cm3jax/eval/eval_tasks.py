@@ -20,11 +20,12 @@ from typing import Sequence, Union
 import jax
 import numpy as np
 
-from cm3jax import data
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint
+from cm3jax.core.paths import input_paths
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
 from cm3jax.eval import reports
+from cm3jax.sampling import defaults
 from cm3jax.sampling import engine, instruct
 from cm3jax.sampling.engine import Sampler, SamplingConfig, Setting
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -132,7 +133,7 @@ def evaluate(workdir: str, split: str, tasks: Sequence[str], num_examples: int,
   for the newest checkpoint of `workdir`."""
   tasks = parse_tasks(tasks)
   sampler, config = engine.load(workdir)
-  vqgan = ImageTokenizer.load(data.input_paths(config["cm3"], workdir).vqgan_workdir)
+  vqgan = ImageTokenizer.load(input_paths(config["cm3"], workdir).vqgan_workdir)
   results = {"split": split, "step": checkpoint.latest_step(workdir), "examples": num_examples}
   key = jax.random.PRNGKey(seed)
   for task in tasks:
@@ -165,18 +166,18 @@ def report(workdir: str, splits: Sequence[str], tasks: Sequence[str], num_exampl
       runs[f"{run}, {split}"] = {"run": run, **evaluate(run, split, tasks, num_examples,
                                                         batch_size, seed)}
   reports.write(workdir, REPORT_FILES, runs, table(runs))
-  reports.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(workdir, runs))
+  defaults.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(workdir, runs))
   return runs
 
 
-def sampling_defaults(workdir: str, runs: dict) -> dict[str, reports.Measured]:
+def sampling_defaults(workdir: str, runs: dict) -> dict[str, defaults.Measured]:
   """Each task's best decoding in `report`'s results, {task: Measured}, over the columns of
   `workdir`'s own run (not the baseline's)."""
   columns = {c: r for c, r in runs.items() if r["run"] == workdir}
   out = {}
   for task in sft.TASKS:
     rows = {f"{task}, {name}": d.setting(task) for name, d in DECODINGS.items()}
-    found = reports.best(columns, rows, REPORT_FILES[0])
+    found = defaults.best(columns, rows, REPORT_FILES[0])
     if found:
       out[task] = found
   return out

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from typing import Callable, Iterator
 
@@ -17,10 +16,10 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from cm3jax import data
 from cm3jax.config import ConfigError
-from cm3jax.core import checkpoint, sharding
+from cm3jax.core import checkpoint, files, sharding
 from cm3jax.core import model as model_lib
+from cm3jax.core.paths import input_paths
 from cm3jax.core.vocab import BOS, EOS, PAD, Vocab
 from cm3jax.io import fairseq_io, torch_layout
 from cm3jax.sampling import engine
@@ -155,12 +154,11 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   hf_config = opt_config(cfg, dtype)
   params = checkpoint.restore_params(workdir, step, engine.abstract_params(
       cfg, engine.default_mesh()), host=True)
-  vqgan_dir = data.input_paths(config["cm3"], workdir).vqgan_workdir
+  vqgan_dir = input_paths(config["cm3"], workdir).vqgan_workdir
 
   os.makedirs(os.path.dirname(out), exist_ok=True)
   _remove_stale_staging(os.path.dirname(out))
-  staging = tempfile.mkdtemp(dir=os.path.dirname(out), prefix=STAGING_PREFIX)
-  try:
+  with files.staged_directory(out, STAGING_PREFIX) as staging:
     with open(os.path.join(staging, STAGING_OWNER), "w") as f:
       json.dump(faults.this_process("cm3jax.export"), f)
     with open(os.path.join(staging, "config.json"), "w") as f:
@@ -183,9 +181,6 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
           params=model_lib.num_params(params), dtype=dtype, step=step, out=out,
           caption="a red circle above a blue square"))
     os.remove(os.path.join(staging, STAGING_OWNER))
-    os.rename(staging, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   return out
 
 

@@ -13,11 +13,11 @@ import jax
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from cm3jax import data
 from cm3jax.config import ConfigError, load_config_file
-from cm3jax.core import checkpoint, provenance
+from cm3jax.core import checkpoint, files, provenance
+from cm3jax.core.paths import InputPaths, RetrievalPaths, input_paths, retrieval_paths, tasks_dir
 from cm3jax.data import code_shards, sft, task_shards, text_corpus
-from cm3jax.eval import eval_shapes, eval_tasks, reports
+from cm3jax.eval import eval_shapes, eval_tasks
 from cm3jax.prepare import (
   build_memory,
   build_neighbours,
@@ -27,7 +27,7 @@ from cm3jax.prepare import (
   train_tokenizer,
 )
 from cm3jax.retrieval import memory, neighbours, retriever
-from cm3jax.sampling import engine, sample
+from cm3jax.sampling import defaults, engine, sample
 from cm3jax.training import train, train_retriever, train_vqgan
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
@@ -51,8 +51,12 @@ class Job:
   workdir: str
 
   @property
-  def paths(self) -> data.InputPaths:
-    return data.input_paths(self.config.cm3, self.workdir)
+  def paths(self) -> InputPaths:
+    return input_paths(self.config.cm3, self.workdir)
+
+  @property
+  def retrieval(self) -> RetrievalPaths:
+    return retrieval_paths(self.config.cm3, self.workdir)
 
   @property
   def splits(self) -> list[str]:
@@ -175,17 +179,13 @@ def make_tokenizer(job: Job) -> str:
   skipped = collections.Counter()
   model = train_tokenizer.train(train_tokenizer.read_sentences(job.paths.codes_dir, skipped),
                                 job.config.cm3.text_vocab_size)
-  train_tokenizer.write_atomically(job.paths.tokenizer, model)
+  files.write_atomic(job.paths.tokenizer, model)
   left_out = ", ".join(f"{n} {why}" for why, n in skipped.items()) or "none"
   return (f"{train_tokenizer.num_pieces(model)} pieces from the train captions (or texts) of "
           f"{job.paths.codes_dir} in {job.paths.tokenizer}; captions left out: {left_out}")
 
 
 # Retrieval (cm3.retrieval.documents > 0): the retriever, the memory bank, the neighbours.
-
-def retrieval_paths(job: Job) -> data.RetrievalPaths:
-  return data.retrieval_paths(job.config.cm3, job.workdir)
-
 
 def retriever_config(job: Job):
   c = job.config.cm3
@@ -195,7 +195,7 @@ def retriever_config(job: Job):
 
 
 def retriever_status(job: Job) -> tuple[str, str]:
-  where = retrieval_paths(job).retriever
+  where = job.retrieval.retriever
   if job.config.cm3.retrieval.retriever:  # given: used as it is
     return (COMPLETE, f"the retriever {where}") if os.path.exists(where) else (
         MISSING, f"no {where}")
@@ -210,21 +210,21 @@ def retriever_status(job: Job) -> tuple[str, str]:
 def make_retriever(job: Job) -> str:
   c = job.config.cm3
   if c.dataset.split("/")[0] != "shapes":
-    raise ConfigError(f"no retriever at {retrieval_paths(job).retriever}, and the pipeline "
+    raise ConfigError(f"no retriever at {job.retrieval.retriever}, and the pipeline "
                       f"trains one on the shapes data only (cm3.dataset={c.dataset!r}): set "
                       "cm3.retrieval.retriever to a CLIP (a Hugging Face or open_clip checkpoint)")
-  evals = [h for h in train_retriever.train(retriever_config(job), retrieval_paths(job).retriever)
+  evals = [h for h in train_retriever.train(retriever_config(job), job.retrieval.retriever)
            if "eval_text_to_image_r@1" in h]
   return (f"validation recall@1 text->image {evals[-1]['eval_text_to_image_r@1']:.1%}, "
           f"image->text {evals[-1]['eval_image_to_text_r@1']:.1%}") if evals else "trained"
 
 
 def memory_status(job: Job) -> tuple[str, str]:
-  where = retrieval_paths(job).memory
+  where = job.retrieval.memory
   if os.path.exists(os.path.join(where, memory.MANIFEST)):
     if not job.config.cm3.retrieval.memory:  # the pipeline's own
       check_made(memory.read_manifest(where), build_memory.made_by(
-          retriever.load(retrieval_paths(job).retriever),
+          retriever.load(job.retrieval.retriever),
           ImageTokenizer.load(job.paths.vqgan_workdir), job.paths.codes_dir, "train",
           build_memory.SHARD_SIZE), f"the memory bank {where}")
     return COMPLETE, where
@@ -233,7 +233,7 @@ def memory_status(job: Job) -> tuple[str, str]:
 
 
 def make_memory(job: Job) -> str:
-  paths = retrieval_paths(job)
+  paths = job.retrieval
   manifest = build_memory.build(retriever.load(paths.retriever), ImageTokenizer.load(
       job.paths.vqgan_workdir), job.paths.codes_dir, "train", paths.memory)
   return f"{manifest['records']} document vectors of the train split in {paths.memory}"
@@ -243,11 +243,11 @@ NEIGHBOUR_SPLITS = ("train", "validation")
 
 
 def neighbours_status(job: Job) -> tuple[str, str]:
-  where = retrieval_paths(job).neighbours
+  where = job.retrieval.neighbours
   done = [s for s in NEIGHBOUR_SPLITS
           if os.path.exists(neighbours.manifest_path(where, s))]
   if done and not job.config.cm3.retrieval.neighbours_dir:  # the pipeline's own
-    r, bank = job.config.cm3.retrieval, retrieval_paths(job).memory
+    r, bank = job.config.cm3.retrieval, job.retrieval.memory
     vqgan = ImageTokenizer.load(job.paths.vqgan_workdir).fingerprint
     for split in done:
       check_made(neighbours.read_manifest(where, split), build_neighbours.made_by(
@@ -261,7 +261,7 @@ def neighbours_status(job: Job) -> tuple[str, str]:
 
 
 def make_neighbours(job: Job) -> str:
-  paths, r = retrieval_paths(job), job.config.cm3.retrieval
+  paths, r = job.retrieval, job.config.cm3.retrieval
   build_neighbours.build(retriever.load(paths.retriever),
                          ImageTokenizer.load(job.paths.vqgan_workdir), paths.memory,
                          job.paths.codes_dir, paths.neighbours, NEIGHBOUR_SPLITS, r.engine,
@@ -298,7 +298,7 @@ def recorded_steps(job: Job) -> dict[str, int]:
   """{use: step} of the best settings the reports recorded; {} where that file does not read
   (the report remakes it)."""
   try:
-    return {use: m.step for use, m in reports.sampling_defaults(job.workdir).items()}
+    return {use: m.step for use, m in defaults.sampling_defaults(job.workdir).items()}
   except ConfigError:
     return {}
 
@@ -309,7 +309,7 @@ def report_status(job: Job) -> tuple[str, str]:
   report = eval_shapes.saved(job.workdir)
   wanted = eval_shapes.columns(report_splits(job), job.config.cm3.retrieval.documents)
   scored = [c for c in wanted if report.get(c, {}).get("step") == step]
-  recorded = not wanted or recorded_steps(job).get(reports.text_to_image_use(0)) == step
+  recorded = not wanted or recorded_steps(job).get(defaults.text_to_image_use(0)) == step
   if all(os.path.exists(f) for f in files) and len(scored) == len(wanted) and recorded:
     return COMPLETE, f"samples and the eval_shapes report of step {step}"
   return MISSING, f"nothing for step {step}"
@@ -323,8 +323,8 @@ def make_report(job: Job) -> str:
   if report_splits(job):
     eval_shapes.report(job.workdir, report_splits(job), job.config.report_examples,
                        retrieve=job.config.cm3.retrieval.documents,
-                       memory_path=retrieval_paths(job).memory)
-    made += eval_shapes.REPORT_FILES + (reports.SAMPLING_DEFAULTS_FILE,)
+                       memory_path=job.retrieval.memory)
+    made += eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)
   print("\n".join(f"  {line}" for line in lines))
   return ", ".join(made)
 
@@ -337,7 +337,7 @@ def task_splits(job: Job) -> list[str]:
 
 
 def tasks_status(job: Job) -> tuple[str, str]:
-  where = data.tasks_dir(job.config, job.workdir)
+  where = tasks_dir(job.config, job.workdir)
   done = [s for s in task_splits(job) if os.path.exists(task_shards.manifest_path(where, s))]
   if done and not job.config.sft.tasks_dir:  # the pipeline's own
     tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
@@ -354,7 +354,7 @@ def tasks_status(job: Job) -> tuple[str, str]:
 def make_tasks(job: Job) -> str:
   c = job.config
   tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
-  where = data.tasks_dir(c, job.workdir)
+  where = tasks_dir(c, job.workdir)
   return "; ".join(tokenize_tasks.describe(tokenize_tasks.tokenize_split(
       tokenizer, c.sft.dataset, split, where, task_examples(job, split)))
       for split in task_splits(job))
@@ -373,7 +373,7 @@ def sft_report_status(job: Job) -> tuple[str, str]:
   tasks = eval_tasks.saved(job.workdir).get(f"{job.workdir}, validation", {})
   scored = eval_shapes.saved(job.workdir).get("validation", {})
   recorded = recorded_steps(job)
-  uses = [reports.text_to_image_use(0), *sft.TASKS]
+  uses = [defaults.text_to_image_use(0), *sft.TASKS]
   if (tasks.get("step") == step and scored.get("step") == step
       and all(recorded.get(use) == step for use in uses)):
     return COMPLETE, f"the reports of step {step}"
@@ -388,7 +388,7 @@ def make_sft_report(job: Job) -> str:
              if os.path.exists(code_shards.manifest_path(job.paths.codes_dir, s))]
   eval_shapes.report(job.workdir, encoded, job.config.report_examples)
   return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES
-                   + (reports.SAMPLING_DEFAULTS_FILE,))
+                   + (defaults.SAMPLING_DEFAULTS_FILE,))
 
 
 TEXT_TOKENIZER = Stage("text tokenizer", False, tokenizer_status, make_tokenizer)

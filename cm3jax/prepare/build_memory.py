@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cm3jax.config import ConfigError
-from cm3jax.core import provenance
+from cm3jax.core import files, provenance
 from cm3jax.data import code_shards
 from cm3jax.retrieval import memory, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -69,7 +69,7 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
               provenance.FINGERPRINT: provenance.fingerprint(settings), "records": count,
               "shards": shards, "skipped": dict(total)}
   if host == 0:
-    provenance.write_json(manifest_path, manifest)
+    files.write_json(manifest_path, manifest)
   return manifest
 
 

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import provenance
+from cm3jax.core import files, provenance
 from cm3jax.data import code_shards, sft, shapes_tasks, task_shards, tf_cpu
 from cm3jax.prepare import tokenize_images
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -107,20 +107,18 @@ def write_split(tokenizer: ImageTokenizer, made: Iterable[sft.Record], out: str,
   shards = 0
   stream = encoded(tokenizer, made, skipped)
   while chunk := list(itertools.islice(stream, shard_size)):
-    with tf.io.TFRecordWriter(task_shards.shard_path(out, split, shards) + ".tmp") as writer:
-      for record in chunk:
-        writer.write(task_shards.serialize(record))
-        tasks[record.task] += 1
+    with files.atomic_path(task_shards.shard_path(out, split, shards)) as tmp:
+      with tf.io.TFRecordWriter(tmp) as writer:
+        for record in chunk:
+          writer.write(task_shards.serialize(record))
+          tasks[record.task] += 1
     shards += 1
   if not shards:
     raise ConfigError(f"split {split} has no usable record (skipped: {dict(skipped) or 'none'})")
-  for i in range(shards):
-    path = task_shards.shard_path(out, split, i)
-    os.replace(path + ".tmp", path)
   summary = {"split": split, "records": sum(tasks.values()), "tasks": dict(sorted(tasks.items())),
              "shards": shards, **settings, provenance.FINGERPRINT: provenance.fingerprint(settings),
              "skipped": dict(skipped)}
-  provenance.write_json(manifest_path, summary)
+  files.write_json(manifest_path, summary)
   return summary
 
 

@@ -66,11 +66,3 @@ def _raw_sentences(source: str, data_dir: str) -> Iterator[bytes]:
 def num_pieces(model: bytes) -> int:
   import sentencepiece as spm
   return spm.SentencePieceProcessor(model_proto=model).get_piece_size()
-
-
-def write_atomically(path: str, content: bytes):
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(content)
-  os.replace(tmp, path)

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import provenance
+from cm3jax.core import files, provenance
 from cm3jax.data import code_shards, tf_cpu
 
 MANIFEST = "bank.json"
@@ -40,10 +40,9 @@ def write_shard(bank: str, shard: int, vectors_NxE: np.ndarray, ids_N: np.ndarra
                 skipped: dict[str, int]):
   """One shard, whole or not at all; `skipped` counts its records left out, by reason."""
   path = shard_path(bank, shard)
-  with open(path + ".tmp", "wb") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, vectors=vectors_NxE.astype(np.float16), ids=ids_N.astype(np.int64),
              skipped=np.array(json.dumps(skipped)))
-  os.replace(path + ".tmp", path)
 
 
 def shard_skipped(bank: str, shard: int) -> dict[str, int]:

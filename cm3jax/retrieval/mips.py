@@ -88,13 +88,13 @@ class ExactIndex:
     _check(self.bank_NxE, self.ids_N)
     N, E = self.bank_NxE.shape
     mesh = self.mesh or sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    devices = sharding.batch_devices(mesh)
     R = -(-min(self.block_rows, N) // devices) * devices
     B = -(-N // R)
     padded = np.zeros((B * R, E), self.bank_NxE.dtype)
     padded[:N] = self.bank_NxE
     valid = np.arange(B * R) < N
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+    rows = sharding.batch_sharding(mesh, axis=1)
     self._bank = jax.device_put(padded.reshape(B, R, E), rows)
     self._valid = jax.device_put(valid.reshape(B, R), rows)
     on_tpu = jax.default_backend() == "tpu"

@@ -25,7 +25,7 @@ import os
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import provenance
+from cm3jax.core import files
 
 REMEDY = ("run with the bank, VQGAN, codes and settings they were made with, or write to a new "
           "--out")
@@ -82,9 +82,8 @@ def settings_path(directory: str, split: str) -> str:
 def write_shard(directory: str, split: str, shard: int, keys_N: np.ndarray, ids_NxM: np.ndarray):
   """One shard, whole or not at all."""
   path = shard_path(directory, split, shard)
-  with open(path + ".tmp", "wb") as f:
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
     np.savez(f, keys=keys_N, ids=ids_NxM.astype(np.int64))
-  os.replace(path + ".tmp", path)
 
 
 def done_shards(directory: str, split: str) -> set[int]:
@@ -94,7 +93,7 @@ def done_shards(directory: str, split: str) -> set[int]:
 
 
 def finish(directory: str, split: str, info: dict):
-  provenance.write_json(manifest_path(directory, split), info)
+  files.write_json(manifest_path(directory, split), info)
 
 
 def read_manifest(directory: str, split: str) -> dict:

@@ -58,7 +58,7 @@ RERANKERS = ("model", "retriever")
 @dataclasses.dataclass(frozen=True)
 class Setting:
   """How images are drawn: guidance, the warpers and best-of-N reranking. The reports score
-  settings and record a run's best (`reports.sampling_defaults`); `cm3jax.sample` draws with it."""
+  settings and record a run's best (`defaults.sampling_defaults`); `cm3jax.sample` draws with it."""
   guidance: float = 1.0  # alpha_c, or s_txt of instruct guidance; 1: none
   sampling: dict = dataclasses.field(default_factory=dict)  # SamplingConfig fields
   candidates: int = 1  # > 1: the best of these by `rerank_by`
@@ -188,7 +188,7 @@ class Sampler:
     vocab.check_fits(model_cfg.vocab_size)
     self.vocab = vocab
     self.mesh = mesh or default_mesh()
-    self.batch_devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_devices = sharding.batch_devices(self.mesh)
     self.trained_cfg = model_cfg
     self.shardings = sharding.shardings_of(abstract_params(model_cfg, self.mesh))
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat_policy="none")
@@ -521,8 +521,7 @@ def infill_image(sampler: Sampler, caption: str, codes: np.ndarray, start: int, 
     raise ConfigError(f"the region [{start}, {end}) is not inside the {len(codes)} codes")
   vocab = sampler.vocab
   s0 = vocab.sentinel(0)
-  prompt = np.concatenate([vocab.encode_document([caption]), [vocab.break_id],
-                           vocab.image_tokens(codes[:start]), [s0],
+  prompt = np.concatenate([image_prompt(vocab, caption), vocab.image_tokens(codes[:start]), [s0],
                            vocab.image_tokens(codes[end:]), [s0]]).astype(np.int32)
   tokens = sampler.generate([Request(prompt, key)], end - start, "image", sampling)[0]
   return np.concatenate([codes[:start], vocab.image_codes(tokens), codes[end:]])

@@ -18,7 +18,7 @@ objective masks spans, `<sentinel:i>` for the i-th masked segment:
 
 The scales default to 1 (no guidance): the paper's ruin the tiny model's images on every task
 (benchmarks/RESULTS.md, "Instruction tuning"). `cm3jax.sample` decodes with the run's best
-measured setting (`reports.sampling_defaults`).
+measured setting (`defaults.sampling_defaults`).
 """
 
 from typing import Sequence, Union

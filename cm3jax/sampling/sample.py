@@ -9,10 +9,10 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cm3jax import data
 from cm3jax.config import ConfigError
+from cm3jax.core.paths import input_paths
 from cm3jax.data import code_shards
-from cm3jax.eval import reports
+from cm3jax.sampling import defaults
 from cm3jax.prepare import tokenize_images
 from cm3jax.sampling import engine, instruct
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -74,7 +74,7 @@ class Watch:
     made (saying why): it needs the cm3 data, its VQGAN and a single host."""
     if not config.eval_samples or config.data != "cm3":
       return None
-    paths = data.input_paths(config.cm3, workdir)
+    paths = input_paths(config.cm3, workdir)
     if jax.process_count() > 1 or tokenizer_progress(paths.vqgan_workdir) is None:
       print(f"eval_samples={config.eval_samples}: off, since it needs one host and a VQGAN in "
             f"{paths.vqgan_workdir}")
@@ -136,7 +136,7 @@ def parse_objects(text: str) -> list[tuple[str, list[int]]]:
 
 def setting_flags(use: str) -> tuple[str, ...]:
   """The flags that set fields of the setting `use` draws with (a --task of DRAWN_TASKS, or a
-  `reports.text_to_image_use`)."""
+  `defaults.text_to_image_use`)."""
   guidance = {"edit": ("s_img", "s_txt"), "image2seg": ()}.get(use, ("cfg",))
   best_of = ("rerank", "rerank_by", "uncond_retrieved") if use.startswith("text_to_image") else ()
   return guidance + SAMPLING_FLAGS + best_of
@@ -150,9 +150,9 @@ def sampling_config(FLAGS, base: engine.SamplingConfig) -> engine.SamplingConfig
 
 def chosen_setting(FLAGS, use: str) -> tuple[engine.Setting, str]:
   """The setting `use` draws with: each field from its flag where one is given, else from the
-  run's best measured setting of `use` (`reports.sampling_defaults`), else from UNMEASURED; and
+  run's best measured setting of `use` (`defaults.sampling_defaults`), else from UNMEASURED; and
   a line saying which setting it is and where it came from."""
-  measured = reports.sampling_defaults(FLAGS.workdir).get(use)
+  measured = defaults.sampling_defaults(FLAGS.workdir).get(use)
   base = measured.setting if measured else UNMEASURED
   given = [n for n in setting_flags(use) if getattr(FLAGS, n) is not None]
   asks_for_draws = (FLAGS.rerank or 1) > 1 or {"temperature", "top_k", "top_p"} & set(given)
@@ -168,7 +168,7 @@ def chosen_setting(FLAGS, use: str) -> tuple[engine.Setting, str]:
       image_guidance=flag("s_img", base.image_guidance), candidates=flag("rerank", base.candidates),
       rerank_by=flag("rerank_by", rerank_by),
       uncond_retrieved=flag("uncond_retrieved", base.uncond_retrieved))
-  path = os.path.join(FLAGS.workdir, reports.SAMPLING_DEFAULTS_FILE)
+  path = os.path.join(FLAGS.workdir, defaults.SAMPLING_DEFAULTS_FILE)
   origin = (f"the best measured, {measured.describe()}, recorded in {path}" if measured else
             f"{path} records no measured setting of {use}: greedy without guidance")
   overridden = f"; {' '.join('--' + n for n in given)} as given" if given else ""
@@ -190,7 +190,7 @@ def describe(setting: engine.Setting, use: str) -> str:
     parts.append(f"--cfg={setting.guidance:g}")
   if "rerank" in names and setting.candidates > 1:
     parts += [f"--rerank={setting.candidates}", f"--rerank_by={setting.rerank_by}"]
-  if use != reports.text_to_image_use(0) and "uncond_retrieved" in names:
+  if use != defaults.text_to_image_use(0) and "uncond_retrieved" in names:
     parts.append("--uncond_retrieved" if setting.uncond_retrieved else "--nouncond_retrieved")
   return " ".join(parts)
 

@@ -22,8 +22,9 @@ GUARD_SUFFIX = ".guard"  # LOCK_NAME + GUARD_SUFFIX: the file whose flock a lock
 LOCK_GRACE_S = 10  # a lock file still empty after this long was left by a process that died
 
 
-class NonFinite(ConfigError):
-  """A non-finite loss or gradient norm; no checkpoint of that state was written."""
+class NonFinite(FloatingPointError):
+  """A non-finite loss or gradient norm (a diverging run, not a bad config); no checkpoint of that
+  state was written."""
 
 
 class Preempted(Exception):

@@ -16,6 +16,7 @@ from cm3jax import data
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint, hardware, sharding
 from cm3jax.core import model as model_lib
+from cm3jax.core.paths import input_paths
 from cm3jax.sampling import sample
 from cm3jax.training import faults
 from cm3jax.training.progress import Cadence, Progress, Window
@@ -71,7 +72,7 @@ def with_base_inputs(config):
                       "first (python -m cm3jax.pipeline --config=configs/tiny.py "
                       f"--workdir={base})")
   saved = checkpoint.saved_config(base, step)
-  paths = data.input_paths(saved["cm3"], base)
+  paths = input_paths(saved["cm3"], base)
   config = config.copy_and_resolve_references()
   for field, path in zip(("vqgan_workdir", "codes_dir", "tokenizer"), paths):
     if not config.cm3[field]:

@@ -17,7 +17,7 @@ import optax
 
 from cm3jax import data
 from cm3jax.config import ConfigError
-from cm3jax.core import checkpoint, sharding
+from cm3jax.core import checkpoint, files, sharding
 from cm3jax.data import shapes
 from cm3jax.prepare import train_tokenizer
 from cm3jax.retrieval import clip, retriever
@@ -93,7 +93,7 @@ class Setup:
 def setup(config, vocab_size: int) -> Setup:
   cfg = clip_config(config, vocab_size)
   mesh = sharding.make_mesh(config.mesh)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_devices = sharding.batch_devices(mesh)
   if config.batch_size % batch_devices:
     raise ConfigError(f"batch_size={config.batch_size} does not divide over the "
                       f"{batch_devices} batch devices of the mesh")
@@ -123,8 +123,8 @@ def setup(config, vocab_size: int) -> Setup:
 
   abstract_state = sharding.sharded_shapes(init_state, mesh, jax.random.PRNGKey(0))
   state_sharding = sharding.shardings_of(abstract_state)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  replicated = sharding.replicated(mesh)
+  rows = sharding.batch_sharding(mesh)
   return Setup(
       cfg=cfg, mesh=mesh, abstract_state=abstract_state, batch_sharding=rows,
       init_state=jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_sharding),
@@ -146,7 +146,7 @@ def tokenizer(config, workdir: str, captions) -> bytes:
     model = train_tokenizer.train((c.decode("utf-8") for c in captions), config.text_vocab_size)
   if source != path or not os.path.exists(path):
     if jax.process_index() == 0:
-      train_tokenizer.write_atomically(path, model)
+      files.write_atomic(path, model)
   return model
 
 

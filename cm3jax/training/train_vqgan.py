@@ -58,7 +58,7 @@ def setup(config) -> Setup:
   check_ranges(config)
   cfg = VQGANConfig.from_dict(config.vqgan.to_dict())
   mesh = sharding.make_mesh(config.mesh)
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_devices = sharding.batch_devices(mesh)
   if config.batch_size % batch_devices:
     raise ConfigError(f"batch_size={config.batch_size} does not divide over the "
                       f"{batch_devices} batch devices of the mesh")
@@ -138,9 +138,8 @@ def setup(config) -> Setup:
 
   abstract_state = sharding.sharded_shapes(init_state, mesh, jax.random.PRNGKey(0))  # replicated
   state_sharding = sharding.shardings_of(abstract_state)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  images_sharding = jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  replicated = sharding.replicated(mesh)
+  images_sharding = sharding.batch_sharding(mesh)
   step_fns = {use_gan: jax.jit(functools.partial(train_step, use_gan=use_gan),
                                in_shardings=(state_sharding, images_sharding),
                                out_shardings=(state_sharding, replicated), donate_argnums=0)

@@ -115,7 +115,7 @@ def setup(config, devices=None) -> Setup:
     _, sums = loss_and_grads(params, batch)
     return sums
 
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = sharding.replicated(mesh)
   batch_sharding = sharding.batch_sharding(mesh)
   return Setup(
       model_cfg=model_cfg, mesh=mesh, abstract_state=abstract_state, batch_sharding=batch_sharding,
@@ -163,7 +163,7 @@ def _check_run(config, model_cfg, mesh):
     raise ConfigError(f"global_batch_size={config.global_batch_size} does not divide into "
                       f"grad_accum_steps={config.grad_accum_steps} microbatches")
   rows = config.global_batch_size // config.grad_accum_steps
-  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  batch_devices = sharding.batch_devices(mesh)
   if rows % batch_devices:
     raise ConfigError(f"a microbatch of {rows} rows (global_batch_size / grad_accum_steps) does "
                       f"not divide over the data x fsdp = {batch_devices} devices of the mesh")

@@ -255,6 +255,14 @@ class VQGAN(nn.Module):
     return self.decoder(self.post_quant_conv(zq))
 
 
+def abstract_params(cfg: VQGANConfig):
+  """The ShapeDtypeStructs of a VQGAN's parameters (nothing is computed)."""
+  size = cfg.resolution
+  shapes = jax.eval_shape(lambda: VQGAN(cfg).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, cfg.in_channels))))
+  return shapes["params"]
+
+
 def images_to_model_input(images, resolution: int) -> np.ndarray:
   """uint8 [B,] H, W[, C] images (or floats already in [-1, 1]) -> float32 [B, H, W, 3] in [-1, 1].
 

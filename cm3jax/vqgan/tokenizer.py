@@ -1,7 +1,6 @@
 """The image tokenizer of a train_vqgan workdir, for host-side use: uint8 images <-> codes."""
 
 import functools
-import os
 from typing import Optional
 
 import jax
@@ -9,32 +8,28 @@ import numpy as np
 
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint, provenance, sharding
-from cm3jax.vqgan.model import VQGAN, VQGANConfig, images_to_model_input, model_output_to_images
+from cm3jax.vqgan.model import (VQGAN, VQGANConfig, abstract_params, images_to_model_input,
+                                model_output_to_images)
 
 
 def progress(vqgan_workdir: str) -> Optional[tuple[int, int]]:
   """(step of the newest VQGAN checkpoint, num_train_steps of its run), or None."""
-  import orbax.checkpoint as ocp
-  if not os.path.isdir(checkpoint.directory(vqgan_workdir)):
+  step = checkpoint.newest_step(vqgan_workdir)
+  if step is None:
     return None
-  with ocp.CheckpointManager(checkpoint.directory(vqgan_workdir),
-                             item_names=("state", "config")) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return step, config["config"]["num_train_steps"]
+  return step, checkpoint.saved_config(vqgan_workdir, step)["num_train_steps"]
 
 
 class ImageTokenizer:
   """A trained VQGAN, jitted over this process's devices, with checked inputs."""
 
   def __init__(self, cfg: VQGANConfig, params, step: int = 0):
-    self.cfg, self.params, self.step = cfg, params, step
+    self.cfg, self.step = cfg, step
     # This process's devices: on several hosts the codes stage runs on process 0 alone.
     mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1}, jax.local_devices())
+    self.params = jax.device_put(params, sharding.replicated(mesh))
     self.devices = mesh.size
-    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = sharding.batch_sharding(mesh)
     self._batch = batch  # inputs are placed explicitly: under a training run's mesh a plain
     # array would be replicated on that mesh, which these jits refuse
     model = VQGAN(cfg)
@@ -46,20 +41,17 @@ class ImageTokenizer:
   @classmethod
   def load(cls, vqgan_workdir: str) -> "ImageTokenizer":
     """The latest checkpoint of `python -m cm3jax.train_vqgan --workdir=vqgan_workdir`."""
-    import orbax.checkpoint as ocp
-    saved = progress(vqgan_workdir)
-    if saved is None:
+    step = checkpoint.newest_step(vqgan_workdir)
+    if step is None:
       raise ConfigError(f"no VQGAN checkpoints in {vqgan_workdir}: train one with "
                         "python -m cm3jax.train_vqgan")
-    step = saved[0]
-    with ocp.CheckpointManager(checkpoint.directory(vqgan_workdir),
-                               item_names=("state", "config")) as manager:
-      config = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-      state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))
-    if "vqgan" not in config["config"]:
+    config = checkpoint.saved_config(vqgan_workdir, step)
+    if "vqgan" not in config:
       raise ConfigError(f"{vqgan_workdir} is not a cm3jax.train_vqgan workdir (its checkpoints "
                         "hold another model)")
-    return cls(VQGANConfig.from_dict(config["config"]["vqgan"]), state["state"]["params"], step)
+    cfg = VQGANConfig.from_dict(config["vqgan"])
+    return cls(cfg, checkpoint.restore_params(vqgan_workdir, step, abstract_params(cfg), host=True),
+               step)
 
   @functools.cached_property
   def fingerprint(self) -> str:

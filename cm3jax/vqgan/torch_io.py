@@ -9,8 +9,6 @@ Needs only numpy and safetensors; torch only for `.ckpt` / `.pt` files.
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import flax
@@ -19,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.vqgan.model import VQGAN, VQGANConfig, _l2_normalize
+from cm3jax.core import files
+from cm3jax.vqgan.model import VQGANConfig, _l2_normalize, abstract_params
 
 # Training checkpoints also hold the discriminator and perceptual-loss weights under `loss.`.
 IGNORED_PREFIXES = ("loss.",)
@@ -57,13 +56,6 @@ def _to_flax(tensor: np.ndarray) -> np.ndarray:
 
 def _to_torch(tensor: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(tensor.transpose(3, 2, 0, 1)) if tensor.ndim == 4 else tensor
-
-
-def abstract_params(cfg: VQGANConfig):
-  size = cfg.resolution
-  shapes = jax.eval_shape(lambda: VQGAN(cfg).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, cfg.in_channels))))
-  return shapes["params"]
 
 
 def state_dict_to_params(state_dict: dict[str, np.ndarray], cfg: VQGANConfig) -> dict:
@@ -141,18 +133,10 @@ def export_torch_vqgan(params, cfg: VQGANConfig, directory: str):
   An l2-normalised codebook is written normalised: taming's plain lookup then decodes the same
   pixels, and its argmin over unit-norm codes picks the same codes."""
   from safetensors.numpy import save_file
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(dir=parent, prefix=".vqgan-export-")
   if cfg.l2_normalized_codes:
     codebook = _l2_normalize(jnp.asarray(params["quantize"]["embedding"]))
     params = flax.core.copy(params, {"quantize": {"embedding": codebook}})
-  try:
+  with files.staged_directory(directory, ".vqgan-export-", overwrite=True) as staging:
     save_file(params_to_state_dict(params), os.path.join(staging, "model.safetensors"))
     with open(os.path.join(staging, "config.json"), "w") as f:
       json.dump(taming_config(cfg), f, indent=1)
-    if os.path.exists(directory):
-      shutil.rmtree(directory)
-    os.rename(staging, directory)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)

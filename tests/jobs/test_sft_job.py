@@ -8,6 +8,7 @@ import json
 import pytest
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.prepare import train_tokenizer
 from cm3jax.training import train
 from tests.helpers import assert_one_line_error, load_config, override, run_module
@@ -22,7 +23,7 @@ def base(small_codes, vqgan_workdir, tmp_path_factory):
   """A tiny.py run of 6 steps on shapes/small's codes: the pretrained model."""
   workdir = tmp_path_factory.mktemp("base")
   tokenizer = str(workdir / "tokenizer.model")
-  train_tokenizer.write_atomically(tokenizer, train_tokenizer.train(
+  files.write_atomic(tokenizer, train_tokenizer.train(
       train_tokenizer.read_sentences(small_codes, collections.Counter()), 320))
   config = override(load_config("tiny.py").get_config(), {
       **SMALL, "num_train_steps": 6, "cm3.codes_dir": small_codes, "cm3.tokenizer": tokenizer,

@@ -190,3 +190,37 @@ def test_the_pipeline_trains_a_vqgan_on_shapes_only(tmp_path):
   assert_one_line_error(
       run_module("cm3jax.pipeline", "--config=configs/350m.py", f"--workdir={tmp_path}"),
       "cm3jax.pipeline", "the pipeline makes the inputs of data='cm3'")
+
+
+def test_the_library_api_draws_and_captions_with_the_measured_setting(main_job):
+  import jax
+  import numpy as np
+
+  import cm3jax
+  from cm3jax.sampling import defaults, engine
+  workdir, _ = main_job
+  run = cm3jax.load(str(workdir))
+  measured, chosen = defaults.sampling_defaults(str(workdir))["text_to_image"].setting, run.setting()
+  assert (chosen.config, chosen.guidance, chosen.candidates, chosen.rerank_by) == (
+      measured.config, measured.guidance, measured.candidates, measured.rerank_by)
+  assert run.setting(guidance=3.0).guidance == 3.0 and run.setting(top_p=0.5).config.top_p == 0.5
+  assert run.setting(rerank=1).candidates == 1
+  captions = ["a red circle above a blue square", "a small green triangle at the top"]
+  images = run.text_to_image(captions, num_images=2, guidance=2.0, rerank=1, seed=3)
+  resolution = run.vqgan.cfg.resolution
+  assert images.dtype == np.uint8 and images.shape == (2, 2, resolution, resolution, 3)
+  setting = run.setting(guidance=2.0, rerank=1)
+  codes = engine.text_to_image_reranked(
+      run.sampler, [captions[0], captions[0], captions[1], captions[1]], 1,
+      run.vqgan.cfg.tokens_per_image, jax.random.PRNGKey(3), 2.0, setting.config)
+  np.testing.assert_array_equal(images.reshape(4, resolution, resolution, 3),
+                                run.vqgan.decode(codes))
+  assert run.caption(images[0]) == engine.caption_images(
+      run.sampler, run.vqgan.encode(images[0]), jax.random.PRNGKey(0))
+  assert all(isinstance(t, str) for t in run.continue_text(["a red"]))
+  for bad in ([], "a red circle", [1]):
+    with pytest.raises(cm3jax.RequestError, match="captions must be a non-empty list"):
+      run.text_to_image(bad)
+  for bad in (images[0].astype(np.float32), images[0, 0, 0], images[:0, 0]):
+    with pytest.raises(ValueError, match="images must be uint8"):
+      run.caption(bad)

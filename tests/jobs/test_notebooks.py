@@ -8,10 +8,10 @@ import pytest
 
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow
 NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, "notebooks", "*.ipynb")))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs(path, tmp_path, monkeypatch, capsys):
   cells = [c for c in json.load(open(path))["cells"] if c["cell_type"] == "code"]
