@@ -41,13 +41,16 @@ class Cadence:
 
 class Window:
   """The device metrics of the steps since the last log line, by step, and the seconds they took
-  (evaluations excluded: `restart` after one)."""
+  (an evaluation's left out: `discount` them)."""
 
   def __init__(self):
     self.restart()
 
   def restart(self):
     self.pending, self.start, self._host = [], time.perf_counter(), None
+
+  def discount(self, seconds: float):
+    self.start += seconds
 
   def add(self, step: int, metrics: dict):
     self.pending.append((step, metrics))

@@ -18,8 +18,7 @@ from cm3jax.core import checkpoint, hardware, sharding
 from cm3jax.core import model as model_lib
 from cm3jax.core.paths import input_paths
 from cm3jax.sampling import sample
-from cm3jax.training import faults
-from cm3jax.training.progress import Cadence, Progress, Window
+from cm3jax.training import loop
 from cm3jax.training.trainer import Setup, device_batch, setup
 
 FINITE_METRICS = ("loss", "grad_norm")  # a step where either is not finite stops the run
@@ -55,8 +54,7 @@ def _restored_position(positions: Optional[list]) -> Optional[list[int]]:
 def train(config, workdir: str) -> list[dict[str, float]]:
   """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics.
   Raises NonFinite at a non-finite step and Preempted after saving on SIGTERM."""
-  workdir = checkpoint.prepare_workdir(workdir)
-  with faults.workdir_lock(workdir, "cm3jax.train"):
+  with loop.workdir_held(workdir, "cm3jax.train") as workdir:
     return _train(with_base_inputs(config), workdir)
 
 
@@ -137,53 +135,41 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     tokens_per_step = config.global_batch_size * config.seq_len
     flops_per_step = model_lib.train_flops_per_token(s.model_cfg, config.seq_len) * tokens_per_step
     peak = config.peak_tflops_per_device or hardware.peak_tflops(devices[0].device_kind)
-    progress = Progress(workdir, config.num_train_steps, start, chief)
-    cadence, window = Cadence.of(config), Window()
     watch = sample.Watch.of_run(config, workdir, s.model_cfg, state.params,
                                 source.vocab) if chief else None
-    with faults.Preemption() as preemption:
-      for step in range(start, config.num_train_steps):
-        state, metrics = train_step(state, batch)
-        host_batch = next(train_batches)  # made while the device runs the step
-        batch = device_batch(host_batch, s.batch_sharding)
-        done = step + 1
-        window.add(done, metrics)
-        progress.step()
-        preempted = preemption.requested(done)
-        save = cadence.checkpoints(done) or preempted
-        if cadence.logs(done) or cadence.evaluates(done) or save:
-          faults.check_finite(window.host(), FINITE_METRICS, config.skip_nonfinite_steps)
-        if cadence.logs(done):
-          means, steps, seconds = window.take()
-          tflops = steps * flops_per_step / seconds / 1e12 / len(devices)
-          with np.errstate(over="ignore"):  # a diverging loss has an infinite perplexity
-            perplexity = float(np.exp(means["loss"]))
-          summary = {"loss": means["loss"], "perplexity": perplexity, **means,
-                     "tokens_per_s": steps * tokens_per_step / seconds,
-                     "tflops_per_device": tflops}
-          if peak:
-            summary["mfu"] = tflops / peak
-          if steps != config.log_every:  # after a resume, or at the last step
-            summary["window_steps"] = steps
-          progress.log(done, "train", summary)
-        if cadence.evaluates(done):
-          progress.log(done, "eval", evaluate(s, source, state.params, config, seed))
-          if watch:
-            watch.log(progress, done, state.params)
-          window.restart()
-        if save:
-          ckpts.save(done, state, _data_positions(host_batch))
-        if preempted:
-          ckpts.wait()
-          progress.close()
-          raise faults.Preempted(done, ckpts.directory)
-    progress.close()
-    ckpts.wait()
+
+    def train_step_and_next_batch(state, step):
+      nonlocal host_batch, batch
+      state, metrics = train_step(state, batch)
+      host_batch = next(train_batches)  # made while the device runs the step
+      batch = device_batch(host_batch, s.batch_sharding)
+      return state, metrics
+
+    def summarize(means, steps, seconds):
+      tflops = steps * flops_per_step / seconds / 1e12 / len(devices)
+      with np.errstate(over="ignore"):  # a diverging loss has an infinite perplexity
+        perplexity = float(np.exp(means["loss"]))
+      summary = {"loss": means["loss"], "perplexity": perplexity, **means,
+                 "tokens_per_s": steps * tokens_per_step / seconds, "tflops_per_device": tflops}
+      if peak:
+        summary["mfu"] = tflops / peak
+      return summary
+
+    def evaluate_and_watch(state, done, progress):
+      summary = evaluate(s, source, state.params, config, seed)
+      if watch:
+        watch.log(progress, done, state.params)
+      return summary
+
+    history = loop.run(loop.Trainer(
+        train_step=train_step_and_next_batch, summarize=summarize, evaluate=evaluate_and_watch,
+        finite_metrics=FINITE_METRICS, skip_limit=config.skip_nonfinite_steps,
+        data_positions=lambda: _data_positions(host_batch)), state, config, workdir, ckpts)
     skipped = source.skipped()
     if skipped:
       say("data: skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     say(f"done: step {config.num_train_steps}, checkpoint in {ckpts.directory}")
-  return progress.history
+  return history
 
 
 def evaluate(s: Setup, source: data.Source, params, config, seed) -> dict[str, float]:

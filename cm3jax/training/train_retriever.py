@@ -21,8 +21,7 @@ from cm3jax.core import checkpoint, files, sharding
 from cm3jax.data import shapes
 from cm3jax.prepare import train_tokenizer
 from cm3jax.retrieval import clip, retriever
-from cm3jax.training import faults
-from cm3jax.training.progress import Cadence, Progress, Window
+from cm3jax.training import loop
 
 ARCHITECTURE = tuple(f.name for f in dataclasses.fields(clip.ClipConfig) if f.name != "dtype")
 RECALL_AT = (1, 5)
@@ -154,8 +153,7 @@ def train(config, workdir: str) -> list[dict[str, float]]:
   """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics."""
   if "clip" not in config:
     raise ConfigError("this config has no clip section: train_retriever takes configs/clip_*.py")
-  workdir = checkpoint.prepare_workdir(workdir)
-  with faults.workdir_lock(workdir, "cm3jax.train_retriever"):
+  with loop.workdir_held(workdir, "cm3jax.train_retriever") as workdir:
     return _train(config, workdir)
 
 
@@ -172,7 +170,7 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   with saved_config.unlocked():
     saved_config.clip = ml_collections.ConfigDict(s.cfg.to_dict())
   ckpts = checkpoint.Checkpoints(workdir, saved_config, {"clip": dict.fromkeys(ARCHITECTURE)})
-  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts), faults.Preemption() as preemption:
+  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     restored = ckpts.restore(s.abstract_state)
     resumed = restored is not None
     state = restored[0] if resumed else s.init_state(jax.random.PRNGKey(config.seed))
@@ -183,35 +181,19 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
             f"text vocabulary {tokenize.vocab_size}; "
             + (f"resumed from step {start}" if resumed else "new run") + f"; workdir {workdir}",
             flush=True)
-    progress = Progress(workdir, config.num_train_steps, start, chief)
-    cadence, window = Cadence.of(config), Window()
-    for step in range(start, config.num_train_steps):
+
+    def train_step(state, step):
       rows = data.batch_indices(config.seed, step, config.batch_size, len(texts))
-      state, metrics = s.train_step(state, jax.device_put(pixels_NxSxSx3[rows], s.batch_sharding),
-                                    jax.device_put(tokens_NxC[rows], s.batch_sharding))
-      done = step + 1
-      window.add(done, metrics)
-      progress.step()
-      preempted = preemption.requested(done)
-      save = cadence.checkpoints(done) or preempted
-      if cadence.logs(done) or cadence.evaluates(done) or save:
-        faults.check_finite(window.host(), FINITE_METRICS)
-      if cadence.logs(done):
-        summary, steps, seconds = window.take()
-        summary["pairs_per_s"] = steps * config.batch_size / seconds
-        if steps != config.log_every:
-          summary["window_steps"] = steps
-        progress.log(done, "train", summary)
-      if cadence.evaluates(done):
-        r = retriever.Retriever(s.cfg, jax.device_get(state.params), tokenize, "this run")
-        progress.log(done, "eval", evaluate(r, eval_split, config.batch_size))
-        window.restart()
-      if save:
-        ckpts.save(done, state)
-      if preempted:
-        ckpts.wait()
-        progress.close()
-        raise faults.Preempted(done, ckpts.directory)
-    progress.close()
-    ckpts.wait()
-  return progress.history
+      return s.train_step(state, jax.device_put(pixels_NxSxSx3[rows], s.batch_sharding),
+                          jax.device_put(tokens_NxC[rows], s.batch_sharding))
+
+    def summarize(means, steps, seconds):
+      return {**means, "pairs_per_s": steps * config.batch_size / seconds}
+
+    def evaluate_recall(state, done, progress):
+      r = retriever.Retriever(s.cfg, jax.device_get(state.params), tokenize, "this run")
+      return evaluate(r, eval_split, config.batch_size)
+
+    return loop.run(loop.Trainer(train_step=train_step, summarize=summarize,
+                                 evaluate=evaluate_recall, finite_metrics=FINITE_METRICS),
+                    state, config, workdir, ckpts)

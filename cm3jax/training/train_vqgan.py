@@ -16,8 +16,7 @@ import optax
 from cm3jax import data
 from cm3jax.config import ConfigError, check_ranges
 from cm3jax.core import checkpoint, sharding
-from cm3jax.training import faults
-from cm3jax.training.progress import Cadence, Progress, Window
+from cm3jax.training import loop
 from cm3jax.vqgan import losses
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, model_output_to_images
 
@@ -201,8 +200,7 @@ FINITE_METRICS = ("recon_loss", "vq_loss")  # a step where either is not finite 
 def train(config, workdir: str) -> list[dict[str, float]]:
   """Trains to config.num_train_steps, resuming from `workdir`; returns the logged metrics.
   Raises NonFinite at a non-finite step and Preempted after saving on SIGTERM."""
-  workdir = checkpoint.prepare_workdir(workdir)
-  with faults.workdir_lock(workdir, "cm3jax.train_vqgan"):
+  with loop.workdir_held(workdir, "cm3jax.train_vqgan") as workdir:
     return _train(config, workdir)
 
 
@@ -212,7 +210,7 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   ckpts = checkpoint.Checkpoints(workdir, config, {"vqgan": dict.fromkeys(ARCHITECTURE)})
   train_images = load_images(config, config.train_split)
   eval_images = load_images(config, "validation")[:config.eval_images]
-  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts), faults.Preemption() as preemption:
+  with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     restored = ckpts.restore(s.abstract_state)
     resumed = restored is not None
     state = restored[0] if resumed else s.init_state(jax.random.PRNGKey(config.seed))
@@ -223,36 +221,20 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
             f"{s.cfg.tokens_per_image} codes of {s.cfg.n_embed} per image; "
             + (f"resumed from step {start}" if resumed else "new run") + f"; workdir {workdir}",
             flush=True)
-    progress = Progress(workdir, config.num_train_steps, start, chief)
-    cadence, window = Cadence.of(config), Window()
-    for step in range(start, config.num_train_steps):
+
+    def train_step(state, step):
       rows = data.batch_indices(config.seed, step, config.batch_size, len(train_images))
       images = jnp.asarray(train_images[rows], jnp.float32) / 127.5 - 1.0
-      state, metrics = s.train_step(state, jax.device_put(images, s.batch_sharding), step)
-      done = step + 1
-      window.add(done, metrics)
-      progress.step()
-      preempted = preemption.requested(done)
-      save = cadence.checkpoints(done) or preempted
-      if cadence.logs(done) or cadence.evaluates(done) or save:
-        faults.check_finite(window.host(), FINITE_METRICS)
-      if cadence.logs(done):
-        summary, steps, seconds = window.take()
-        summary["images_per_s"] = steps * config.batch_size / seconds
-        if steps != config.log_every:  # after a resume, or at the last step
-          summary["window_steps"] = steps
-        progress.log(done, "train", summary)
-      if cadence.evaluates(done):
-        eval_summary, grid = evaluate(s, state.params, eval_images, config.batch_size)
-        progress.log(done, "eval", eval_summary)
-        progress.image(done, "eval/reconstructions", grid)
-        window.restart()
-      if save:
-        ckpts.save(done, state)
-      if preempted:
-        ckpts.wait()
-        progress.close()
-        raise faults.Preempted(done, ckpts.directory)
-    progress.close()
-    ckpts.wait()
-  return progress.history
+      return s.train_step(state, jax.device_put(images, s.batch_sharding), step)
+
+    def summarize(means, steps, seconds):
+      return {**means, "images_per_s": steps * config.batch_size / seconds}
+
+    def evaluate_and_show(state, done, progress):
+      summary, grid = evaluate(s, state.params, eval_images, config.batch_size)
+      progress.image(done, "eval/reconstructions", grid)
+      return summary
+
+    return loop.run(loop.Trainer(train_step=train_step, summarize=summarize,
+                                 evaluate=evaluate_and_show, finite_metrics=FINITE_METRICS),
+                    state, config, workdir, ckpts)
