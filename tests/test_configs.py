@@ -76,5 +76,5 @@ def test_clip_config_docstring_gives_command_and_true_size():
   cfg = train_retriever.clip_config(config, config.text_vocab_size + 1)  # + end of text
   shapes = jax.eval_shape(lambda: clip.init_params(cfg, jax.random.PRNGKey(0)))
   value = re.search(r"Expected: ([\d.]+)M parameters", module.__doc__).group(1)
-  assert f"{clip.num_params(flax.linen.unbox(shapes)) / 1e6:.2f}" == value
+  assert f"{model_lib.num_params(flax.linen.unbox(shapes)) / 1e6:.2f}" == value
   assert cfg.image_size == 32 and cfg.eot_id == cfg.vocab_size - 1

@@ -18,7 +18,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cm3jax.config import ConfigError, dataclass_from_dict
 
@@ -278,7 +277,3 @@ def contrastive_loss(image_BxE: jax.Array, text_BxE: jax.Array, temperature: jax
   accuracy = 0.5 * (jnp.mean(jnp.argmax(logits_BxB, 1) == labels_B)
                     + jnp.mean(jnp.argmax(logits_BxB, 0) == labels_B))
   return loss, accuracy
-
-
-def num_params(params) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

@@ -22,6 +22,20 @@ def workdir_held(workdir: Optional[str], command: str) -> Iterator[str]:
     yield workdir
 
 
+def restored_or_new(ckpts: checkpoint.Checkpoints, abstract_state, init_state: Callable, seed: int,
+                    command: str, what: str, workdir: str):
+  """The newest checkpoint's state, else `init_state(PRNGKey(seed))`; says which, after the
+  devices and `what` is trained (the chief's first line)."""
+  restored = ckpts.restore(abstract_state)
+  state = restored[0] if restored else init_state(jax.random.PRNGKey(seed))
+  if jax.process_index() == 0:
+    devices = jax.devices()
+    print(f"{command}: {len(devices)} x {devices[0].device_kind}; {what}; "
+          + (f"resumed from step {int(state.step)}" if restored else "new run")
+          + f"; workdir {workdir}", flush=True)
+  return state
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainer:
   """What one trainer gives the loop.

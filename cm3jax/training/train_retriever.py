@@ -18,6 +18,7 @@ import optax
 from cm3jax import data
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint, files, sharding
+from cm3jax.core import model as model_lib
 from cm3jax.data import shapes
 from cm3jax.prepare import train_tokenizer
 from cm3jax.retrieval import clip, retriever
@@ -162,7 +163,6 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   eval_split = {k: v[:config.eval_examples] for k, v in load_split(config, "validation").items()}
   tokenize = retriever.SentencePieceText(tokenizer(config, workdir, train_split["caption"]))
   s = setup(config, tokenize.vocab_size)
-  chief = jax.process_index() == 0
   texts = [c.decode("utf-8") for c in train_split["caption"]]
   tokens_NxC = tokenize(texts, s.cfg.context_length)
   pixels_NxSxSx3 = np.asarray(clip.normalize_pixels(s.cfg, train_split["image"]))
@@ -171,16 +171,10 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     saved_config.clip = ml_collections.ConfigDict(s.cfg.to_dict())
   ckpts = checkpoint.Checkpoints(workdir, saved_config, {"clip": dict.fromkeys(ARCHITECTURE)})
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
-    restored = ckpts.restore(s.abstract_state)
-    resumed = restored is not None
-    state = restored[0] if resumed else s.init_state(jax.random.PRNGKey(config.seed))
-    start = int(state.step)
-    if chief:
-      print(f"cm3jax.train_retriever: {len(jax.devices())} x {jax.devices()[0].device_kind}; "
-            f"{clip.num_params(state.params) / 1e6:.2f}M parameters; {len(texts)} pairs, "
-            f"text vocabulary {tokenize.vocab_size}; "
-            + (f"resumed from step {start}" if resumed else "new run") + f"; workdir {workdir}",
-            flush=True)
+    state = loop.restored_or_new(
+        ckpts, s.abstract_state, s.init_state, config.seed, "cm3jax.train_retriever",
+        f"{model_lib.num_params(s.abstract_state.params) / 1e6:.2f}M parameters; "
+        f"{len(texts)} pairs, text vocabulary {tokenize.vocab_size}", workdir)
 
     def train_step(state, step):
       rows = data.batch_indices(config.seed, step, config.batch_size, len(texts))

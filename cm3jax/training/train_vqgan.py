@@ -16,6 +16,7 @@ import optax
 from cm3jax import data
 from cm3jax.config import ConfigError, check_ranges
 from cm3jax.core import checkpoint, sharding
+from cm3jax.core import model as model_lib
 from cm3jax.training import loop
 from cm3jax.vqgan import losses
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, model_output_to_images
@@ -206,21 +207,14 @@ def train(config, workdir: str) -> list[dict[str, float]]:
 
 def _train(config, workdir: str) -> list[dict[str, float]]:
   s = setup(config)
-  chief = jax.process_index() == 0
   ckpts = checkpoint.Checkpoints(workdir, config, {"vqgan": dict.fromkeys(ARCHITECTURE)})
   train_images = load_images(config, config.train_split)
   eval_images = load_images(config, "validation")[:config.eval_images]
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
-    restored = ckpts.restore(s.abstract_state)
-    resumed = restored is not None
-    state = restored[0] if resumed else s.init_state(jax.random.PRNGKey(config.seed))
-    start = int(state.step)
-    if chief:
-      print(f"cm3jax.train_vqgan: {len(jax.devices())} x {jax.devices()[0].device_kind}; "
-            f"{sum(x.size for x in jax.tree.leaves(state.params)) / 1e6:.2f}M parameters; "
-            f"{s.cfg.tokens_per_image} codes of {s.cfg.n_embed} per image; "
-            + (f"resumed from step {start}" if resumed else "new run") + f"; workdir {workdir}",
-            flush=True)
+    state = loop.restored_or_new(
+        ckpts, s.abstract_state, s.init_state, config.seed, "cm3jax.train_vqgan",
+        f"{model_lib.num_params(s.abstract_state.params) / 1e6:.2f}M parameters; "
+        f"{s.cfg.tokens_per_image} codes of {s.cfg.n_embed} per image", workdir)
 
     def train_step(state, step):
       rows = data.batch_indices(config.seed, step, config.batch_size, len(train_images))
