@@ -23,7 +23,8 @@ guidance is scored with the documents in the unconditional stream and without th
 retriever (--retriever, or the bank's), best of 8 reranked by the retriever's image-text score
 is scored too.
 
-  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft --tasks=edit,grounded,seg2image,      image2seg,caption,vqa --splits=validation --num_examples=200 --baseline=workdirs/tiny
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft --tasks=edit,grounded,seg2image,image2seg,caption,vqa \
+      --splits=validation --num_examples=200 --baseline=workdirs/tiny
 
 scores the instruction-tuned tasks instead (cm3jax/eval/eval_tasks.py) on each split's first
 --num_examples records of every task of the shapes task suite, for the run and, with
@@ -37,6 +38,7 @@ import time
 from absl import flags
 
 from cm3jax import cli
+from cm3jax import run as run_lib
 from cm3jax.config import ConfigError
 from cm3jax.data import sft
 from cm3jax.eval import eval_shapes, eval_tasks
@@ -68,22 +70,30 @@ def main(FLAGS):
   if FLAGS.num_examples < 1 or FLAGS.batch_size < 1:
     raise ConfigError(f"--num_examples={FLAGS.num_examples} and --batch_size={FLAGS.batch_size} "
                       "must be at least 1")
-  t = time.perf_counter()
+  if FLAGS.baseline and not FLAGS.tasks:
+    raise ConfigError("--baseline scores the tasks of --tasks; name them")
   if FLAGS.tasks:
-    runs = eval_tasks.report(FLAGS.workdir, FLAGS.splits, FLAGS.tasks, FLAGS.num_examples,
-                             FLAGS.batch_size, FLAGS.seed, FLAGS.baseline)
+    eval_tasks.parse_tasks(FLAGS.tasks)
+  else:
+    eval_shapes.check_splits(FLAGS.splits)
+  t = time.perf_counter()
+  run = run_lib.load(FLAGS.workdir)
+  if FLAGS.tasks:
+    baseline = run_lib.load(FLAGS.baseline) if FLAGS.baseline else None
+    runs = eval_tasks.report(run, FLAGS.splits, FLAGS.tasks, FLAGS.num_examples,
+                             FLAGS.batch_size, FLAGS.seed, baseline)
     print("\n".join(eval_tasks.table(runs)))
     print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
         os.path.join(FLAGS.workdir, f)
         for f in eval_tasks.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
     return
-  if FLAGS.baseline:
-    raise ConfigError("--baseline scores the tasks of --tasks; name them")
-  results = eval_shapes.report(FLAGS.workdir, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size, FLAGS.seed,
-                   FLAGS.retrieve, FLAGS.memory or "", FLAGS.retriever or "")
+  results = eval_shapes.report(run, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size,
+                               FLAGS.seed, FLAGS.retrieve, FLAGS.memory or "",
+                               FLAGS.retriever or "")
   print("\n".join(eval_shapes.table(results)))
   print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
-      os.path.join(FLAGS.workdir, f) for f in eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
+      os.path.join(FLAGS.workdir, f)
+      for f in eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
 
 
 if __name__ == "__main__":

@@ -46,12 +46,11 @@ import numpy as np
 from absl import flags
 
 from cm3jax import cli
+from cm3jax import run as run_lib
 from cm3jax.config import ConfigError
-from cm3jax.core.paths import input_paths
 from cm3jax.sampling import defaults
 from cm3jax.retrieval import augment, retriever
 from cm3jax.sampling import engine, sample
-from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 
 def _define_flags():
@@ -106,26 +105,27 @@ def main(FLAGS):
     raise ConfigError("--retrieve needs --memory and --prompt")
   if (FLAGS.rerank or 1) > 1 and not FLAGS.prompt:
     raise ConfigError("--rerank needs --prompt")
-  text = sample.sampling_config(FLAGS, sample.TEXT_SAMPLING)
+  given = {name: getattr(FLAGS, name) for name in sample.SETTING_FLAGS}
+  text = sample.sampling_config(given, sample.TEXT_SAMPLING)
   use = FLAGS.task if FLAGS.task in sample.DRAWN_TASKS else (
       defaults.text_to_image_use(FLAGS.retrieve) if FLAGS.prompt and not FLAGS.task else None)
   setting = sample.UNMEASURED
   if use:
-    setting, line = sample.chosen_setting(FLAGS, use)
+    at_hand = "retriever" if FLAGS.retriever or FLAGS.memory else "model"
+    setting, line = sample.chosen_setting(FLAGS.workdir, use, given, at_hand)
     if (setting.candidates > 1 and setting.rerank_by == "retriever"
         and not (FLAGS.retriever or FLAGS.memory)):
       raise ConfigError("--rerank_by=retriever needs a retriever: --retriever or --memory (its "
                         "bank's)")
     print(line)
-  sampler, config = engine.load(FLAGS.workdir)
-  key = jax.random.PRNGKey(FLAGS.seed)
+  run = run_lib.load(FLAGS.workdir)
+  sampler, vqgan, key = run.sampler, run.vqgan, jax.random.PRNGKey(FLAGS.seed)
   if FLAGS.task in sample.TEXT_TASKS:
     print("\n".join(sample.run_task(FLAGS, sampler, None, key, text=text)))
     return
-  if not sampler.vocab.num_image_codes:
+  if vqgan is None:
     raise ConfigError(f"{FLAGS.workdir} is a text-only model (no image codes): sample it with "
                       f"--task={' or --task='.join(sample.TEXT_TASKS)}")
-  vqgan = ImageTokenizer.load(input_paths(config["cm3"], FLAGS.workdir).vqgan_workdir)
   if FLAGS.task:
     print("\n".join(sample.run_task(FLAGS, sampler, vqgan, key, setting)))
     return

@@ -77,13 +77,18 @@ def nontrivial(params, seed=1):
   return treedef.unflatten([0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
-def save_untrained(workdir: str, config, architecture: dict, s) -> None:
-  """Saves the initial state of trainer setup `s` through the trainer's checkpoints, as the last
-  step of `config`'s run: a finished workdir whose weights are untrained."""
+def save_untrained(workdir: str, config, architecture: dict, s, vocab=None,
+                   randomized: bool = False) -> None:
+  """Saves the initial state of trainer setup `s` through the trainer's checkpoints (with the
+  token model's `vocab`), as the last step of `config`'s run: a finished workdir whose weights
+  are untrained; `randomized`, all of them N(0, 0.1) (`nontrivial`)."""
   from cm3jax.core import checkpoint, sharding
-  ckpts = checkpoint.Checkpoints(checkpoint.prepare_workdir(workdir), config, architecture)
+  ckpts = checkpoint.Checkpoints(checkpoint.prepare_workdir(workdir), config, architecture, vocab)
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     state = s.init_state(jax.random.PRNGKey(config.seed))
+    if randomized:
+      state = state.replace(params=jax.device_put(nontrivial(state.params),
+                                                  jax.tree.map(lambda x: x.sharding, state.params)))
     ckpts.save(config.num_train_steps,
                state.replace(step=jnp.asarray(config.num_train_steps, state.step.dtype)))
     ckpts.wait()

@@ -126,3 +126,27 @@ def test_the_workdir_is_made_absolute_and_held_while_in_use(tmp_path, monkeypatc
   with loop.workdir_held("run", "cm3jax.test") as workdir:
     assert workdir == os.path.join(str(tmp_path), "run")
     assert os.path.exists(os.path.join(workdir, faults.LOCK_NAME))
+
+
+def test_a_trainer_restores_its_newest_state_or_starts_one_and_says_which(capsys):
+  import jax
+  import jax.numpy as jnp
+
+  class Restoring(Checkpoints):
+    def __init__(self, restored):
+      super().__init__()
+      self.restored = restored
+
+    def restore(self, abstract_state):
+      return self.restored
+
+  abstract = State(jax.ShapeDtypeStruct((), jnp.int32))
+  abstract.params = {"w": jax.ShapeDtypeStruct((300, 1000), jnp.float32)}
+  new = loop.restored_or_new(Restoring(None), abstract, lambda key: ("new", key), 7,
+                             "cm3jax.x", "what it trains", "/w")
+  assert new[0] == "new" and (new[1] == jax.random.PRNGKey(7)).all()
+  assert (f"cm3jax.x: {jax.device_count()} x cpu; 0.30M parameters; what it trains; new run; "
+          "workdir /w") in capsys.readouterr().out
+  assert loop.restored_or_new(Restoring((State(4), None)), abstract, None, 7, "cm3jax.x", "it",
+                              "/w") == State(4)
+  assert "; resumed from step 4; workdir /w" in capsys.readouterr().out

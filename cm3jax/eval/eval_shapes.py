@@ -7,16 +7,14 @@ from typing import Optional, Sequence
 import jax
 
 from cm3jax.config import ConfigError
-from cm3jax.core import checkpoint
-from cm3jax.core.paths import input_paths, retrieval_paths
+from cm3jax.core.paths import retrieval_paths
 from cm3jax.data import code_shards, shapes
 from cm3jax.data.shapes_analyser import analyse, caption_matches
 from cm3jax.eval import reports
-from cm3jax.sampling import defaults
 from cm3jax.retrieval import augment, retriever
-from cm3jax.sampling import engine
+from cm3jax.run import Run
+from cm3jax.sampling import defaults, engine
 from cm3jax.sampling.engine import Setting
-from cm3jax.vqgan.tokenizer import ImageTokenizer
 
 SETTINGS = {
     "greedy, no guidance": Setting(sampling=dict(greedy=True)),
@@ -43,13 +41,12 @@ SPLITS = ("validation", "test")
 REPORT_FILES = ("eval_shapes.json", "eval_shapes.md")  # in the workdir
 
 
-def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int = 128,
+def evaluate(run: Run, split: str, num_examples: int = 1000, batch_size: int = 128,
              seed: int = 0, settings: Optional[dict] = None,
              memory: Optional[augment.Memory] = None, retrieve: int = 0,
              reranker: Optional[retriever.Retriever] = None) -> dict:
   """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
-  held-out compositions; validation: compositions seen in training), of the workdir's newest
-  checkpoint. With `retrieve` > 0, each caption follows the `retrieve` documents of `memory`
+  held-out compositions; validation: compositions seen in training), of the run. With `retrieve` > 0, each caption follows the `retrieve` documents of `memory`
   nearest it, and each image being captioned those nearest the image. `reranker` (by default
   the memory's retriever) scores the settings that rerank by the retriever."""
   if retrieve and memory is None:
@@ -58,14 +55,11 @@ def evaluate(workdir: str, split: str, num_examples: int = 1000, batch_size: int
   if settings is None:
     settings = {**SETTINGS, **(RERANKED_SETTINGS if reranker else {}),
                 **(RETRIEVAL_SETTINGS if retrieve else {})}
-  step = checkpoint.latest_step(workdir)
-  sampler, config = engine.load(workdir)
-  paths = input_paths(config["cm3"], workdir)
-  vqgan = ImageTokenizer.load(paths.vqgan_workdir)
-  codes, captions = code_shards.read_split(paths.codes_dir, split, num_examples)
+  sampler, vqgan = run.sampler, run.vqgan
+  codes, captions = code_shards.read_split(run.paths.codes_dir, split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
-  results = {"split": split, "step": step, "examples": len(captions), "retrieved": retrieve}
+  results = {"split": split, "step": run.step, "examples": len(captions), "retrieved": retrieve}
   # The ceiling of text->image: how many of the split's own codes decode to a readable image.
   readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
                  for start in range(0, len(captions), batch_size))
@@ -118,30 +112,35 @@ def columns(splits: Sequence[str], retrieve: int) -> dict[str, tuple[str, int]]:
   return out
 
 
-def report(workdir: str, splits: Sequence[str], num_examples: int, batch_size: int = 128,
+def report(run: Run, splits: Sequence[str], num_examples: int, batch_size: int = 128,
            seed: int = 0, retrieve: int = 0, memory_path: str = "", retriever_path: str = ""
            ) -> dict:
   """`evaluate` of each split, and with `retrieve` of each split with retrieval from the memory
   bank at `memory_path` (by default the run's), written to WORKDIR/eval_shapes.json (by column)
   and, as the table that `table` makes, WORKDIR/eval_shapes.md."""
-  unknown = [s for s in splits if s not in SPLITS]
-  if unknown or not splits:
-    raise ConfigError(f"splits {list(splits)}: each must be one of {list(SPLITS)}")
+  check_splits(splits)
   if retrieve < 0:
     raise ConfigError(f"retrieve={retrieve}: retrieve 0 documents (none) or more")
+  if run.vqgan is None:
+    raise ConfigError(f"{run.workdir} is a text-only model: eval_shapes scores image models")
   memory = None
   if retrieve:
-    config = checkpoint.saved_config(workdir, checkpoint.latest_step(workdir))
-    memory_path = memory_path or retrieval_paths(config["cm3"], workdir).memory
-    memory = augment.Memory.load(memory_path)
+    memory = augment.Memory.load(
+        memory_path or retrieval_paths(run.config["cm3"], run.workdir).memory)
   reranker = retriever.load(retriever_path) if retriever_path else None
   results = {}
   for column, (split, retrieved) in columns(splits, retrieve).items():
-    results[column] = evaluate(workdir, split, num_examples, batch_size, seed, memory=memory,
+    results[column] = evaluate(run, split, num_examples, batch_size, seed, memory=memory,
                                retrieve=retrieved, reranker=reranker)
-  reports.write(workdir, REPORT_FILES, results, table(results))
-  defaults.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(results))
+  reports.write(run.workdir, REPORT_FILES, results, table(results))
+  defaults.record_sampling_defaults(run.workdir, REPORT_FILES[0], sampling_defaults(results))
   return results
+
+
+def check_splits(splits: Sequence[str]):
+  unknown = [s for s in splits if s not in SPLITS]
+  if unknown or not splits:
+    raise ConfigError(f"splits {list(splits)}: each must be one of {list(SPLITS)}")
 
 
 def sampling_defaults(results: dict) -> dict[str, defaults.Measured]:

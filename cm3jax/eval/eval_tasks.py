@@ -15,18 +15,16 @@ WORKDIR/sampling_defaults.json, which `cm3jax.sample --task=...` decodes with.
 
 import dataclasses
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import jax
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import checkpoint
-from cm3jax.core.paths import input_paths
 from cm3jax.data import sft, shapes, shapes_analyser, shapes_tasks
 from cm3jax.eval import reports
-from cm3jax.sampling import defaults
-from cm3jax.sampling import engine, instruct
+from cm3jax.run import Run
+from cm3jax.sampling import defaults, engine, instruct
 from cm3jax.sampling.engine import Sampler, SamplingConfig, Setting
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
@@ -126,15 +124,14 @@ def parse_tasks(names: Sequence[str]) -> list[str]:
   return list(names)
 
 
-def evaluate(workdir: str, split: str, tasks: Sequence[str], num_examples: int,
+def evaluate(run: Run, split: str, tasks: Sequence[str], num_examples: int,
              batch_size: int = 128, seed: int = 0) -> dict:
   """The share of right outputs per task and decoding ("TASK, DECODING") and each task's
   ceiling ("TASK, ceiling"), of the first `num_examples` records of the task suite's `split`,
-  for the newest checkpoint of `workdir`."""
+  for the run."""
   tasks = parse_tasks(tasks)
-  sampler, config = engine.load(workdir)
-  vqgan = ImageTokenizer.load(input_paths(config["cm3"], workdir).vqgan_workdir)
-  results = {"split": split, "step": checkpoint.latest_step(workdir), "examples": num_examples}
+  sampler, vqgan = run.sampler, run.vqgan
+  results = {"split": split, "step": run.step, "examples": num_examples}
   key = jax.random.PRNGKey(seed)
   for task in tasks:
     records = [shapes_tasks.example(task, split, i) for i in range(num_examples)]
@@ -150,23 +147,26 @@ def evaluate(workdir: str, split: str, tasks: Sequence[str], num_examples: int,
   return results
 
 
-def report(workdir: str, splits: Sequence[str], tasks: Sequence[str], num_examples: int,
-           batch_size: int = 128, seed: int = 0, baseline: str = "") -> dict:
-  """`evaluate` of `workdir` and, when given, of the `baseline` run (the model before
-  instruction tuning) on each split, written to WORKDIR/eval_tasks.json ({"RUN, SPLIT":
-  results}) and, as the table `table` makes, WORKDIR/eval_tasks.md."""
+def report(run: Run, splits: Sequence[str], tasks: Sequence[str], num_examples: int,
+           batch_size: int = 128, seed: int = 0, baseline: Optional[Run] = None) -> dict:
+  """`evaluate` of `run` and, when given, of the `baseline` run (the model before instruction
+  tuning) on each split, written to WORKDIR/eval_tasks.json ({"RUN, SPLIT": results}, RUN its
+  workdir) and, as the table `table` makes, WORKDIR/eval_tasks.md."""
   if num_examples < 1:
     raise ConfigError(f"num_examples={num_examples} must be at least 1")
   unknown = [s for s in splits if s not in shapes.SPLITS]
   if unknown or not splits:
     raise ConfigError(f"splits {list(splits)}: each must be one of {list(shapes.SPLITS)}")
+  if run.vqgan is None:
+    raise ConfigError(f"{run.workdir} is a text-only model: the tasks take and make images")
   runs = {}
-  for run in [workdir] + ([baseline] if baseline else []):
+  for scored in [run] + ([baseline] if baseline else []):
     for split in splits:
-      runs[f"{run}, {split}"] = {"run": run, **evaluate(run, split, tasks, num_examples,
-                                                        batch_size, seed)}
-  reports.write(workdir, REPORT_FILES, runs, table(runs))
-  defaults.record_sampling_defaults(workdir, REPORT_FILES[0], sampling_defaults(workdir, runs))
+      runs[f"{scored.workdir}, {split}"] = {
+          "run": scored.workdir, **evaluate(scored, split, tasks, num_examples, batch_size, seed)}
+  reports.write(run.workdir, REPORT_FILES, runs, table(runs))
+  defaults.record_sampling_defaults(run.workdir, REPORT_FILES[0],
+                                    sampling_defaults(run.workdir, runs))
   return runs
 
 

@@ -13,6 +13,7 @@ import jax
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
+from cm3jax import run as run_lib
 from cm3jax.config import ConfigError, load_config_file
 from cm3jax.core import checkpoint, files, provenance
 from cm3jax.core.paths import InputPaths, RetrievalPaths, input_paths, retrieval_paths, tasks_dir
@@ -27,7 +28,7 @@ from cm3jax.prepare import (
   train_tokenizer,
 )
 from cm3jax.retrieval import memory, neighbours, retriever
-from cm3jax.sampling import defaults, engine, sample
+from cm3jax.sampling import defaults, sample
 from cm3jax.training import train, train_retriever, train_vqgan
 from cm3jax.vqgan.tokenizer import ImageTokenizer, progress
 
@@ -316,12 +317,11 @@ def report_status(job: Job) -> tuple[str, str]:
 
 
 def make_report(job: Job) -> str:
-  sampler, _ = engine.load(job.workdir)
-  vqgan = ImageTokenizer.load(job.paths.vqgan_workdir)
-  lines = sample.write_samples(sampler, vqgan, job.paths.codes_dir, job.workdir)
+  run = run_lib.load(job.workdir)
+  lines = sample.write_samples(run.sampler, run.vqgan, job.paths.codes_dir, job.workdir)
   made = list(sample.SAMPLE_FILES)
   if report_splits(job):
-    eval_shapes.report(job.workdir, report_splits(job), job.config.report_examples,
+    eval_shapes.report(run, report_splits(job), job.config.report_examples,
                        retrieve=job.config.cm3.retrieval.documents,
                        memory_path=job.retrieval.memory)
     made += eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)
@@ -381,12 +381,14 @@ def sft_report_status(job: Job) -> tuple[str, str]:
 
 
 def make_sft_report(job: Job) -> str:
-  runs = eval_tasks.report(job.workdir, ["validation"], sft.TASKS, job.config.report_examples,
-                           baseline=job.config.init_from)
+  run = run_lib.load(job.workdir)
+  runs = eval_tasks.report(run, ["validation"], sft.TASKS, job.config.report_examples,
+                           baseline=run_lib.load(job.config.init_from)
+                           if job.config.init_from else None)
   print("\n".join(f"  {line}" for line in eval_tasks.table(runs)))
   encoded = [s for s in eval_shapes.SPLITS
              if os.path.exists(code_shards.manifest_path(job.paths.codes_dir, s))]
-  eval_shapes.report(job.workdir, encoded, job.config.report_examples)
+  eval_shapes.report(run, encoded, job.config.report_examples)
   return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES
                    + (defaults.SAMPLING_DEFAULTS_FILE,))
 

@@ -352,16 +352,16 @@ def abstract_params(model_cfg: model_lib.ModelConfig, mesh):
       jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"], mesh)
 
 
-def load(workdir: str, mesh=None) -> tuple[Sampler, dict]:
-  """A sampler of the latest checkpoint in a `cm3jax.train` workdir (its parameters only), and
-  the run config saved with it."""
+def load(workdir: str, mesh=None) -> tuple[Sampler, dict, int]:
+  """A sampler of the latest checkpoint in a `cm3jax.train` workdir (its parameters only), the
+  run config saved with it, and its step."""
   step = checkpoint.latest_step(workdir)
   config = checkpoint.saved_config(workdir, step)
   vocab = checkpoint.load_vocab(workdir, step)
   model_cfg = model_lib.ModelConfig.from_dict(config["model"])
   mesh = mesh or default_mesh()
   params = checkpoint.restore_params(workdir, step, abstract_params(model_cfg, mesh))
-  return Sampler(model_cfg, params, vocab, mesh), config
+  return Sampler(model_cfg, params, vocab, mesh), config, step
 
 
 def _bucket(length: int) -> int:

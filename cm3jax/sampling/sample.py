@@ -4,19 +4,15 @@ The library of `python -m cm3jax.sample` (cm3jax/sample.py)."""
 
 import dataclasses
 import os
-from typing import Optional
 
 import jax
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core.paths import input_paths
 from cm3jax.data import code_shards
-from cm3jax.sampling import defaults
 from cm3jax.prepare import tokenize_images
-from cm3jax.sampling import engine, instruct
+from cm3jax.sampling import defaults, engine, instruct
 from cm3jax.vqgan.tokenizer import ImageTokenizer
-from cm3jax.vqgan.tokenizer import progress as tokenizer_progress
 
 GRID_COLUMNS = 8
 SAMPLE_FILES = ("samples.png", "captions.txt")  # what write_samples writes
@@ -60,42 +56,6 @@ def write_samples(sampler: engine.Sampler, vqgan: ImageTokenizer, codes_dir: str
   return lines
 
 
-class Watch:
-  """What a user watches a model learn by: at each evaluation, images drawn greedily for fixed
-  validation captions and greedy captions of fixed validation images, into TensorBoard."""
-
-  def __init__(self, sampler: engine.Sampler, vqgan: ImageTokenizer, codes: np.ndarray,
-               captions: list[str]):
-    self.sampler, self.vqgan, self.codes, self.captions = sampler, vqgan, codes, captions
-
-  @classmethod
-  def of_run(cls, config, workdir: str, model_cfg, params, vocab) -> Optional["Watch"]:
-    """The watch of a training run, or None where config.eval_samples is 0 or it cannot be
-    made (saying why): it needs the cm3 data, its VQGAN and a single host."""
-    if not config.eval_samples or config.data != "cm3":
-      return None
-    paths = input_paths(config.cm3, workdir)
-    if jax.process_count() > 1 or tokenizer_progress(paths.vqgan_workdir) is None:
-      print(f"eval_samples={config.eval_samples}: off, since it needs one host and a VQGAN in "
-            f"{paths.vqgan_workdir}")
-      return None
-    codes, captions = code_shards.read_split(paths.codes_dir, "validation", config.eval_samples)
-    sampler = engine.Sampler(model_cfg, params, vocab)
-    return cls(sampler, ImageTokenizer.load(paths.vqgan_workdir), codes, captions)
-
-  def log(self, progress, step: int, params):
-    self.sampler.set_params(params)
-    greedy, key = engine.SamplingConfig(greedy=True), jax.random.PRNGKey(0)
-    drawn = engine.text_to_image(self.sampler, self.captions, 1, self.vqgan.cfg.tokens_per_image,
-                                   key, 1.0, greedy)[:, 0]
-    progress.image(step, "eval/samples", grid(self.vqgan.decode(drawn), scale=2))
-    progress.text(step, "eval/samples", "\n".join(
-        f"{i + 1}. {c}" for i, c in enumerate(self.captions)))
-    written = engine.caption_images(self.sampler, self.codes, key)
-    progress.text(step, "eval/captions", "\n".join(
-        f"- {got!r} for an image of {want!r}" for got, want in zip(written, self.captions)))
-
-
 TASK_NEEDS = {"edit": ("image", "instruction"), "vqa": ("image", "question"),
               "grounded": ("prompt", "objects"), "seg2image": ("image", "prompt"),
               "image2seg": ("image",), "caption": ("image",),
@@ -103,6 +63,8 @@ TASK_NEEDS = {"edit": ("image", "instruction"), "vqa": ("image", "question"),
 TEXT_TASKS = ("infill", "continue")  # tasks without images: any run, a text-only one too
 DRAWN_TASKS = ("edit", "grounded", "seg2image", "image2seg", "html_image")  # images, by a Setting
 SAMPLING_FLAGS = tuple(f.name for f in dataclasses.fields(engine.SamplingConfig))
+BEST_OF_FLAGS = ("rerank", "rerank_by", "uncond_retrieved")
+SETTING_FLAGS = ("cfg", "s_img", "s_txt") + SAMPLING_FLAGS + BEST_OF_FLAGS  # of every use
 UNMEASURED = engine.Setting(sampling=dict(greedy=True))  # images of a run without a report
 TEXT_SAMPLING = engine.SamplingConfig(top_p=0.9)  # text where no flag says otherwise
 
@@ -138,40 +100,41 @@ def setting_flags(use: str) -> tuple[str, ...]:
   """The flags that set fields of the setting `use` draws with (a --task of DRAWN_TASKS, or a
   `defaults.text_to_image_use`)."""
   guidance = {"edit": ("s_img", "s_txt"), "image2seg": ()}.get(use, ("cfg",))
-  best_of = ("rerank", "rerank_by", "uncond_retrieved") if use.startswith("text_to_image") else ()
+  best_of = BEST_OF_FLAGS if use.startswith("text_to_image") else ()
   return guidance + SAMPLING_FLAGS + best_of
 
 
-def sampling_config(FLAGS, base: engine.SamplingConfig) -> engine.SamplingConfig:
-  """`base` with each field whose flag is given set to the flag's value."""
-  return dataclasses.replace(base, **{f: getattr(FLAGS, f) for f in SAMPLING_FLAGS
-                                      if getattr(FLAGS, f) is not None})
+def sampling_config(given: dict, base: engine.SamplingConfig) -> engine.SamplingConfig:
+  """`base` with each field that `given` ({flag: value}, None: not given) sets."""
+  return dataclasses.replace(base, **{f: given[f] for f in SAMPLING_FLAGS
+                                      if given.get(f) is not None})
 
 
-def chosen_setting(FLAGS, use: str) -> tuple[engine.Setting, str]:
-  """The setting `use` draws with: each field from its flag where one is given, else from the
-  run's best measured setting of `use` (`defaults.sampling_defaults`), else from UNMEASURED; and
-  a line saying which setting it is and where it came from."""
-  measured = defaults.sampling_defaults(FLAGS.workdir).get(use)
+def chosen_setting(workdir: str, use: str, given: dict, at_hand: str = "model"
+                   ) -> tuple[engine.Setting, str]:
+  """The setting `use` draws with: each field that `given` sets ({flag of `setting_flags`:
+  value}, None: not given), else from the run's best measured setting of `use`
+  (`defaults.sampling_defaults`), else from UNMEASURED; and a line saying which setting it is and
+  where it came from. `at_hand` ("model" or "retriever") reranks where nothing else says by what."""
+  measured = defaults.sampling_defaults(workdir).get(use)
   base = measured.setting if measured else UNMEASURED
-  given = [n for n in setting_flags(use) if getattr(FLAGS, n) is not None]
-  asks_for_draws = (FLAGS.rerank or 1) > 1 or {"temperature", "top_k", "top_p"} & set(given)
-  if base.config.greedy and "greedy" not in given and asks_for_draws:
+  named = [n for n in setting_flags(use) if given.get(n) is not None]
+  asks_for_draws = (given.get("rerank") or 1) > 1 or {"temperature", "top_k", "top_p"} & set(named)
+  if base.config.greedy and "greedy" not in named and asks_for_draws:
     # N argmax images are N copies of one, and a warper does nothing to an argmax.
     base = dataclasses.replace(base, sampling=dataclasses.asdict(TEXT_SAMPLING))
-  flag = lambda name, value: getattr(FLAGS, name) if name in given else value
-  at_hand = "retriever" if FLAGS.retriever or FLAGS.memory else "model"
+  flag = lambda name, value: given[name] if name in named else value
   rerank_by = base.rerank_by if base.candidates > 1 else at_hand
   setting = dataclasses.replace(
-      base, sampling=dataclasses.asdict(sampling_config(FLAGS, base.config)),
+      base, sampling=dataclasses.asdict(sampling_config(given, base.config)),
       guidance=flag("s_txt" if use == "edit" else "cfg", base.guidance),
       image_guidance=flag("s_img", base.image_guidance), candidates=flag("rerank", base.candidates),
       rerank_by=flag("rerank_by", rerank_by),
       uncond_retrieved=flag("uncond_retrieved", base.uncond_retrieved))
-  path = os.path.join(FLAGS.workdir, defaults.SAMPLING_DEFAULTS_FILE)
+  path = os.path.join(workdir, defaults.SAMPLING_DEFAULTS_FILE)
   origin = (f"the best measured, {measured.describe()}, recorded in {path}" if measured else
             f"{path} records no measured setting of {use}: greedy without guidance")
-  overridden = f"; {' '.join('--' + n for n in given)} as given" if given else ""
+  overridden = f"; {' '.join('--' + n for n in named)} as given" if named else ""
   return setting, f"sampling {use} with {describe(setting, use)} ({origin}{overridden})"
 
 

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, Optional
 import jax
 
 from cm3jax.core import checkpoint
+from cm3jax.core import model as model_lib
 from cm3jax.training import faults
 from cm3jax.training.progress import Cadence, Progress, Window
 
@@ -25,12 +26,13 @@ def workdir_held(workdir: Optional[str], command: str) -> Iterator[str]:
 def restored_or_new(ckpts: checkpoint.Checkpoints, abstract_state, init_state: Callable, seed: int,
                     command: str, what: str, workdir: str):
   """The newest checkpoint's state, else `init_state(PRNGKey(seed))`; says which, after the
-  devices and `what` is trained (the chief's first line)."""
+  devices, the parameter count and `what` is trained (the chief's first line)."""
   restored = ckpts.restore(abstract_state)
   state = restored[0] if restored else init_state(jax.random.PRNGKey(seed))
   if jax.process_index() == 0:
     devices = jax.devices()
-    print(f"{command}: {len(devices)} x {devices[0].device_kind}; {what}; "
+    print(f"{command}: {len(devices)} x {devices[0].device_kind}; "
+          f"{model_lib.num_params(abstract_state.params) / 1e6:.2f}M parameters; {what}; "
           + (f"resumed from step {int(state.step)}" if restored else "new run")
           + f"; workdir {workdir}", flush=True)
   return state

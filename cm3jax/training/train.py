@@ -17,7 +17,7 @@ from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint, hardware, sharding
 from cm3jax.core import model as model_lib
 from cm3jax.core.paths import input_paths
-from cm3jax.sampling import sample
+from cm3jax.sampling.watch import Watch
 from cm3jax.training import loop
 from cm3jax.training.trainer import Setup, device_batch, setup
 
@@ -135,8 +135,8 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
     tokens_per_step = config.global_batch_size * config.seq_len
     flops_per_step = model_lib.train_flops_per_token(s.model_cfg, config.seq_len) * tokens_per_step
     peak = config.peak_tflops_per_device or hardware.peak_tflops(devices[0].device_kind)
-    watch = sample.Watch.of_run(config, workdir, s.model_cfg, state.params,
-                                source.vocab) if chief else None
+    watch = Watch.of_run(config, workdir, s.model_cfg, state.params,
+                         source.vocab) if chief else None
 
     def train_step_and_next_batch(state, step):
       nonlocal host_batch, batch

@@ -18,7 +18,6 @@ import optax
 from cm3jax import data
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint, files, sharding
-from cm3jax.core import model as model_lib
 from cm3jax.data import shapes
 from cm3jax.prepare import train_tokenizer
 from cm3jax.retrieval import clip, retriever
@@ -173,7 +172,6 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     state = loop.restored_or_new(
         ckpts, s.abstract_state, s.init_state, config.seed, "cm3jax.train_retriever",
-        f"{model_lib.num_params(s.abstract_state.params) / 1e6:.2f}M parameters; "
         f"{len(texts)} pairs, text vocabulary {tokenize.vocab_size}", workdir)
 
     def train_step(state, step):

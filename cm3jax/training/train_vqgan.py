@@ -16,7 +16,6 @@ import optax
 from cm3jax import data
 from cm3jax.config import ConfigError, check_ranges
 from cm3jax.core import checkpoint, sharding
-from cm3jax.core import model as model_lib
 from cm3jax.training import loop
 from cm3jax.vqgan import losses
 from cm3jax.vqgan.model import VQGAN, VQGANConfig, model_output_to_images
@@ -213,7 +212,6 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
   with sharding.use_mesh(s.mesh), contextlib.closing(ckpts):
     state = loop.restored_or_new(
         ckpts, s.abstract_state, s.init_state, config.seed, "cm3jax.train_vqgan",
-        f"{model_lib.num_params(s.abstract_state.params) / 1e6:.2f}M parameters; "
         f"{s.cfg.tokens_per_image} codes of {s.cfg.n_embed} per image", workdir)
 
     def train_step(state, step):

@@ -203,13 +203,13 @@ def test_the_library_api_draws_and_captions_with_the_measured_setting(main_job):
   measured, chosen = defaults.sampling_defaults(str(workdir))["text_to_image"].setting, run.setting()
   assert (chosen.config, chosen.guidance, chosen.candidates, chosen.rerank_by) == (
       measured.config, measured.guidance, measured.candidates, measured.rerank_by)
-  assert run.setting(guidance=3.0).guidance == 3.0 and run.setting(top_p=0.5).config.top_p == 0.5
+  assert run.setting(cfg=3.0).guidance == 3.0 and run.setting(top_p=0.5).config.top_p == 0.5
   assert run.setting(rerank=1).candidates == 1
   captions = ["a red circle above a blue square", "a small green triangle at the top"]
   images = run.text_to_image(captions, num_images=2, guidance=2.0, rerank=1, seed=3)
   resolution = run.vqgan.cfg.resolution
   assert images.dtype == np.uint8 and images.shape == (2, 2, resolution, resolution, 3)
-  setting = run.setting(guidance=2.0, rerank=1)
+  setting = run.setting(cfg=2.0, rerank=1)
   codes = engine.text_to_image_reranked(
       run.sampler, [captions[0], captions[0], captions[1], captions[1]], 1,
       run.vqgan.cfg.tokens_per_image, jax.random.PRNGKey(3), 2.0, setting.config)
@@ -219,7 +219,7 @@ def test_the_library_api_draws_and_captions_with_the_measured_setting(main_job):
       run.sampler, run.vqgan.encode(images[0]), jax.random.PRNGKey(0))
   assert all(isinstance(t, str) for t in run.continue_text(["a red"]))
   for bad in ([], "a red circle", [1]):
-    with pytest.raises(cm3jax.RequestError, match="captions must be a non-empty list"):
+    with pytest.raises(cm3jax.RequestError, match="a non-empty list of strings"):
       run.text_to_image(bad)
   for bad in (images[0].astype(np.float32), images[0, 0, 0], images[:0, 0]):
     with pytest.raises(ValueError, match="images must be uint8"):

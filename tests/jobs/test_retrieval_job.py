@@ -1,20 +1,25 @@
 """The retrieval-augmented job of configs/tiny_ra.py from the command line: the pipeline's three
 retrieval stages (retriever, memory bank, neighbours) before the token model and the report of
-both conditions, then sample and eval_shapes with retrieval and their one-line refusals."""
+both conditions, then sample and eval_shapes with retrieval and their one-line refusals, and the
+library API's documents and drawing with them."""
 
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
-from cm3jax.retrieval import neighbours
+import cm3jax
+from cm3jax.retrieval import augment, neighbours
+from cm3jax.sampling import engine
 from tests.helpers import assert_one_line_error, run_module
 
 pytestmark = pytest.mark.slow
 
 
 def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbours(
-    shapes_data_dir, vqgan_workdir, retriever_workdir, tmp_path):
+    shapes_data_dir, vqgan_workdir, retriever_workdir, tmp_path, monkeypatch):
   workdir = tmp_path / "ra"
   result = run_module(
       "cm3jax.pipeline", "--config=configs/tiny_ra.py", f"--workdir={workdir}",
@@ -61,3 +66,28 @@ def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbo
   assert_one_line_error(run_module("cm3jax.eval_shapes", f"--workdir={workdir}", "--retrieve=2",
                                    f"--memory={tmp_path}/none", "--splits=validation"),
                         "cm3jax.eval_shapes", "memory bank")
+
+  run = cm3jax.load(str(workdir))
+  assert run.memory_bank == str(workdir / "memory")
+  prompt, memory = "a red circle on the left", augment.Memory.load(str(workdir / "memory"))
+  captions, images = run.retrieve([prompt], k=2)
+  ids = memory.retrieve([prompt], 2)
+  assert captions == [[memory.captions[i] for i in ids[0]]]
+  np.testing.assert_array_equal(images[0], run.vqgan.decode(memory.codes[ids[0]]))
+  asked = []
+  draw = engine.text_to_image_reranked
+  monkeypatch.setattr(engine, "text_to_image_reranked", lambda *a: asked.append(a) or draw(*a))
+  drawn = run.text_to_image([prompt], num_images=2, rerank=3, retrieve=2, seed=1)
+  setting = run.setting("text_to_image, 2 retrieved", rerank=3)
+  assert setting.rerank_by == "retriever"
+  (_, captions, candidates, _, key, guidance, sampling, context, uncond_retrieved,
+   score), = asked
+  assert (captions, candidates, guidance, sampling, uncond_retrieved) == (
+      [prompt, prompt], 3, setting.guidance, setting.config, setting.uncond_retrieved)
+  assert (key == jax.random.PRNGKey(1)).all()
+  for got, want in zip(context, memory.context(run.vocab, [prompt, prompt], 2), strict=True):
+    np.testing.assert_array_equal(got, want)
+  codes = run.vqgan.encode(drawn[0])
+  np.testing.assert_allclose(score(codes, captions), augment.retriever_score(
+      memory.retriever, run.vqgan)(codes, captions))
+  np.testing.assert_array_equal(drawn[0], run.vqgan.decode(draw(*asked[0])))
