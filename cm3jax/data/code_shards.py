@@ -99,15 +99,16 @@ def parser(tokens_per_image: int):
 
 def captions(paths: list[str]):
   """Every caption in the shards, as bytes, in file order."""
-  return _strings(paths, "caption")
+  return strings(paths, "caption")
 
 
 def keys(paths: list[str]):
   """Every record's key in the shards, as bytes, in file order."""
-  return _strings(paths, "key")
+  return strings(paths, "key")
 
 
-def _strings(paths: list[str], name: str):
+def strings(paths: list[str], name: str):
+  """Every record's bytes feature `name` in the shards, in file order."""
   tf = tf_cpu.tensorflow()
   spec = {name: tf.io.FixedLenFeature([], tf.string)}
   ds = tf.data.TFRecordDataset(paths).map(lambda r: tf.io.parse_single_example(r, spec)[name])
@@ -130,8 +131,9 @@ def read_split(directory: str, split: str, limit: int) -> tuple[np.ndarray, list
 
 def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], out: str,
                 split: str, settings: dict, batch_size: int, total: Optional[int] = None,
-                skipped: Optional[collections.Counter] = None, allow_empty: bool = False,
-                unit: str = "record") -> dict:
+                skipped: Optional[collections.Counter] = None,
+                allow_empty: Optional[bool] = False, unit: str = "record",
+                count: Optional[Callable[[list[str]], dict]] = None) -> dict:
   """Writes the serialised records that `records_of` makes of each `batch_size` chunk of
   `examples` into shards of settings["shard_size"] records, and then OUT/SPLIT.json; returns its
   counts (a complete split's as they are). Each shard is written under a temporary name and
@@ -141,7 +143,9 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
   and codebook_size): it is recorded in OUT/SPLIT.settings.json before the first shard and in
   OUT/SPLIT.json with its fingerprint, and a resume or a reuse with other settings is refused.
   `skipped` counts what the source and `examples` left out, by reason. A split with no record is
-  an error unless `allow_empty`."""
+  an error unless `allow_empty` (None: the caller has no --allow_empty_splits to name).
+  `count(shard paths)` adds fields of the whole split to OUT/SPLIT.json (the records per task of
+  task shards)."""
   shard_size = settings["shard_size"]
   if batch_size < 1 or shard_size < 1:
     raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
@@ -187,10 +191,13 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
     shard += 1
   bar.close()
   if not written and not allow_empty:
+    remedy = "" if allow_empty is None else " (--allow_empty_splits writes an empty split)"
     raise ConfigError(f"split {split} has no usable example (skipped: {dict(skipped) or 'none'}); "
-                      "nothing written (--allow_empty_splits writes an empty split)")
+                      f"nothing written{remedy}")
   summary = {"split": split, "records": written, "shards": shard, **settings,
              provenance.FINGERPRINT: provenance.fingerprint(settings), "skipped": dict(skipped)}
+  if count:
+    summary.update(count([shard_path(out, split, i) for i in range(shard)]))
   files.write_json(manifest, summary)
   return summary
 

@@ -3,15 +3,13 @@
 The library of `python -m cm3jax.tokenize_tasks` (cm3jax/tokenize_tasks.py)."""
 
 import collections
-import itertools
 import os
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import files, provenance
-from cm3jax.data import code_shards, sft, shapes_tasks, task_shards, tf_cpu
+from cm3jax.data import code_shards, sft, shapes_tasks, task_shards
 from cm3jax.prepare import tokenize_images
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
@@ -49,28 +47,26 @@ def _pixels(image, resolution: int) -> np.ndarray:
     return tokenize_images.decode_image(f.read(), resolution)
 
 
-def encoded(tokenizer: ImageTokenizer, made: Iterable[sft.Record],
-            skipped: collections.Counter) -> Iterator[sft.Record]:
-  """Each record with its images as codes; one whose image cannot be read is counted and left
-  out."""
-  resolution = tokenizer.cfg.resolution
-  made = iter(made)
-  while chunk := list(itertools.islice(made, ENCODE_RECORDS)):
-    kept, pixels = [], []
-    for record in chunk:
-      try:
-        images = [_pixels(s, resolution) for s in record.input + record.output
-                  if not isinstance(s, str)]
-      except Exception:  # PIL and the file system raise many types for a bad image
-        skipped["unreadable image"] += 1
-        continue
-      kept.append(record)
-      pixels += images
-    codes = iter(tokenizer.encode(np.stack(pixels)) if pixels else [])
-    for record in kept:
-      swap = lambda s: s if isinstance(s, str) else next(codes)
-      yield sft.Record(record.task, tuple(map(swap, record.input)),
-                       tuple(map(swap, record.output)))
+def readable(made: Iterable[sft.Record], resolution: int, skipped: collections.Counter
+             ) -> Iterator[tuple[sft.Record, list[np.ndarray]]]:
+  """Each record with the pixels of its images; one whose image cannot be read is counted and
+  left out."""
+  for record in made:
+    try:
+      yield record, [_pixels(s, resolution) for s in record.input + record.output
+                     if not isinstance(s, str)]
+    except Exception:  # PIL and the file system raise many types for a bad image
+      skipped["unreadable image"] += 1
+
+
+def encoded(tokenizer: ImageTokenizer, chunk: list[tuple[sft.Record, list[np.ndarray]]]
+            ) -> list[sft.Record]:
+  """The records of `readable` with their images as codes, encoded in one batch."""
+  pixels = [p for _, images in chunk for p in images]
+  codes = iter(tokenizer.encode(np.stack(pixels)) if pixels else [])
+  swap = lambda s: s if isinstance(s, str) else next(codes)
+  return [sft.Record(r.task, tuple(map(swap, r.input)), tuple(map(swap, r.output)))
+          for r, _ in chunk]
 
 
 def source(dataset: str, examples_per_task: int) -> dict:
@@ -85,41 +81,24 @@ def source(dataset: str, examples_per_task: int) -> dict:
 def write_split(tokenizer: ImageTokenizer, made: Iterable[sft.Record], out: str, split: str,
                 shard_size: int = SHARD_SIZE, skipped=None, made_from: Optional[dict] = None
                 ) -> dict:
-  """Writes the records' shards and OUT/SPLIT.json; returns the manifest. A complete split is
+  """Writes the records' shards and OUT/SPLIT.json with the records per task
+  (code_shards.write_split: resumed after the whole shards already in `out`; a complete split is
   reused when its manifest records this run's made_by (tokenize_images.made_by: the records,
-  named by `made_from` (`source`), the VQGAN and the shard size) and refused otherwise."""
-  if shard_size < 1:
-    raise ConfigError(f"--shard_size={shard_size} must be at least 1")
-  tf = tf_cpu.tensorflow()
-  manifest_path = task_shards.manifest_path(out, split)
-  settings = tokenize_images.made_by(tokenizer, shard_size, made_from)
-  if os.path.exists(manifest_path):
-    summary = task_shards.read_manifest(out, split)
-    provenance.check(summary, settings, f"the complete {split} split in {out}",
-                     code_shards.REMEDY)
-    return summary
-  try:
-    os.makedirs(out, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
+  named by `made_from` (`source`), the VQGAN and the shard size) and refused otherwise); returns
+  the manifest."""
   skipped = collections.Counter() if skipped is None else skipped
-  tasks: collections.Counter = collections.Counter()
-  shards = 0
-  stream = encoded(tokenizer, made, skipped)
-  while chunk := list(itertools.islice(stream, shard_size)):
-    with files.atomic_path(task_shards.shard_path(out, split, shards)) as tmp:
-      with tf.io.TFRecordWriter(tmp) as writer:
-        for record in chunk:
-          writer.write(task_shards.serialize(record))
-          tasks[record.task] += 1
-    shards += 1
-  if not shards:
-    raise ConfigError(f"split {split} has no usable record (skipped: {dict(skipped) or 'none'})")
-  summary = {"split": split, "records": sum(tasks.values()), "tasks": dict(sorted(tasks.items())),
-             "shards": shards, **settings, provenance.FINGERPRINT: provenance.fingerprint(settings),
-             "skipped": dict(skipped)}
-  files.write_json(manifest_path, summary)
-  return summary
+
+  def records_of(chunk):
+    return [task_shards.serialize(r) for r in encoded(tokenizer, chunk)]
+
+  def tasks(paths):
+    return {"tasks": dict(sorted(collections.Counter(
+        t.decode() for t in code_shards.strings(paths, "task")).items()))}
+
+  return code_shards.write_split(
+      readable(made, tokenizer.cfg.resolution, skipped), records_of, out, split,
+      tokenize_images.made_by(tokenizer, shard_size, made_from), ENCODE_RECORDS,
+      skipped=skipped, allow_empty=None, count=tasks)
 
 
 def tokenize_split(tokenizer: ImageTokenizer, dataset: str, split: str, out: str,
