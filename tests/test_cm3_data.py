@@ -61,7 +61,7 @@ def segment_tokens(vocab):
   return st.lists(st.one_of(text, image), min_size=1, max_size=6)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(data=st.data(), seed=st.tuples(st.integers(0, 2**31), st.integers(0, 2**31)),
        whole_segment_rate=st.sampled_from([0.0, 0.5, 1.0]))
 def test_masking_properties(vocab, data, seed, whole_segment_rate):
@@ -113,16 +113,16 @@ def test_another_seed_masks_differently(vocab):
 
 
 def test_span_count_follows_clamped_poisson(vocab):
-  """10,000 documents with room for 16 spans: spans per document ~ clamp(Poisson(1), 1, 16)."""
+  """4,000 documents with room for 16 spans: spans per document ~ clamp(Poisson(1), 1, 16)."""
   doc = tf.constant([EOS] + [10] * 400, tf.int32)
   eoss = vocab.eoss_id
-  counts = tf.data.Dataset.range(10_000).map(
+  counts = tf.data.Dataset.range(4_000).map(
       lambda i: tf.reduce_sum(tf.cast(cm3.cm3_mask(doc, tf.stack([i, 7]), vocab) == eoss, tf.int32)),
       num_parallel_calls=tf.data.AUTOTUNE)
   observed = np.bincount(np.fromiter(counts.as_numpy_iterator(), int), minlength=17)
-  assert observed[0] == 0 and observed.sum() == 10_000
+  assert observed[0] == 0 and observed.sum() == 4_000
   pmf = [math.exp(-1) / math.factorial(k) for k in range(5)]
-  expected = np.array([pmf[0] + pmf[1], pmf[2], pmf[3], pmf[4], 1 - sum(pmf)]) * 10_000
+  expected = np.array([pmf[0] + pmf[1], pmf[2], pmf[3], pmf[4], 1 - sum(pmf)]) * 4_000
   binned = np.array([observed[1], observed[2], observed[3], observed[4], observed[5:].sum()])
   chi2 = float(np.sum((binned - expected) ** 2 / expected))
   assert chi2 < 18.47, (binned, expected.round())  # 4 degrees of freedom, p = 0.001
@@ -229,7 +229,8 @@ def test_the_hosts_of_a_run_partition_every_epoch(tmp_path, num_hosts):
   assert orders[0] != orders[1] != orders[2]  # every epoch is shuffled anew
 
 
-@pytest.mark.parametrize("host, num_hosts", [(0, 1), (1, 2), (2, 3)])
+@pytest.mark.parametrize("host, num_hosts", [  # (2, 3): another host of another count
+    (0, 1), (1, 2), pytest.param(2, 3, marks=pytest.mark.slow)])
 def test_resume_mid_epoch_continues_with_identical_batches(vocab, tmp_path, host, num_hosts):
   write_shards(tmp_path, "train", random_records(60), shard_size=20)  # 12 batches cross epochs
   first = stream(tmp_path, vocab, host=host, num_hosts=num_hosts)

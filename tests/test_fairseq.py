@@ -19,7 +19,6 @@ from cm3jax.data import shapes
 from cm3jax.io import export, fairseq_io
 from cm3jax.prepare import train_tokenizer
 from cm3jax.sampling import engine
-from cm3jax.training import train
 from tests.helpers import load_config, tiny_config
 
 NUM_CODES, NUM_SENTINELS = 64, 4
@@ -98,7 +97,7 @@ def imported(files, workdir, **kwargs):
 
 
 def logits(cfg, params, tokens):
-  return np.asarray(model_lib.Decoder(cfg).apply({"params": params}, jnp.asarray(tokens)))
+  return np.asarray(jax.jit(model_lib.Decoder(cfg).apply)({"params": params}, jnp.asarray(tokens)))
 
 
 def mapped_ids(vocab, symbols):
@@ -114,8 +113,10 @@ def mapped_ids(vocab, symbols):
   return np.array(ids), np.array([index[names[k]] for k in ids])
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+@pytest.mark.parametrize("activation", [  # gelu_new: only the activation's name differs
+    "gelu", pytest.param("gelu_new", marks=pytest.mark.slow)])
 def test_a_fairseq_checkpoint_equals_xglm_left_padded(activation, spm_model, dictionary, tmp_path):
+  """(That the import trains on: tests/jobs/test_fairseq.py.)"""
   model, files = xglm_checkpoint(tmp_path, spm_model, dictionary, activation)
   cfg, params, vocab = imported(files, tmp_path / "run")
   assert (cfg.positions, cfg.scale_embeddings, cfg.bias, cfg.layer_norm_affine,
@@ -141,7 +142,7 @@ def test_a_fairseq_checkpoint_equals_xglm_left_padded(activation, spm_model, dic
     np.testing.assert_allclose(ours[:, ids], got[b, 18 - n:][:, rows], atol=1e-4, rtol=0)
 
   # The checkpoint samples on the devices (greedy, guided by a caption-free stream: the streams
-  # are left-padded to one length) what XGLM writes, and trains on.
+  # are left-padded to one length) what XGLM writes.
   s = engine.Sampler(cfg, params, vocab)
   prompt, uncond = vocab.encode_document(["a red circle"]), np.array([EOS])
   row = s.generate([engine.Request(prompt, jax.random.PRNGKey(0), uncond, 3.0)], 8, "text",
@@ -160,9 +161,6 @@ def test_a_fairseq_checkpoint_equals_xglm_left_padded(activation, spm_model, dic
     scores = uncond_scores + 3.0 * (cond_scores - uncond_scores)
     want.append(int(ids[np.argmax(np.where(allowed, scores, -np.inf))]))
   assert row.tolist() == want + [PAD] * (8 - len(want)) and want[0] != EOS
-  config = tiny_config(num_train_steps=2, **{f"model.{k}": v for k, v in cfg.to_dict().items()})
-  history = train.train(config, str(tmp_path / "run"))
-  assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
 def opt_form_checkpoint(tmp_path, spm_model, symbols, positions=64):

@@ -57,9 +57,9 @@ def test_padding_rows_of_the_last_block_are_never_found():
 def test_ivfpq_finds_most_true_neighbours():
   rng = np.random.default_rng(0)
   centres = bank(64, 32, seed=3)
-  vectors = centres[rng.integers(64, size=20000)] + 0.05 * rng.standard_normal((20000, 32))
+  vectors = centres[rng.integers(64, size=5000)] + 0.05 * rng.standard_normal((5000, 32))
   vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-  ids = np.arange(20000, dtype=np.int64)
+  ids = np.arange(5000, dtype=np.int64)
   queries = vectors[:200] + 0.01 * rng.standard_normal((200, 32)).astype(np.float32)
   index = mips.make_index("faiss_ivfpq", vectors, ids, nlist=64, pq_bytes=16, nprobe=8)
   _, found = index.search(queries, 10)

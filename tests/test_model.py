@@ -21,7 +21,7 @@ def make(**overrides):
 
 
 def init(model, seed=0, length=16):
-  return model.init(jax.random.PRNGKey(seed), jnp.zeros((1, length), jnp.int32))["params"]
+  return jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, length), jnp.int32))["params"]
 
 
 def tokens(shape, seed=0, vocab=CFG["vocab_size"]):
@@ -232,16 +232,16 @@ def test_switched_models_scan_and_decode_as_they_run_whole(switches):
   cfg, model = make(**switches)
   params = nontrivial(flax.linen.unbox(init(model)))
   x = tokens((2, 12))
-  want = model.apply({"params": params}, x)
+  want = jax.jit(model.apply)({"params": params}, x)
   _, unrolled = make(**switches, scan_layers=False)
-  got = unrolled.apply({"params": model_lib.unstack_layers(params, 3)}, x)
+  got = jax.jit(unrolled.apply)({"params": model_lib.unstack_layers(params, 3)}, x)
   np.testing.assert_allclose(got, want, atol=1e-5)
   cache = model_lib.init_cache(cfg, jnp.ones((2, 12), bool))
   positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
-  _, cache = model.apply({"params": params}, x[:, :7], positions[:, :7], cache, method="decode")
+  decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method="decode"))
+  _, cache = decode(x[:, :7], positions[:, :7], cache)
   for t in range(7, 12):
-    step, cache = model.apply({"params": params}, x[:, t:t + 1], positions[:, t:t + 1], cache,
-                              method="decode")
+    step, cache = decode(x[:, t:t + 1], positions[:, t:t + 1], cache)
     np.testing.assert_allclose(step, want[:, t], atol=1e-4)
 
 

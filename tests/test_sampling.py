@@ -2,7 +2,6 @@
 modality constraints, keys, batching of prompts, tasks and bad input."""
 
 import dataclasses
-import types
 
 import flax
 import jax
@@ -13,13 +12,11 @@ import torch
 
 from cm3jax.config import ConfigError
 from cm3jax.core import model as model_lib
-from cm3jax.core import sharding
 from cm3jax.core.vocab import EOS, PAD, Vocab
 from cm3jax.data import shapes
 from cm3jax.eval import eval_shapes, reports
 from cm3jax.prepare import train_tokenizer
 from cm3jax.sampling import defaults, engine, sample
-from cm3jax.training import trainer
 from tests.helpers import nontrivial, tiny_config
 
 CODES = 64
@@ -95,17 +92,17 @@ def test_cached_decoding_equals_the_full_forward(vocab, scan_layers):
   positions = np.maximum(np.cumsum(valid[:, :P], 1) - 1, 0)
   cache = model_lib.init_cache(cfg, jnp.asarray(valid))
   assert isinstance(cache, model_lib.KVCache)
-  logits, cache = model.apply({"params": params}, jnp.asarray(tokens), jnp.asarray(positions),
-                              cache, method="decode")
+  decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method="decode"))
+  logits, cache = decode(jnp.asarray(tokens), jnp.asarray(positions), cache)
   got = [logits]
   for i in range(steps - 1):
     step = np.array([s[lengths[b] + i] for b, s in enumerate(seqs)], np.int32)[:, None]
-    logits, cache = model.apply({"params": params}, jnp.asarray(step),
-                                jnp.asarray(lengths[:, None] + i), cache, method="decode")
+    logits, cache = decode(jnp.asarray(step), jnp.asarray(lengths[:, None] + i), cache)
     assert isinstance(cache, model_lib.KVCache) and int(cache.index) == P + i + 1
     got.append(logits)
+  forward = jax.jit(lambda x: model.apply({"params": params}, x))
   for b, s in enumerate(seqs):
-    full = model.apply({"params": params}, jnp.asarray(s[None, :lengths[b] + steps - 1]))[0]
+    full = forward(jnp.asarray(s[None, :lengths[b] + steps - 1]))[0]
     want = full[lengths[b] - 1:lengths[b] - 1 + steps]
     np.testing.assert_allclose(np.stack([g[b] for g in got]), want, atol=1e-5, rtol=0)
 
@@ -361,9 +358,9 @@ def test_guidance_keeps_the_retrieved_documents_in_the_unconditional_stream_by_d
   monkeypatch.setattr(sampler, "generate", lambda requests, num_new, *a: asked.extend(
       requests) or np.full((len(requests), num_new), vocab.image_offset, np.int32))
   use = defaults.text_to_image_use(1)
-  settings = {"sample": sample.chosen_setting(unset_flags(tmp_path, cfg=1.5), use)[0],
-              "sample --nouncond_retrieved": sample.chosen_setting(
-                  unset_flags(tmp_path, cfg=1.5, uncond_retrieved=False), use)[0]}
+  settings = {"sample": chosen(tmp_path, use, cfg=1.5)[0],
+              "sample --nouncond_retrieved": chosen(tmp_path, use, cfg=1.5,
+                                                    uncond_retrieved=False)[0]}
   settings.update({name: s for name, s in {**eval_shapes.SETTINGS,
                                            **eval_shapes.RETRIEVAL_SETTINGS}.items()
                    if s.guidance != 1})
@@ -378,66 +375,6 @@ def test_guidance_keeps_the_retrieved_documents_in_the_unconditional_stream_by_d
     dropped = "no documents" in name or "--nouncond_retrieved" in name
     want = caption_free if dropped else [EOS, 7, 8] + caption_free
     assert asked[0].uncond_prompt.tolist() == want, name
-
-
-def memorised_documents(vocab, captions, codes, region):
-  """One row per document: each image drawn from its caption, captioned by infilling, and its
-  codes `region` infilled, as the CM3 stream writes them (cm3jax/data/cm3.py)."""
-  s0, start, end = vocab.sentinel(0), *region
-  docs = []
-  for caption, image in zip(captions, codes):
-    text, image = vocab.encode_text(caption), vocab.image_tokens(image).tolist()
-    docs += [[EOS, *text, vocab.break_id, *image],
-             [EOS, s0, vocab.break_id, *image, s0, *text, vocab.eoss_id],
-             [EOS, *text, vocab.break_id, *image[:start], s0, *image[end:], s0,
-              *image[start:end], vocab.eoss_id]]
-  return docs
-
-
-def test_tasks_of_a_model_that_memorised_its_documents(vocab):
-  """A small model trained on eight image-caption pairs until it knows them: the tasks'
-  prompts are the ones it learnt, so it draws each caption's codes, names each image and fills
-  in each region exactly."""
-  captions = [shapes.scene("train", i).caption() for i in range(8)]
-  codes = np.random.default_rng(5).integers(0, CODES, (8, 16))
-  docs = memorised_documents(vocab, captions, codes, (5, 11))
-  L = 64
-  tokens = np.full((len(docs), L + 1), PAD, np.int32)
-  for row, doc in enumerate(docs):
-    tokens[row, :len(doc)] = doc
-  targets = tokens[:, 1:]
-  weights = ((targets != PAD) & ~vocab.is_sentinel(targets)).astype(np.float32)
-  config = tiny_config(seq_len=L, global_batch_size=len(docs), num_train_steps=250, **{
-      "model.vocab_size": vocab.size, "model.max_seq_len": L, "model.d_model": 64,
-      "model.num_heads": 4, "model.mlp_dim": 256, "model.num_layers": 2,
-      "optimizer.peak_lr": 3e-3, "optimizer.warmup_steps": 20, "optimizer.weight_decay": 0.0})
-  s = trainer.setup(config, jax.devices()[:1])
-  host_batch = {"inputs": tokens[:, :-1], "targets": targets, "weights": weights}
-  with sharding.use_mesh(s.mesh):
-    state = s.init_state(jax.random.PRNGKey(0))
-    batch = trainer.device_batch(host_batch, s.batch_sharding)
-    for _ in range(config.num_train_steps):
-      state, _ = s.train_step(state, batch)
-  sampler = engine.Sampler(s.model_cfg, state.params, vocab, s.mesh)
-  greedy, key = engine.SamplingConfig(greedy=True), jax.random.PRNGKey(0)
-  assert engine.caption_images(sampler, codes, key) == captions
-  drawn = engine.text_to_image(sampler, captions, 1, 16, key, sampling=greedy)[:, 0]
-  np.testing.assert_array_equal(drawn, codes)
-  # Self-reranking: the model finds each image's own caption the likeliest of the eight, so
-  # of the eight images as candidates for a caption it keeps that caption's.
-  scores_IxC = np.stack([engine.caption_log_likelihood(sampler, codes, [c] * 8)
-                         for c in captions], 1)
-  np.testing.assert_array_equal(scores_IxC.argmax(1), np.arange(8))
-  shuffled = np.stack([codes[np.random.default_rng(i).permutation(8)] for i in range(8)])
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(engine, "text_to_image", lambda *a, **k: shuffled)
-    np.testing.assert_array_equal(
-        engine.text_to_image_reranked(sampler, captions, 8, 16, key), codes)
-  for caption, image in zip(captions[:3], codes):
-    damaged = image.copy()
-    damaged[5:11] = (damaged[5:11] + 1) % CODES
-    np.testing.assert_array_equal(
-        engine.infill_image(sampler, caption, damaged, 5, 11, key, greedy), image)
 
 
 def test_log_likelihood_sums_the_continuation_tokens_of_the_full_forward(sampler, vocab):
@@ -563,14 +500,9 @@ def test_the_report_records_the_best_row_of_each_use(tmp_path):
       sampling=dict(top_p=0.9), candidates=8)
 
 
-SETTING_FLAGS = ("cfg", "s_img", "s_txt", "rerank", "rerank_by", "uncond_retrieved") + tuple(
-    sample.SAMPLING_FLAGS)
-
-
-def unset_flags(workdir, **given):
-  """What cm3jax.sample's flags hold when only `given` is on the command line."""
-  return types.SimpleNamespace(**{**dict.fromkeys(SETTING_FLAGS), "retriever": None,
-                                  "memory": None, "workdir": str(workdir), **given})
+def chosen(workdir, use, memory=None, **given):
+  """cm3jax.sample's setting of `use` when only `given` (and --memory) is on the command line."""
+  return sample.chosen_setting(str(workdir), use, given, "retriever" if memory else "model")
 
 
 def record_best_of_8(workdir):
@@ -585,19 +517,18 @@ def record_best_of_8(workdir):
 
 def test_sample_draws_with_the_recorded_setting_unless_a_flag_says_otherwise(tmp_path):
   record_best_of_8(tmp_path)
-  setting, line = sample.chosen_setting(unset_flags(tmp_path), "text_to_image")
+  setting, line = chosen(tmp_path, "text_to_image")
   assert setting.config == engine.SamplingConfig(top_p=0.9)
   assert (setting.guidance, setting.candidates, setting.rerank_by) == (1.0, 8, "model")
   row = f"text_to_image, {BEST_OF_8}"
   assert line == (f"sampling text_to_image with --top_p=0.9 --cfg=1 --rerank=8 --rerank_by=model "
                   f"(the best measured, row {row!r} of eval_shapes.json at step 2400: "
                   f"validation 74.4%, test 1.6%, recorded in {tmp_path}/sampling_defaults.json)")
-  setting, line = sample.chosen_setting(unset_flags(tmp_path, cfg=2.0, top_k=5, greedy=False,
-                                                    rerank=2), "text_to_image")
+  setting, line = chosen(tmp_path, "text_to_image", cfg=2.0, top_k=5, greedy=False, rerank=2)
   assert (setting.guidance, setting.candidates, setting.rerank_by) == (2.0, 2, "model")
   assert setting.config == engine.SamplingConfig(top_k=5, top_p=0.9)
   assert line.endswith("; --cfg --top_k --greedy --rerank as given)"), line
-  setting, line = sample.chosen_setting(unset_flags(tmp_path, s_txt=7.5), "edit")
+  setting, line = chosen(tmp_path, "edit", s_txt=7.5)
   assert (setting.image_guidance, setting.guidance, setting.config.greedy) == (1.0, 7.5, True)
   assert line.startswith("sampling edit with --greedy --s_img=1 --s_txt=7.5 (the best measured, "
                          "row 'edit, greedy' of eval_tasks.json"), line
@@ -606,18 +537,17 @@ def test_sample_draws_with_the_recorded_setting_unless_a_flag_says_otherwise(tmp
 def test_sample_without_a_recorded_setting_draws_greedily_without_guidance(tmp_path):
   """Not the worst measured setting: every report measures the paper's guidance scales worst."""
   for use in ("text_to_image", "text_to_image, 3 retrieved", "edit", "seg2image"):
-    setting, line = sample.chosen_setting(unset_flags(tmp_path), use)
+    setting, line = chosen(tmp_path, use)
     assert setting.config.greedy and setting.guidance == setting.image_guidance == 1.0
     assert setting.candidates == 1
     assert line.endswith(f"({tmp_path}/sampling_defaults.json records no measured setting of "
                          f"{use}: greedy without guidance)"), line
-  setting, _ = sample.chosen_setting(unset_flags(tmp_path, rerank=4, memory="bank"),
-                                     "text_to_image, 3 retrieved")
+  setting, _ = chosen(tmp_path, "text_to_image, 3 retrieved", rerank=4, memory="bank")
   assert (setting.candidates, setting.rerank_by) == (4, "retriever")
   assert not setting.config.greedy and setting.config.top_p == 0.9  # 4 draws, not 4 copies
-  setting, _ = sample.chosen_setting(unset_flags(tmp_path, top_k=5), "text_to_image")
+  setting, _ = chosen(tmp_path, "text_to_image", top_k=5)
   assert not setting.config.greedy and setting.config.top_k == 5
-  setting, _ = sample.chosen_setting(unset_flags(tmp_path, rerank=4, greedy=True), "text_to_image")
+  setting, _ = chosen(tmp_path, "text_to_image", rerank=4, greedy=True)
   assert setting.config.greedy  # as asked
   assert engine.Setting().guidance == 1.0  # and the library draws without guidance too
 
@@ -637,7 +567,7 @@ def test_sample_without_a_recorded_setting_draws_greedily_without_guidance(tmp_p
 def test_a_damaged_sampling_defaults_file_refuses_in_one_line(tmp_path, text, why):
   (tmp_path / "sampling_defaults.json").write_text(text)
   with pytest.raises(ConfigError) as refused:
-    sample.chosen_setting(unset_flags(tmp_path), "text_to_image")
+    chosen(tmp_path, "text_to_image")
   message = str(refused.value)
   assert message.startswith(f"{tmp_path}/sampling_defaults.json is not a sampling-defaults file")
   assert why in message and "\n" not in message, message

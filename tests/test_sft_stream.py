@@ -5,6 +5,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -234,7 +235,7 @@ def test_tokenize_tasks_writes_jsonl_records_and_counts_bad_rows(tmp_path):
   assert tokenize_tasks.tokenize_split(Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl", "train",
                                        out, 1, shard_size=1) == summary
   (tmp_path / "validation.jsonl").write_text("not json\n")
-  with pytest.raises(ConfigError, match="split validation has no usable record"):
+  with pytest.raises(ConfigError, match="split validation has no usable example"):
     tokenize_tasks.tokenize_split(Tokenizer(), f"jsonl:{tmp_path}/{{split}}.jsonl",
                                   "validation", out, 1)
   with pytest.raises(ConfigError, match="is not shapes_tasks or jsonl:PATH"):
@@ -259,6 +260,42 @@ def test_tokenize_tasks_refuses_a_finished_split_made_otherwise(tmp_path):
   with pytest.raises(ConfigError, match=r"made with shard_size=4096 \(this run: 5\)"):
     tokenize_tasks.tokenize_split(Tokenizer(), "shapes_tasks", "validation", out, 2, shard_size=5)
   assert tokenize_tasks.tokenize_split(Tokenizer(), "shapes_tasks", "validation", out, 2) == summary
+
+
+def test_tokenize_tasks_resumes_after_the_whole_shards_of_a_killed_run(tmp_path):
+  made_from = tokenize_tasks.source("shapes_tasks", 2)
+  suite = lambda: tokenize_tasks.records("shapes_tasks", "validation", 2, collections.Counter())
+  clean = tokenize_tasks.write_split(Tokenizer(), suite(), str(tmp_path / "clean"), "validation",
+                                     shard_size=5, made_from=made_from)
+
+  def killed_at_the_eighth():
+    for i, record in enumerate(suite()):
+      if i == 7:
+        raise KeyboardInterrupt
+      yield record
+  out = str(tmp_path / "tasks")
+  with pytest.raises(KeyboardInterrupt):
+    tokenize_tasks.write_split(Tokenizer(), killed_at_the_eighth(), out, "validation",
+                               shard_size=5, made_from=made_from)
+  assert sorted(os.listdir(out)) == ["validation-00000.tfrecord", "validation.settings.json"]
+  class Counting(Tokenizer):
+    images = 0
+
+    def encode(self, images):
+      self.images += len(images)
+      return super().encode(images)
+  again, resuming = Counting(), Counting()
+  tokenize_tasks.write_split(again, suite(), str(tmp_path / "again"), "validation", shard_size=5,
+                             made_from=made_from)
+  resumed = tokenize_tasks.write_split(resuming, suite(), out, "validation", shard_size=5,
+                                       made_from=made_from)
+  assert 0 < resuming.images < again.images  # the first shard's records are not encoded again
+  assert resumed == clean and resumed["tasks"] == {t: 2 for t in sorted(sft.TASKS)}
+  for got, want in zip(task_shards.read_split(out, "validation"),
+                       task_shards.read_split(str(tmp_path / "clean"), "validation"), strict=True):
+    assert got.task == want.task and len(got.input) == len(want.input)
+    for a, b in zip(got.input + got.output, want.input + want.output, strict=True):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_tokenize_tasks_writes_the_shapes_suite_with_each_picture_encoded(tmp_path):

@@ -1,7 +1,3 @@
-import json
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +5,7 @@ import pytest
 
 from cm3jax import data
 from cm3jax.config import ConfigError
-from cm3jax.core import checkpoint, sharding
+from cm3jax.core import sharding
 from cm3jax.training import loss, optimizer, train, trainer
 from tests.helpers import tiny_config
 
@@ -169,79 +165,6 @@ def test_tiny_model_overfits_a_fixed_batch():
   assert history[0]["loss"] > 4.5  # ln(128) = 4.85 at the start
   assert history[-1]["loss"] < 0.1
   assert history[-1]["accuracy"] >= 0.97
-
-
-def test_train_logs_checkpoints_and_falls(tmp_path):
-  config = tiny_config(num_train_steps=40, eval_every=20, checkpoint_every=20,
-                       keep_checkpoints=1, **{"optimizer.peak_lr": 1e-2,
-                                              "optimizer.warmup_steps": 5, "log_every": 10})
-  history = train.train(config, str(tmp_path))
-  losses = [h["loss"] for h in history if "loss" in h]
-  evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-  assert len(losses) == 4 and len(evals) == 2
-  assert losses[-1] < losses[0] - 1.0
-  assert evals[-1] < evals[0]
-  for h in history:
-    if "loss" in h:
-      assert {"perplexity", "accuracy", "grad_norm", "learning_rate", "tokens_per_s",
-              "tflops_per_device"} <= set(h)
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["40"]
-  saved = json.load(open(tmp_path / "checkpoints" / "40" / "config" / "metadata"))
-  assert saved["model"]["num_layers"] == config.model.num_layers
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
-
-
-def saved_params(config, workdir, step):
-  abstract = trainer.setup(config).abstract_state.params
-  return jax.device_get(checkpoint.restore_params(str(workdir), step, abstract))
-
-
-def test_init_from_starts_a_run_from_the_parameters_only(tmp_path):
-  base = tiny_config(**{"optimizer.peak_lr": 1e-2})
-  train.train(base, str(tmp_path / "base"))
-  pretrained = saved_params(base, tmp_path / "base", 6)
-  # A learning rate too small to move the parameters: the run starts where the base ended,
-  # from step 0 with a fresh optimiser (base's schedule would be at its end).
-  tuned = tiny_config(num_train_steps=2, init_from=str(tmp_path / "base"),
-                      **{"optimizer.peak_lr": 1e-12, "optimizer.warmup_steps": 0})
-  history = train.train(tuned, str(tmp_path / "tuned"))
-  assert [h["step"] for h in history if "loss" in h] == [1, 2]
-  assert history[0]["learning_rate"] == pytest.approx(1e-12)
-  assert checkpoint.latest_step(str(tmp_path / "tuned")) == 2
-  after = saved_params(tuned, tmp_path / "tuned", 2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), after, pretrained)
-  tuned.init_from = ""
-  train.train(tuned, str(tmp_path / "fresh"))
-  fresh = saved_params(tuned, tmp_path / "fresh", 2)
-  assert not np.allclose(fresh["embed"], pretrained["embed"], atol=1e-3)
-
-
-def test_resume_continues_exactly(tmp_path):
-  config = tiny_config(keep_checkpoints=5)
-  uninterrupted = train.train(config, str(tmp_path / "a"))
-  train.train(config, str(tmp_path / "b"))
-  # A run that stopped after its step-3 checkpoint, resumed with another seed: the restored
-  # RNG, not the new seed, decides the data.
-  shutil.rmtree(tmp_path / "b" / "checkpoints" / "6")
-  config.seed = 123
-  resumed = train.train(config, str(tmp_path / "b"))
-  train_losses = lambda h: [(x["step"], x["loss"]) for x in h if "loss" in x]
-  assert train_losses(resumed) == train_losses(uninterrupted)[3:]
-  assert [step for step, _ in train_losses(resumed)] == [4, 5, 6]
-
-
-def test_resume_is_refused_on_another_number_of_hosts(tmp_path):
-  config = tiny_config(num_train_steps=3)
-  train.train(config, str(tmp_path))
-  metadata = tmp_path / "checkpoints" / "3" / "data" / "metadata"
-  saved = json.loads(metadata.read_text())
-  assert saved == {"positions": [[3]]}
-  metadata.write_text(json.dumps({"positions": [[3], [3]]}))  # as a 2-host run writes it
-  config.num_train_steps = 6
-  with pytest.raises(ConfigError, match="holds the data positions of 2 hosts; resume it on 2 "
-                     "hosts, not 1"):
-    train.train(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
 
 
 def test_resume_is_refused_with_another_vocabulary(tmp_path):

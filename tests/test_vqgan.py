@@ -14,7 +14,9 @@ from tests import torch_vqgan
 
 SMALL = VQGANConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
                     attn_resolutions=(16,), z_channels=16, embed_dim=16, n_embed=512)
-CHAMELEON = VQGANConfig(resolution=512, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
+# Chameleon's layout (levels, blocks, attention, codebook) at a width and resolution that run in
+# seconds: its 512x512 tokenizer (ch=128) has the same parameter names, four times as wide.
+CHAMELEON = VQGANConfig(resolution=64, ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
                         attn_resolutions=(), z_channels=256, embed_dim=256, n_embed=8192)
 
 
@@ -28,6 +30,11 @@ def reference_model(cfg, seed=0):
         p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
     model.quantize.embedding.weight.normal_()
   return model
+
+
+def init_small(seed):
+  """SMALL's initial parameters, by one program that the tests compile once."""
+  return jax.jit(VQGAN(SMALL).init)(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))["params"]
 
 
 def state_dict(model):
@@ -55,7 +62,7 @@ def test_pytorch_vqgan_converts_exactly(cfg):
 
 
 def test_flax_to_torch_to_flax_is_bitwise(tmp_path):
-  params = jax.jit(VQGAN(SMALL).init)(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = init_small(3)
   again = torch_io.state_dict_to_params(torch_io.params_to_state_dict(params), SMALL)
   jax.tree.map(np.testing.assert_array_equal, again, jax.device_get(params))
 
@@ -114,7 +121,7 @@ def test_mismatched_state_dicts_are_named():
 def test_straight_through_gradients_reach_the_encoder():
   model = VQGAN(SMALL)
   images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), images)["params"]
+  params = init_small(0)
 
   def loss(p):
     recon, _, vq_loss, _ = model.apply({"params": p}, images)
@@ -128,7 +135,7 @@ def test_straight_through_gradients_reach_the_encoder():
 def test_l2_normalized_codebook_decodes_unit_vectors():
   cfg = VQGANConfig(**{**SMALL.__dict__, "l2_normalized_codes": True})
   model = VQGAN(cfg)
-  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = init_small(0)  # the switch adds no parameter
   codes = jnp.arange(cfg.tokens_per_image)[None] % cfg.n_embed
   vectors = model.apply({"params": params}, codes.reshape(1, 8, 8),
                         method=lambda m, c: m.quantize.lookup(c))

@@ -1,14 +1,24 @@
-"""The export command, in a subprocess: export a run and import it back, and its refusals."""
+"""The export command, in a subprocess: export a run and import it back, and its refusals; and
+real OPTs, imported, train on."""
 
 import os
 
 import pytest
 
 from cm3jax.core import checkpoint
-from tests.helpers import assert_one_line_error, run_module
-from tests.test_export import make_workdir, vocab  # noqa: F401
+from cm3jax.training import train
+from tests.helpers import assert_one_line_error, run_module, tiny_config
+from tests.test_export import OPT_VARIANTS, import_random_opt, make_workdir, vocab  # noqa: F401
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("variant", OPT_VARIANTS)
+def test_a_real_opt_import_trains_on(variant, vocab, vqgan_workdir, tmp_path):
+  _, cfg, _ = import_random_opt(tmp_path, vocab, vqgan_workdir, variant)
+  config = tiny_config(num_train_steps=2, **{f"model.{k}": v for k, v in cfg.to_dict().items()})
+  history = train.train(config, str(tmp_path / "run"))
+  assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
 def test_cli(vocab, vqgan_workdir, tmp_path):

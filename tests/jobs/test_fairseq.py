@@ -1,5 +1,5 @@
-"""CM3's fairseq checkpoints through the export command: bad files refused in one line, and the
-import command of docs/export.md."""
+"""CM3's fairseq checkpoints through the export command: bad files refused in one line, the
+import command of docs/export.md; and an imported checkpoint trains on."""
 
 import os
 import re
@@ -11,11 +11,21 @@ import torch
 from cm3jax.config import ConfigError
 from cm3jax.core import checkpoint
 from cm3jax.io import export
+from cm3jax.training import train
 from tests.helpers import REPO, assert_one_line_error, run_module, tiny_config
-from tests.test_fairseq import (_state_and_cfg, dictionary, opt_form_checkpoint,  # noqa: F401
-                                spm_model)
+from tests.test_fairseq import (_state_and_cfg, dictionary, imported,  # noqa: F401
+                                opt_form_checkpoint, spm_model, xglm_checkpoint)
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new"])
+def test_a_fairseq_checkpoint_trains_on(activation, spm_model, dictionary, tmp_path):
+  _, files = xglm_checkpoint(tmp_path, spm_model, dictionary, activation)
+  cfg, _, _ = imported(files, tmp_path / "run")
+  config = tiny_config(num_train_steps=2, **{f"model.{k}": v for k, v in cfg.to_dict().items()})
+  history = train.train(config, str(tmp_path / "run"))
+  assert [h["step"] for h in history if "loss" in h] == [1, 2]
 
 
 def test_bad_files_are_refused_in_one_line(spm_model, dictionary, tmp_path):
