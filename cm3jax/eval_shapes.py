@@ -23,8 +23,9 @@ guidance is scored with the documents in the unconditional stream and without th
 retriever (--retriever, or the bank's), best of 8 reranked by the retriever's image-text score
 is scored too.
 
-  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft --tasks=edit,grounded,seg2image,image2seg,caption,vqa \
-      --splits=validation --num_examples=200 --baseline=workdirs/tiny
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft \
+      --tasks=edit,grounded,seg2image,image2seg,caption,vqa --splits=validation \
+      --num_examples=200 --baseline=workdirs/tiny
 
 scores the instruction-tuned tasks instead (cm3jax/eval/eval_tasks.py) on each split's first
 --num_examples records of every task of the shapes task suite, for the run and, with

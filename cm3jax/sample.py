@@ -113,8 +113,7 @@ def main(FLAGS):
   if use:
     at_hand = "retriever" if FLAGS.retriever or FLAGS.memory else "model"
     setting, line = sample.chosen_setting(FLAGS.workdir, use, given, at_hand)
-    if (setting.candidates > 1 and setting.rerank_by == "retriever"
-        and not (FLAGS.retriever or FLAGS.memory)):
+    if setting.candidates > 1 and setting.rerank_by == "retriever" and at_hand == "model":
       raise ConfigError("--rerank_by=retriever needs a retriever: --retriever or --memory (its "
                         "bank's)")
     print(line)

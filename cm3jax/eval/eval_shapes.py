@@ -46,8 +46,9 @@ def evaluate(run: Run, split: str, num_examples: int = 1000, batch_size: int = 1
              memory: Optional[augment.Memory] = None, retrieve: int = 0,
              reranker: Optional[retriever.Retriever] = None) -> dict:
   """Text->image accuracy per sampling setting and caption accuracy on a shapes split (test: the
-  held-out compositions; validation: compositions seen in training), of the run. With `retrieve` > 0, each caption follows the `retrieve` documents of `memory`
-  nearest it, and each image being captioned those nearest the image. `reranker` (by default
+  held-out compositions; validation: compositions seen in training), of the run. With
+  `retrieve` > 0, each caption follows the `retrieve` documents of `memory` nearest it, and each
+  image being captioned those nearest the image. `reranker` (by default
   the memory's retriever) scores the settings that rerank by the retriever."""
   if retrieve and memory is None:
     raise ConfigError(f"retrieve={retrieve} needs a memory bank")
