@@ -78,7 +78,7 @@ def main(FLAGS):
   else:
     eval_shapes.check_splits(FLAGS.splits)
   t = time.perf_counter()
-  run = run_lib.load(FLAGS.workdir)
+  run = run_lib.load(FLAGS.workdir, memory=FLAGS.memory or "")
   if FLAGS.tasks:
     baseline = run_lib.load(FLAGS.baseline) if FLAGS.baseline else None
     runs = eval_tasks.report(run, FLAGS.splits, FLAGS.tasks, FLAGS.num_examples,
@@ -89,8 +89,7 @@ def main(FLAGS):
         for f in eval_tasks.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
     return
   results = eval_shapes.report(run, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size,
-                               FLAGS.seed, FLAGS.retrieve, FLAGS.memory or "",
-                               FLAGS.retriever or "")
+                               FLAGS.seed, FLAGS.retrieve, FLAGS.retriever or "")
   print("\n".join(eval_shapes.table(results)))
   print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
       os.path.join(FLAGS.workdir, f)

@@ -104,11 +104,19 @@ def tokenize_shapes(vqgan_workdir: str, data_dir: str, out: str) -> str:
   return out
 
 
+def command_env() -> dict[str, str]:
+  """The environment of a command the tests start: the tests' own, with this checkout on the
+  path and the CPU backend at its default optimisation level (the commands train; see
+  conftest)."""
+  flags = [f for f in os.environ["XLA_FLAGS"].split()
+           if not f.startswith("--xla_backend_optimization_level")]
+  return dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=" ".join(flags))
+
+
 def run_module(module: str, *args, timeout: int = 600) -> subprocess.CompletedProcess:
   """`python -m MODULE ARGS` from the repository's root, as the README runs it."""
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
-                        env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
-                        timeout=timeout)
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=command_env(),
+                        capture_output=True, text=True, timeout=timeout)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, tool: str, message: str):

@@ -40,6 +40,12 @@ class Checkpoints:
     self.vocab = vocab
     # A config file written before the option existed lacks it: no new run over damaged ones.
     self.new_run_over_damaged = config.get("new_run_over_damaged", False)
+    # Replica-parallel saving has each replica of an array write a slice of it, compiling one
+    # slice per array (orbax#2934: 168 compilations, 13 s, for the VQGAN's state on 8 CPU
+    # devices); it saves time only when the replicas sit on several hosts.
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1),
+        override=True)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.keep_checkpoints, enable_async_checkpointing=config.async_checkpointing,
         create=True)

@@ -7,7 +7,6 @@ from typing import Optional, Sequence
 import jax
 
 from cm3jax.config import ConfigError
-from cm3jax.core.paths import retrieval_paths
 from cm3jax.data import code_shards, shapes
 from cm3jax.data.shapes_analyser import analyse, caption_matches
 from cm3jax.eval import reports
@@ -114,20 +113,19 @@ def columns(splits: Sequence[str], retrieve: int) -> dict[str, tuple[str, int]]:
 
 
 def report(run: Run, splits: Sequence[str], num_examples: int, batch_size: int = 128,
-           seed: int = 0, retrieve: int = 0, memory_path: str = "", retriever_path: str = ""
-           ) -> dict:
-  """`evaluate` of each split, and with `retrieve` of each split with retrieval from the memory
-  bank at `memory_path` (by default the run's), written to WORKDIR/eval_shapes.json (by column)
-  and, as the table that `table` makes, WORKDIR/eval_shapes.md."""
+           seed: int = 0, retrieve: int = 0, retriever_path: str = "") -> dict:
+  """`evaluate` of each split, and with `retrieve` of each split with retrieval from the run's
+  memory bank (`cm3jax.load(workdir, memory=...)`), written to WORKDIR/eval_shapes.json (by
+  column) and, as the table that `table` makes, WORKDIR/eval_shapes.md."""
   check_splits(splits)
   if retrieve < 0:
     raise ConfigError(f"retrieve={retrieve}: retrieve 0 documents (none) or more")
   if run.vqgan is None:
     raise ConfigError(f"{run.workdir} is a text-only model: eval_shapes scores image models")
-  memory = None
-  if retrieve:
-    memory = augment.Memory.load(
-        memory_path or retrieval_paths(run.config["cm3"], run.workdir).memory)
+  if retrieve and run.memory_bank is None:
+    raise ConfigError(f"retrieve={retrieve} needs a memory bank and {run.workdir} has none: "
+                      "build one (python -m cm3jax.build_memory) or name one")
+  memory = run.memory if retrieve else None
   reranker = retriever.load(retriever_path) if retriever_path else None
   results = {}
   for column, (split, retrieved) in columns(splits, retrieve).items():

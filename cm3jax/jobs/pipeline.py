@@ -322,8 +322,7 @@ def make_report(job: Job) -> str:
   made = list(sample.SAMPLE_FILES)
   if report_splits(job):
     eval_shapes.report(run, report_splits(job), job.config.report_examples,
-                       retrieve=job.config.cm3.retrieval.documents,
-                       memory_path=job.retrieval.memory)
+                       retrieve=job.config.cm3.retrieval.documents)
     made += eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)
   print("\n".join(f"  {line}" for line in lines))
   return ", ".join(made)

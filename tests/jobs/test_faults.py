@@ -24,7 +24,7 @@ from cm3jax.core import model as model_lib
 from cm3jax.data import synthetic
 from cm3jax.sampling import engine
 from cm3jax.training import faults, train, trainer
-from tests.helpers import REPO, run_module, tiny_config
+from tests.helpers import REPO, command_env, run_module, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -249,7 +249,7 @@ def losses(stdout: str) -> dict[int, str]:
 
 def start(*args) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "cm3jax.train", *TRAIN, *args], cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=REPO), stdout=subprocess.PIPE,
+                          env=command_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from cm3jax.retrieval import memory
-from tests.helpers import REPO, assert_one_line_error, run_module
+from tests.helpers import REPO, assert_one_line_error, command_env, run_module
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def test_a_bank_killed_after_3_of_8_shards_refuses_another_shard_size(
           f"--out={tmp_path}/bank", "--batch_size=32"]
   process = subprocess.Popen(
       [sys.executable, "-m", "cm3jax.build_memory", *args, "--shard_size=64"], cwd=REPO,
-      env=dict(os.environ, PYTHONPATH=REPO), text=True, stdout=subprocess.PIPE,
+      env=command_env(), text=True, stdout=subprocess.PIPE,
       stderr=subprocess.DEVNULL)
   seen = ""
   for line in process.stdout:
