@@ -8,7 +8,8 @@ import os
 os.environ["JAX_PLATFORMS"] = "cpu"  # Never probe for TPUs, even where libtpu is installed.
 # The tests compile far more than they run. At the CPU backend's lowest optimisation level a
 # VQGAN compiles in half the time and trains a quarter slower; the fast tier took 3 min 57 s
-# instead of 5 min 1 s, cold (docs/testing.md). The commands the tests start, which train, keep the default (command_env).
+# instead of 5 min 1 s, cold (docs/testing.md). The commands the tests start, which train,
+# keep the default (helpers.command_env).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
