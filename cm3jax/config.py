@@ -189,8 +189,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.report_examples = 1000  # The pipeline's last stage: eval_shapes examples per split.
 
-  # Devices per mesh axis; -1 takes the devices the other axes leave.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  # Devices per mesh axis (of one slice); -1 takes the devices the other axes leave. Over several
+  # TPU slices (multislice), the data axis also spans the `slices` (-1: as many as the devices
+  # span): data parallelism across slices, over the data-center network.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, slices=-1))
 
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=65536,

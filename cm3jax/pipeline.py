@@ -37,7 +37,7 @@ resumes a partial one and makes a missing one. Empty cm3 paths are WORKDIR/vqgan
 and WORKDIR/tokenizer.model (and WORKDIR/retriever, memory and neighbours); a path that names
 existing inputs (a VQGAN trained elsewhere, codes of your own data) is reused as it is. On
 several hosts (--multihost) a stage that is not sharded runs on process 0 while the others wait;
-sharded stages (the trainers and the memory bank) run on every host.
+sharded stages (the trainers, the image codes and the memory bank) run on every host.
 The stages are the rows of `STAGES`, `RETRIEVAL_STAGES`, `TEXT_STAGES` and `SFT_STAGES`.
 """
 

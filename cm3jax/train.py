@@ -2,6 +2,7 @@
 
   python -m cm3jax.train --config=configs/tiny.py --workdir=/tmp/cm3jax_tiny
   python -m cm3jax.train --config=configs/7b.py --compile_only --topology=v5p:4x4x4
+  python -m cm3jax.train --config=configs/7b.py --compile_only --topology=v5e:16x16 --num_slices=2
 
 A run resumes from the latest checkpoint in --workdir; a new run with --config.init_from=W starts
 from the parameters of W's newest checkpoint (instruction tuning: configs/tiny_sft.py). Config
@@ -22,11 +23,13 @@ def _define_flags():
   flags.DEFINE_bool("compile_only", False,
                     "Compile the train step for --topology, report memory and FLOPs, exit.")
   flags.DEFINE_string("topology", None, "TPU topology for --compile_only: v5p:4x4x4.")
+  flags.DEFINE_integer("num_slices", 1, "Slices of --topology for --compile_only (multislice: "
+                       "the data axis spans them, config mesh.slices).")
 
 
 def main(FLAGS):
   if FLAGS.compile_only:
-    report = aot.compile_train_step(FLAGS.config, FLAGS.topology)
+    report = aot.compile_train_step(FLAGS.config, FLAGS.topology, FLAGS.num_slices)
     print("\n".join(report.lines()))
     sys.exit(0 if report.fits else 1)
   train.train(FLAGS.config, FLAGS.workdir)

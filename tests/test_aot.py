@@ -4,7 +4,7 @@ import libtpu  # noqa: F401  (requirements-test.txt installs it: a missing one f
 import pytest
 
 from cm3jax.config import ConfigError
-from cm3jax.core import hardware
+from cm3jax.core import hardware, sharding
 from cm3jax.training import aot
 from tests.helpers import tiny_config
 
@@ -41,6 +41,29 @@ def test_tensor_parallel_mesh_on_a_pod():
   assert len(devices) == 8 and hbm == 95 * 2**30
   config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
   assert aot.compile_train_step(config, "v5p:2x2x2").fits
+
+
+def test_multislice_data_parallelism_across_slices():
+  """Two v5e:2x2 slices: the data axis spans them, each slice holds the config's data x fsdp x
+  tensor, so the parameters are sharded within a slice and replicated across the two."""
+  devices, hbm = hardware.tpu_topology("v5e:2x2", num_slices=2)
+  assert len(devices) == 8 and hbm == 16 * 2**30
+  assert sorted({d.slice_index for d in devices}) == [0, 1]
+  mesh = sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "slices": 2}, devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  for row, slice_index in zip(mesh.devices, (0, 1)):  # one slice per step of the data axis
+    assert {d.slice_index for d in row.flat} == {slice_index}
+  with pytest.raises(ConfigError, match=r"mesh.slices=1 but the 8 devices span 2 slices: set "
+                                        r"mesh.slices=2 \(or -1\)"):
+    sharding.make_mesh({"data": 1, "fsdp": -1, "tensor": 1, "slices": 1}, devices)
+  config = tiny_config(**{"model.dtype": "bfloat16"})
+  report = aot.compile_train_step(config, "v5e:2x2", num_slices=2)
+  assert report.fits and report.num_devices == 8
+  assert report.target == ("2 x v5e:2x2: 8 x TPU v5 lite, mesh data=2 fsdp=4 tensor=1 "
+                           "(2 slices on the data axis)")
+  single = aot.compile_train_step(config, "v5e:2x2")
+  # The parameters and optimizer state are sharded over a slice's 4 chips in both.
+  assert report.memory["arguments"] < 1.2 * single.memory["arguments"]
 
 
 @pytest.mark.parametrize("topology, message", [

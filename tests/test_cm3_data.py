@@ -18,6 +18,7 @@ from cm3jax.core.vocab import EOS, Vocab  # noqa: E402
 from cm3jax.data import cm3, code_shards, html, shapes  # noqa: E402
 from cm3jax.prepare import train_tokenizer
 from cm3jax.retrieval import neighbours  # noqa: E402
+from tests.helpers import tiny_config
 
 CAPTIONS = [shapes.scene("train", i).caption() for i in range(2000)]
 TOKENS_PER_IMAGE = 16
@@ -131,12 +132,16 @@ def test_span_count_follows_clamped_poisson(vocab):
 def write_shards(directory, split, records, shard_size=40):
   """records: (caption bytes, codes) -> shards and manifest in the tokenize_images format."""
   os.makedirs(directory, exist_ok=True)
-  for shard, start in enumerate(range(0, len(records), shard_size)):
+  starts = range(0, len(records), shard_size)
+  for shard, start in enumerate(starts):
     with tf.io.TFRecordWriter(code_shards.shard_path(directory, split, shard)) as writer:
       for i, (caption, codes) in enumerate(records[start:start + shard_size], start):
         writer.write(code_shards.serialize(f"{i}".encode(), np.asarray(codes), caption))
   with open(code_shards.manifest_path(directory, split), "w") as f:
-    json.dump({"split": split, "records": len(records), "shards": shard + 1,
+    json.dump({"split": split, "records": len(records), "shards": len(starts),
+               "files": [os.path.basename(code_shards.shard_path(directory, split, i))
+                         for i in range(len(starts))],
+               "shard_records": [len(records[s:s + shard_size]) for s in starts],
                "tokens_per_image": TOKENS_PER_IMAGE, "codebook_size": CODES, "skipped": {}}, f)
 
 
@@ -214,19 +219,56 @@ def record_keys(records) -> list[bytes]:
 
 
 @pytest.mark.parametrize("num_hosts", [2, 3])
-def test_the_hosts_of_a_run_partition_every_epoch(tmp_path, num_hosts):
+def test_the_hosts_of_a_run_partition_every_epoch_reading_each_file_on_one_host(
+    tmp_path, num_hosts):
+  """Each host reads its stream from a copy of the split in which every file of the other hosts
+  is garbage: any record it took from one would fail to parse."""
   records = random_records(61)
-  write_shards(tmp_path, "train", records, shard_size=9)  # 7 files, the last of 7 records
-  paths = code_shards.shard_paths(str(tmp_path), "train")
+  write_shards(tmp_path / "codes", "train", records, shard_size=9)  # 7 files, the last of 7
+  paths, counts = code_shards.shard_files(str(tmp_path / "codes"), "train")
   every = sorted(f"{i}".encode() for i in range(len(records)))
   orders = []
   for epoch in range(3):
-    shares = [record_keys(cm3.epoch_records(paths, epoch, (0, 1), "train", host, num_hosts, 100))
-              for host in range(num_hosts)]
+    shares = []
+    for host in range(num_hosts):
+      mine = set(cm3.host_files(len(paths), epoch, (0, 1), "train", host, num_hosts).numpy())
+      copy = tmp_path / f"epoch{epoch}-host{host}"
+      copy.mkdir()
+      for i, path in enumerate(paths):
+        data = open(path, "rb").read() if i in mine else b"not a record" * 10
+        (copy / os.path.basename(path)).write_bytes(data)
+      copied = [str(copy / os.path.basename(p)) for p in paths]
+      shares.append(record_keys(cm3.epoch_records(copied, epoch, (0, 1), "train", host,
+                                                  num_hosts, 100)))
+      assert sorted(int(k) // 9 for k in shares[-1]) == sorted(  # whole files
+          i for i in mine for _ in range(counts[i]))
     assert sorted(sum(shares, [])) == every  # each record once, on one host
-    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert list(map(len, shares)) == cm3.host_shares(counts, epoch, (0, 1), "train", num_hosts)
     orders.append(shares[0])
   assert orders[0] != orders[1] != orders[2]  # every epoch is shuffled anew
+
+
+def test_fewer_files_than_hosts_share_records(tmp_path):
+  write_shards(tmp_path, "train", random_records(20), shard_size=10)
+  paths, counts = code_shards.shard_files(str(tmp_path), "train")
+  shares = [record_keys(cm3.epoch_records(paths, 0, (0, 1), "train", host, 3, 100))
+            for host in range(3)]
+  assert sorted(sum(shares, [])) == sorted(f"{i}".encode() for i in range(20))
+  assert list(map(len, shares)) == cm3.host_shares(counts, 0, (0, 1), "train", 3) == [7, 7, 6]
+
+
+def test_the_stream_says_how_unequal_the_hosts_shares_are(tmp_path, vocab):
+  for split in data.SPLITS:
+    write_shards(tmp_path / "codes", split, random_records(61), shard_size=9)
+  (tmp_path / "tokenizer.model").write_bytes(vocab.spm_model)
+  config = tiny_config(data="cm3", seq_len=96, global_batch_size=4,
+                       **{"cm3.max_spans": vocab.num_sentinels})
+  source = data.source(config, str(tmp_path))
+  line = source.unequal_shares("train", (0, 1), 0, 2)
+  shares = cm3.host_shares([9] * 6 + [7], 0, (0, 1), "train", 2)
+  assert f"read {min(shares)} to {max(shares)} records" in line and "7 files" in line
+  write_shards(tmp_path / "codes", "train", random_records(60), shard_size=10)
+  assert source.unequal_shares("train", (0, 1), 0, 2) == ""  # 3 files each
 
 
 @pytest.mark.parametrize("host, num_hosts", [  # (2, 3): another host of another count

@@ -81,7 +81,7 @@ def test_a_complete_stage_is_reused(hosts, capsys):
 
 def test_the_stage_table(tmp_path):
   assert [(s.name, s.sharded) for s in pipeline.STAGES] == [
-      ("image tokenizer", True), ("image codes", False), ("text tokenizer", False),
+      ("image tokenizer", True), ("image codes", True), ("text tokenizer", False),
       ("token model", True), ("report", False)]
   job = pipeline.Job(tiny_config(data="cm3"), str(tmp_path))
   assert [s.status(job)[0] for s in pipeline.STAGES] == [pipeline.MISSING] * 5

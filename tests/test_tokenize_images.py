@@ -77,9 +77,9 @@ def test_interrupted_run_resumes_without_loss_or_duplicates(vqgan_workdir, tmp_p
   examples = [(f"{i}".encode(), png(rgb), f"caption {i}".encode()) for i in range(23)]
   tokenizer = ImageTokenizer.load(vqgan_workdir)
 
-  def interrupted():
+  def interrupted():  # the images are decoded a batch ahead: 12 reach the encoder
     for i, ex in enumerate(examples):
-      if i == 13:
+      if i == 17:
         raise KeyboardInterrupt
       yield ex
 
@@ -96,11 +96,11 @@ def test_a_resume_with_other_settings_is_refused(vqgan_workdir, tmp_path):
   """Before, resuming 10 records written in shards of 5 with shards of 4 left 10 records on disk
   and a manifest that said 8."""
   rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-  examples = [(f"{i}".encode(), png(rgb), f"caption {i}".encode()) for i in range(13)]
+  examples = [(f"{i}".encode(), png(rgb), f"caption {i}".encode()) for i in range(17)]
   tokenizer = ImageTokenizer.load(vqgan_workdir)
 
-  def interrupted():
-    yield from examples[:12]
+  def interrupted():  # the images are decoded a batch ahead: 12 reach the encoder
+    yield from examples[:16]
     raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
@@ -111,7 +111,7 @@ def test_a_resume_with_other_settings_is_refused(vqgan_workdir, tmp_path):
   assert len(read_records(str(tmp_path), "train")) == 10
   assert not os.path.exists(tmp_path / "train.json")
   summary = tokenize_images.write_split(tokenizer, examples, str(tmp_path), "train", 4, 5)
-  assert summary["records"] == 13 and len(read_records(str(tmp_path), "train")) == 13
+  assert summary["records"] == 17 and len(read_records(str(tmp_path), "train")) == 17
 
 
 def test_a_finished_split_refuses_another_dataset_vqgan_or_shard_size(vqgan_workdir, tmp_path):
@@ -168,10 +168,19 @@ def test_missing_vqgan(tmp_path):
     ImageTokenizer.load(str(tmp_path))
 
 
-def test_prepare_counts_by_reason():
+def test_prepare_counts_by_reason_and_keeps_the_order():
   skipped = collections.Counter()
   assert list(tokenize_images.prepare([(b"k", b"junk", b"c")], 32, skipped)) == []
   assert skipped == {"undecodable image": 1}
+  rgb = np.random.default_rng(5).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+  bad = [(f"bad{i}".encode(), b"junk", b"c") for i in range(5)]  # a whole chunk of them
+  good = [(f"{i}".encode(), png(np.roll(rgb, i, 0)), b"c") for i in range(9)]
+  prepared = list(tokenize_images.prepare(good[:2] + bad + good[2:], 32, skipped, chunk=3,
+                                          workers=3))
+  assert [key for key, _, _ in prepared] == [key for key, _, _ in good]
+  for (_, data, _), (_, pixels, _) in zip(good, prepared):
+    np.testing.assert_array_equal(pixels, tokenize_images.decode_image(data, 32))
+  assert skipped == {"undecodable image": 6}
 
 
 def test_decode_checks_codes(vqgan_workdir):
@@ -189,14 +198,14 @@ def test_decode_checks_codes(vqgan_workdir):
 def test_shards_from_a_larger_dataset_are_refused(vqgan_workdir, tmp_path):
   rgb = np.zeros((32, 32, 3), np.uint8)
   tokenizer = ImageTokenizer.load(vqgan_workdir)
-  examples = [(f"{i}".encode(), png(rgb), b"c") for i in range(6)]
+  examples = [(f"{i}".encode(), png(rgb), b"c") for i in range(8)]  # 6 reach the encoder
   with pytest.raises(KeyboardInterrupt):
     def interrupted():
       yield from examples
       raise KeyboardInterrupt
     tokenize_images.write_split(tokenizer, interrupted(), str(tmp_path), "train", 2, 3)
   with pytest.raises(ConfigError, match="holds 2 shards of train, more than this dataset fills"):
-    tokenize_images.write_split(tokenizer, examples[:4], str(tmp_path), "train", 2, 3)
+    tokenize_images.write_split(tokenizer, examples[:5], str(tmp_path), "train", 2, 3)
 
 
 def test_tsv_source_skips_and_counts_bad_rows(vqgan_workdir, tmp_path):

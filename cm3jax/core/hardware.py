@@ -34,8 +34,9 @@ def peak_tflops(device_kind: str) -> Optional[float]:
   return None
 
 
-def tpu_topology(name: str):
-  """A topology name such as "v5p:4x4x4" -> (devices, HBM bytes per device).
+def tpu_topology(name: str, num_slices: int = 1):
+  """A topology name such as "v5p:4x4x4" -> (devices, HBM bytes per device), the devices of
+  `num_slices` such slices (multislice).
 
   Needs `libtpu` installed; no TPU has to be attached.
   """
@@ -47,6 +48,8 @@ def tpu_topology(name: str):
     num_chips = math.prod(int(d) for d in dims.split("x"))
   except ValueError:
     raise ConfigError(f"topology {name!r}: {dims!r} is not a shape like 4x4x4") from None
+  if num_slices < 1:
+    raise ConfigError(f"--num_slices={num_slices} must be at least 1")
   try:
     import libtpu  # noqa: F401  (only to give a clear error when it is missing)
   except ImportError:
@@ -59,8 +62,8 @@ def tpu_topology(name: str):
   try:
     topology = topologies.get_topology_desc(
         platform="tpu", topology_name=name, chip_config_name="default",
-        chips_per_host_bounds=chips_per_host, num_slices=1)
+        chips_per_host_bounds=chips_per_host, num_slices=num_slices)
   except Exception as e:  # libtpu reports bad shapes as a generic runtime error.
     raise ConfigError(f"topology {name!r}: {str(e).splitlines()[0]}") from None
   devices = topology.devices
-  return devices, hbm_gib * 2**30 * num_chips // len(devices)
+  return devices, hbm_gib * 2**30 * num_chips * num_slices // len(devices)

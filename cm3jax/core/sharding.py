@@ -58,13 +58,31 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """The mesh of ("data", "fsdp", "tensor") over `devices` (default: all). Over several TPU
+  slices (multislice: slices joined by the data-center network, not ICI), `mesh_config`'s sizes
+  are one slice's, and the data axis spans the slices as well: data parallelism across slices,
+  whose only traffic is the gradients' reduction. mesh_config["slices"] is how many the devices
+  span (-1 or absent: as many as they do)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_config, len(devices))
-  if devices[0].platform == "cpu":  # Host devices have no physical topology to respect.
+  slices = slice_count(devices)
+  wanted = mesh_config.get("slices", -1)
+  if wanted not in (-1, slices):
+    raise ConfigError(f"mesh.slices={wanted} but the {len(devices)} devices span {slices} "
+                      f"slice{'s' * (slices > 1)}: set mesh.slices={slices} (or -1)")
+  shape = mesh_shape(mesh_config, len(devices) // slices)
+  if slices > 1:
+    device_array = mesh_utils.create_hybrid_device_mesh(
+        shape, (slices, 1, 1), devices, allow_split_physical_axes=True)
+  elif devices[0].platform == "cpu":  # Host devices have no physical topology to respect.
     device_array = np.array(devices).reshape(shape)
   else:
     device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def slice_count(devices: Sequence[Any]) -> int:
+  """How many TPU slices `devices` span (1 for other devices, which have no slice_index)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def logical_sharding(logical_specs, mesh: Mesh):
@@ -128,4 +146,6 @@ def use_mesh(mesh: Mesh):
 
 
 def describe(mesh: Mesh) -> str:
-  return " ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+  slices = slice_count(mesh.devices.flat)
+  return (" ".join(f"{axis}={size}" for axis, size in mesh.shape.items())
+          + (f" ({slices} slices on the data axis)" if slices > 1 else ""))

@@ -113,6 +113,20 @@ class Source:
                        document_attention=config.cm3.document_attention, retrieved=retrieved,
                        document_form=config.cm3.document_form, skipped=self.left_out)
 
+  def unequal_shares(self, split: str, seed: Sequence[int], epoch: int, num_hosts: int) -> str:
+    """A line saying how unequally `num_hosts` hosts share the records of `split` in `epoch`
+    (each host reads whole files of it; cm3 and text sources), or "" when they share equally."""
+    if self.config.data not in ("cm3", "text") or num_hosts == 1:
+      return ""
+    from cm3jax.data import cm3
+    files, counts = code_shards.shard_files(self.shards, split)
+    shares = cm3.host_shares(counts, epoch, seed, split, num_hosts)
+    if max(shares) == min(shares):
+      return ""
+    return (f"the {num_hosts} hosts read {min(shares)} to {max(shares)} records of the {split} "
+            f"split's {len(files)} files in epoch {epoch} ({1 - min(shares) / max(shares):.1%} "
+            "fewer on the host with the fewest, whose records then recur more often)")
+
   def skipped(self) -> dict[str, int]:
     """Documents this source's streams have left out so far, by reason."""
     return dict(self.left_out)

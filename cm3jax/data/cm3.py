@@ -2,8 +2,9 @@
 "Data across hosts").
 
   code shards (cm3jax.tokenize_images; or text records, cm3jax.tokenize_text) -> this host's
-     share of each epoch's records (the hosts of a run partition every epoch; `epoch_records`),
-     shuffled per epoch
+     share of each epoch's records: the records of its files, each file read by one host (by
+     every host, each keeping its share of the records, when there are fewer files than
+     hosts); the hosts of a run partition every epoch (`epoch_records`); shuffled per epoch
   -> documents `</s> caption <break> image`, or `</s> text` of a text record (the next
      document's `</s>` closes each one); with cm3.retrieval, each record's document follows its
      retrieved documents, each in that form (neighbours computed offline by
@@ -188,29 +189,52 @@ def stream_seed(seed: Sequence[int], split: str, host: Optional[int] = None) -> 
   return int(np.random.default_rng([*seed, *scope]).integers(2**62))
 
 
-def epoch_records(paths: Sequence[str], epoch, seed: Sequence[int], split: str, host: int,
-                  num_hosts: int, shuffle_buffer: int):
-  """This host's serialised records of one pass, as a tf.data.Dataset.
+def host_files(num_files: int, epoch, seed: Sequence[int], split: str, host: int,
+               num_hosts: int):
+  """The indices of the files this host reads in one pass (tf int64 [k]), in reading order.
 
   Every host puts the files in the same order (for train, shuffled by the shared seed of the
-  epoch) and reads them into the same sequence of records, of which host h takes records h,
-  h + num_hosts, ...: the hosts partition each epoch exactly. Only then does each host shuffle
-  its share (train), with its own seed."""
+  epoch). With at least as many files as hosts, host h reads files h, h + num_hosts, ... of it,
+  each file on one host; with fewer, every host reads every file (`epoch_records` then shares
+  out their records)."""
   tf = tf_cpu.tensorflow()
-  shuffle = split == "train"
-  files = tf.constant(list(paths))
-  if shuffle:
-    files = tf.random.experimental.stateless_shuffle(
-        files, tf.stack([tf.constant(stream_seed(seed, split), tf.int64),
+  order = tf.range(num_files, dtype=tf.int64)
+  if split == "train":
+    order = tf.random.experimental.stateless_shuffle(
+        order, tf.stack([tf.constant(stream_seed(seed, split), tf.int64),
                          tf.cast(epoch, tf.int64)]))
-  records = tf.data.Dataset.from_tensor_slices(files).interleave(
+  return order[host::num_hosts] if num_files >= num_hosts else order
+
+
+def epoch_records(paths: Sequence[str], epoch, seed: Sequence[int], split: str, host: int,
+                  num_hosts: int, shuffle_buffer: int):
+  """This host's serialised records of one pass, as a tf.data.Dataset: the records of its files
+  (`host_files`) or, when the split has fewer files than hosts, records h, h + num_hosts, ... of
+  the sequence every host reads. Either way the hosts partition each epoch exactly. Only then
+  does each host shuffle its share (train), with its own seed."""
+  tf = tf_cpu.tensorflow()
+  mine = tf.gather(tf.constant(list(paths)),
+                   host_files(len(paths), epoch, seed, split, host, num_hosts))
+  records = tf.data.Dataset.from_tensor_slices(mine).interleave(
       tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  records = records.shard(num_hosts, host)
-  if shuffle:
+  if len(paths) < num_hosts:
+    records = records.shard(num_hosts, host)
+  if split == "train":
     records = records.shuffle(shuffle_buffer, seed=stream_seed(seed, split, host) + epoch,
                               reshuffle_each_iteration=False)
   return records
+
+
+def host_shares(shard_records: Sequence[int], epoch: int, seed: Sequence[int], split: str,
+                num_hosts: int) -> list[int]:
+  """The records each host reads in one pass of a split whose files hold `shard_records`."""
+  if len(shard_records) < num_hosts:
+    total = sum(shard_records)
+    return [len(range(h, total, num_hosts)) for h in range(num_hosts)]
+  counts = np.asarray(shard_records, np.int64)
+  return [int(counts[host_files(len(counts), epoch, seed, split, h, num_hosts).numpy()].sum())
+          for h in range(num_hosts)]
 
 
 def dataset(*, codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int,

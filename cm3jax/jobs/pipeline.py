@@ -153,11 +153,12 @@ def dataset_to_write(job: Job, what: str) -> str:
 
 def make_codes(job: Job) -> str:
   dataset = dataset_to_write(job, "the image-caption data to encode (shapes, a TFDS name, "
-                                  "tsv:PATH or coco:PATH)")
+                                  "tsv:PATH, coco:PATH, wds:PATTERN or parquet:PATTERN)")
   tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
+  host = (jax.process_index(), jax.process_count())
   return "; ".join(
       tokenize_images.describe(tokenize_images.tokenize_split(
-          tokenizer, dataset, split, job.paths.codes_dir, job.config.cm3.data_dir))
+          tokenizer, dataset, split, job.paths.codes_dir, job.config.cm3.data_dir, host=host))
       for split in job.splits)
 
 
@@ -396,7 +397,7 @@ TEXT_TOKENIZER = Stage("text tokenizer", False, tokenizer_status, make_tokenizer
 TOKEN_MODEL = Stage("token model", True, model_status, make_model)
 STAGES = (
     Stage("image tokenizer", True, vqgan_status, make_vqgan),
-    Stage("image codes", False, codes_status, make_codes),
+    Stage("image codes", True, codes_status, make_codes),
     TEXT_TOKENIZER,
     TOKEN_MODEL,
     Stage("report", False, report_status, make_report),

@@ -57,14 +57,16 @@ class CompileReport:
         "trip counts)"]
 
 
-def compile_train_step(config, topology: Optional[str]) -> CompileReport:
-  """Compiles config's sharded train step for a TPU topology (v5p:4x4x4) and reports it."""
+def compile_train_step(config, topology: Optional[str], num_slices: int = 1) -> CompileReport:
+  """Compiles config's sharded train step for `num_slices` slices of a TPU topology (v5p:4x4x4)
+  and reports it."""
   if not topology:
     raise ConfigError("--compile_only needs --topology, e.g. --topology=v5p:4x4x4")
-  devices, hbm_bytes = hardware.tpu_topology(topology)
+  devices, hbm_bytes = hardware.tpu_topology(topology, num_slices)
   s = trainer.setup(config, devices)
+  slices = f"{num_slices} x " if num_slices > 1 else ""
   report = CompileReport(
-      target=f"{topology}: {len(devices)} x {devices[0].device_kind}, "
+      target=f"{slices}{topology}: {len(devices)} x {devices[0].device_kind}, "
              f"mesh {sharding.describe(s.mesh)}",
       remat_policy=s.model_cfg.remat_policy, hbm_bytes=hbm_bytes, num_devices=len(devices),
       model_flops=(model_lib.train_flops_per_token(s.model_cfg, config.seq_len)

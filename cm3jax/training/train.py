@@ -125,6 +125,9 @@ def _train(config, workdir: str) -> list[dict[str, float]]:
 
     seed = tuple(int(x) for x in np.asarray(jax.device_get(state.rng)).ravel())
     train_batches = source.batches("train", seed, position, _host())
+    if shares := source.unequal_shares("train", seed, 0 if position is None else position[0],
+                                       jax.process_count()):
+      say(shares, flush=True)
 
     t = time.perf_counter()
     host_batch = next(train_batches)
