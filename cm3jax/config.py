@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # local file: our own source
 
 
 class ConfigError(ValueError):
@@ -92,7 +92,8 @@ def check_ranges(config):
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """`get_config()` of a config file; a relative path is looked up here, then in the repository."""
-  found = next((p for p in (path, os.path.join(REPO, path)) if os.path.isfile(p)), None)
+  candidates = (path, os.path.join(REPO, path))
+  found = next((p for p in candidates if os.path.isfile(p)), None)  # local file: importlib runs it
   if found is None:
     raise ConfigError(f"no config file {path}")
   spec = importlib.util.spec_from_file_location(os.path.basename(found)[:-3], found)

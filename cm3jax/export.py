@@ -27,13 +27,13 @@ The fairseq import reads CM3's released files (cm3jax/io/fairseq_io.py): the arc
 checkpoint's stored fairseq config, the vocabulary from the dictionary and sentencepiece model.
 """
 
-import os
 
 from absl import flags
 from ml_collections import config_flags
 
 from cm3jax import cli
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.io import export, fairseq_io
 
 
@@ -62,7 +62,7 @@ def main(FLAGS):
       raise ConfigError("--import_from needs --config (e.g. configs/tiny.py)")
     given = FLAGS.config
     overrides = config_flags.get_override_values(FLAGS["config"])
-    if os.path.isdir(FLAGS.import_from):
+    if files.isdir(FLAGS.import_from):
       count, config = export.import_opt(FLAGS.import_from, FLAGS.workdir, given, overrides)
       note = ""
     else:

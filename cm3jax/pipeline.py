@@ -47,7 +47,7 @@ import jax
 
 from cm3jax import cli
 from cm3jax.config import ConfigError, check_ranges
-from cm3jax.core import checkpoint
+from cm3jax.core import checkpoint, files
 from cm3jax.eval import eval_shapes, eval_tasks
 from cm3jax.jobs import pipeline
 from cm3jax.training import faults, train
@@ -72,9 +72,8 @@ def main(FLAGS):
     pipeline.run(pipeline.Job(config, workdir))
   for name in (eval_tasks.REPORT_FILES[1], eval_shapes.REPORT_FILES[1]):
     markdown = os.path.join(workdir, name)
-    if jax.process_index() == 0 and os.path.exists(markdown):
-      with open(markdown) as f:
-        print(f.read(), end="")
+    if jax.process_index() == 0 and files.exists(markdown):
+      print(files.read_text(markdown), end="")
 
 
 if __name__ == "__main__":

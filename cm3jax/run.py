@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from cm3jax.core import paths
+from cm3jax.core import files, paths
 from cm3jax.retrieval import augment
 from cm3jax.retrieval import memory as memory_lib
 from cm3jax.sampling import defaults, engine, instruct, sample
@@ -229,7 +229,7 @@ def load(workdir: str, memory: str = "") -> Run:
   if sampler.vocab.num_image_codes:
     vqgan = ImageTokenizer.load(paths.input_paths(config["cm3"], workdir).vqgan_workdir)
   bank = memory or paths.retrieval_paths(config["cm3"], workdir).memory
-  has_bank = os.path.exists(os.path.join(bank, memory_lib.MANIFEST))
+  has_bank = files.exists(os.path.join(bank, memory_lib.MANIFEST))
   if memory and not has_bank:
     memory_lib.read_manifest(memory)  # says what is missing
   return Run(workdir, config, step, sampler, vqgan, bank if has_bank else None)

@@ -41,7 +41,7 @@ def main(FLAGS):
   if FLAGS.vocab_size <= len(SPECIALS):
     raise ConfigError(f"--vocab_size={FLAGS.vocab_size} must be more than the {len(SPECIALS)} "
                       "special pieces")
-  if os.path.isdir(FLAGS.out):
+  if files.isdir(FLAGS.out):
     raise ConfigError(f"--out={FLAGS.out} is a directory; name the model file to write")
   skipped = collections.Counter()
   model = train_tokenizer.train(train_tokenizer.read_sentences(FLAGS.input, skipped, FLAGS.data_dir), FLAGS.vocab_size,

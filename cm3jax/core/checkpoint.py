@@ -6,7 +6,6 @@ import itertools
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Optional
 
 import jax
@@ -16,6 +15,7 @@ import tensorstore as ts
 from etils import epath
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.core.vocab import Vocab
 
 ITEMS = ("state", "config", "vocab", "data")
@@ -85,7 +85,7 @@ class Checkpoints:
                 "before it", flush=True)
         self.manager.reload()
     damaged = os.path.join(os.path.dirname(self.directory), DAMAGED)
-    set_aside = sorted(os.listdir(damaged)) if os.path.isdir(damaged) else []
+    set_aside = files.listdir(damaged)
     if (steps or set_aside) and not self.new_run_over_damaged:
       raise ConfigError(f"no checkpoint in {self.directory} restores whole and {damaged} holds "
                         f"{', '.join(set_aside)}: repair one and move it back into "
@@ -185,11 +185,11 @@ def _set_aside(checkpoints_dir: str, step: int) -> str:
   """Moves checkpoint `step` to WORKDIR/damaged_checkpoints/STEP, or STEP.2, STEP.3, ... when
   damaged copies of that step are there already; returns where it went."""
   parent = os.path.join(os.path.dirname(checkpoints_dir), DAMAGED)
-  os.makedirs(parent, exist_ok=True)
+  files.makedirs(parent)
   for copy in itertools.count(1):
     aside = os.path.join(parent, str(step) if copy == 1 else f"{step}.{copy}")
-    if not os.path.lexists(aside):
-      os.rename(os.path.join(checkpoints_dir, str(step)), aside)
+    if not files.exists(aside):
+      files.rename(os.path.join(checkpoints_dir, str(step)), aside)
       return aside
 
 
@@ -204,11 +204,12 @@ def _saved_arrays(state_dir: str) -> dict[str, tuple]:
   DamagedCheckpoint if that does not read or an array it lists is not in the OCDBT database.
   The database is listed first: where orbax reads a missing array, its pending reads print
   tracebacks after the error."""
-  if not os.path.exists(os.path.join(state_dir, "_METADATA")):
+  if not files.exists(os.path.join(state_dir, "_METADATA")):
     raise DamagedCheckpoint("state/_METADATA is missing")
   try:
-    keys = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "file", "path": state_dir + "/"}}
-                           ).result().list().result()
+    base = (f"{state_dir}/" if files.is_uri(state_dir)  # tensorstore's own gcs or s3 driver
+            else {"driver": "file", "path": state_dir + "/"})
+    keys = ts.KvStore.open({"driver": "ocdbt", "base": base}).result().list().result()
   except Exception as e:  # tensorstore raises many types for unreadable files
     raise DamagedCheckpoint(_first_line(e)) from None
   if not keys:
@@ -249,8 +250,7 @@ def saved_items(checkpoints_dir: str, step: int) -> set[str]:
   disk; a DamagedCheckpoint if the metadata is missing or a listed item is."""
   path = os.path.join(checkpoints_dir, str(step), "_CHECKPOINT_METADATA")
   try:
-    with open(path) as f:
-      listed = set(json.load(f)["item_handlers"])
+    listed = set(files.read_json(path)["item_handlers"])
   except (OSError, ValueError, KeyError, TypeError):
     raise DamagedCheckpoint("its _CHECKPOINT_METADATA is missing or unreadable") from None
   missing = sorted(i for i in listed if not _holds(checkpoints_dir, step, i))
@@ -261,17 +261,17 @@ def saved_items(checkpoints_dir: str, step: int) -> set[str]:
 
 def directory(workdir: str) -> str:
   """Where a workdir keeps its checkpoints."""
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return os.path.join(files.absolute(workdir), "checkpoints")
 
 
 def _holds(checkpoints_dir: str, step: int, item: str) -> bool:
   """Whether checkpoint `step` has `item` (a vocabulary, data positions)."""
-  return os.path.isdir(os.path.join(checkpoints_dir, str(step), item))
+  return files.isdir(os.path.join(checkpoints_dir, str(step), item))
 
 
 def newest_step(workdir: str) -> Optional[int]:
   """The step of the newest checkpoint in a workdir, or None."""
-  if not os.path.isdir(directory(workdir)):
+  if not files.isdir(directory(workdir)):
     return None
   with ocp.CheckpointManager(directory(workdir), item_names=ITEMS) as manager:
     return manager.latest_step()
@@ -320,14 +320,12 @@ def restore_params(workdir: str, step: int, abstract_params, host: bool = False)
 def prepare_workdir(workdir: Optional[str]) -> str:
   if not workdir:
     raise ConfigError("--workdir is required")
-  if "://" in workdir:
-    raise ConfigError(f"workdir {workdir} is a URL; cm3jax writes to file systems: mount the "
-                      "bucket (e.g. gcsfuse) and pass the mounted path")
-  workdir = os.path.abspath(workdir)
+  workdir = files.absolute(workdir)
+  probe = os.path.join(workdir, f".writable.{os.getpid()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=workdir):
-      pass
+    files.makedirs(workdir)
+    files.write_atomic(probe, b"")
+    files.remove(probe)
   except OSError as e:
     raise ConfigError(f"workdir {workdir} is not writable: {e.strerror or e}") from None
   return workdir

@@ -59,8 +59,7 @@ def start(path: str, made_by: dict, what: str, started: bool, remedy: str):
     files.write_json(path, made_by)
     return
   try:
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = files.read_json(path)
   except (OSError, ValueError):
     raise ConfigError(f"{what}: no record of what made them ({os.path.basename(path)}); "
                       f"{remedy}") from None

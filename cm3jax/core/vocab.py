@@ -19,6 +19,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -179,14 +180,12 @@ class Vocab:
       raise ConfigError(f"not a cm3jax vocabulary: {e}") from None
 
   def save(self, path: str):
-    with open(path, "w") as f:
-      json.dump(self.to_json(), f, indent=1)
+    files.write_json(path, self.to_json())
 
   @classmethod
   def load(cls, path: str) -> "Vocab":
     try:
-      with open(path) as f:
-        return cls.from_json(json.load(f))
+      return cls.from_json(files.read_json(path))
     except (OSError, json.JSONDecodeError) as e:
       raise ConfigError(f"cannot read the vocabulary {path}: {e}") from None
 
@@ -200,8 +199,7 @@ def read_spm_model(path: str) -> bytes:
   cannot be read or is not a sentencepiece model."""
   import sentencepiece as spm
   try:
-    with open(path, "rb") as f:
-      model = f.read()
+    model = files.read_bytes(path)
   except OSError as e:
     raise ConfigError(f"cannot read the sentencepiece model {path}: {e.strerror}") from None
   try:

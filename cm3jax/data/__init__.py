@@ -19,13 +19,12 @@ seen.
 
 import collections
 import dataclasses
-import os
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import paths
+from cm3jax.core import files, paths
 from cm3jax.core.vocab import Vocab
 from cm3jax.data import code_shards, html, synthetic
 
@@ -53,10 +52,10 @@ def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
   directory = paths.retrieval_paths(cm3, workdir).neighbours
   keys, ids, manifest = neighbours.read(directory, split)
   records = code_shards.read_manifest(codes_dir, split)["records"]
-  if manifest["codes"] != os.path.abspath(codes_dir) or manifest["records"] != records:
+  if manifest["codes"] != files.absolute(codes_dir) or manifest["records"] != records:
     raise ConfigError(f"the {split} neighbours in {directory} were computed for the "
                       f"{manifest['records']} records of {manifest['codes']}, not the {records} "
-                      f"of {os.path.abspath(codes_dir)}: run python -m cm3jax.build_neighbours")
+                      f"of {files.absolute(codes_dir)}: run python -m cm3jax.build_neighbours")
   missing = set(code_shards.keys(code_shards.shard_paths(codes_dir, split))) - set(keys.tolist())
   if missing:
     raise ConfigError(f"{len(missing)} {split} records of {codes_dir} (key {min(missing)!r} "
@@ -149,7 +148,7 @@ def source(config, workdir: str) -> Source:
   if config.data == "sft":
     tasks = paths.tasks_dir(config, workdir)
     for split in SPLITS:
-      if not os.path.exists(code_shards.manifest_path(tasks, split)):
+      if not files.exists(code_shards.manifest_path(tasks, split)):
         raise ConfigError(
             f"no complete {split} split of task records in {tasks} (sft.tasks_dir): make them "
             f"with python -m cm3jax.tokenize_tasks --vqgan_workdir={inputs.vqgan_workdir} "
@@ -161,7 +160,7 @@ def source(config, workdir: str) -> Source:
           f"python -m cm3jax.tokenize_images --vqgan_workdir={inputs.vqgan_workdir} "
           f"--out={inputs.codes_dir} --dataset=DATASET")
   for split in SPLITS:
-    if not os.path.exists(code_shards.manifest_path(inputs.codes_dir, split)):
+    if not files.exists(code_shards.manifest_path(inputs.codes_dir, split)):
       records = "text records" if text else "image codes"
       raise ConfigError(f"no complete {split} split of {records} in {inputs.codes_dir} "
                         f"(cm3.codes_dir): make them with {make}, {MAKE_THEM}")
@@ -179,7 +178,7 @@ def source(config, workdir: str) -> Source:
 
 def _vocab(config, inputs: paths.InputPaths, train_manifest: dict) -> Vocab:
   """The vocabulary of the text tokenizer and of the codebook `train_manifest` records."""
-  if not os.path.exists(inputs.tokenizer):
+  if not files.exists(inputs.tokenizer):
     raise ConfigError(
         f"no text tokenizer {inputs.tokenizer} (cm3.tokenizer): train one with python -m "
         f"cm3jax.train_tokenizer --input={inputs.codes_dir} --vocab_size="

@@ -16,9 +16,7 @@ parts' counts into `DIR/SPLIT.json` (`merge_parts`), which readers read as any o
 """
 
 import collections
-import glob
 import itertools
-import json
 import os
 import sys
 import time
@@ -52,11 +50,10 @@ def read_manifest(directory: str, split: str, contents: str = "",
   """The counts of a complete split (of `contents`, written by `maker`: the task shards share
   this layout), or a ConfigError saying how to make it."""
   path = manifest_path(directory, split)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"{directory} holds no complete {split} split{contents} "
                       f"({os.path.basename(path)} is missing): run python -m {maker} first")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def check_codebook(directory: str, manifest: dict, num_image_codes: int):
@@ -79,8 +76,7 @@ def part_name(split: str, host: int, num_hosts: int) -> str:
 def shard_files(directory: str, split: str) -> tuple[list[str], list[int]]:
   """The paths of a complete split's files in reading order, and the records each holds."""
   manifest = read_manifest(directory, split)
-  present = sorted(os.path.basename(p)
-                   for p in glob.glob(os.path.join(directory, f"{split}-*.tfrecord")))
+  present = sorted(os.path.basename(p) for p in files.glob(os.path.join(directory, f"{split}-*.tfrecord")))
   if "files" in manifest:
     names, counts = manifest["files"], manifest["shard_records"]
   else:  # written before manifests listed their files: by one writer, in shards of shard_size
@@ -183,20 +179,19 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
     raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
   tf = tf_cpu.tensorflow()
   try:
-    os.makedirs(out, exist_ok=True)
+    files.makedirs(out)
   except OSError as e:
     raise ConfigError(f"--out={out} is not a directory that can be made: {e.strerror}") from None
   num_hosts = host[1]
   settings = {**settings, "hosts": num_hosts}
   part = part_name(split, *host)
   for manifest in {manifest_path(out, split), manifest_path(out, part)}:
-    if os.path.exists(manifest):
-      with open(manifest) as f:
-        summary = json.load(f)
+    if files.exists(manifest):
+      summary = files.read_json(manifest)
       provenance.check(summary, settings, f"the complete {split} split in {out}", REMEDY)
       return summary
   done_shards = 0
-  while os.path.exists(shard_path(out, part, done_shards)):
+  while files.exists(shard_path(out, part, done_shards)):
     done_shards += 1
   provenance.start(settings_path(out, split), settings,
                    f"the {done_shards} shards of {part} in {out}", done_shards > 0, REMEDY)
@@ -249,19 +244,16 @@ def merge_parts(out: str, split: str, num_hosts: int, allow_empty: bool = False,
   part is complete, then writes OUT/SPLIT.json with the parts' counts summed, their skip reasons
   merged and their files listed in host order; returns it (or the split's as it is, once
   merged)."""
-  if os.path.exists(manifest_path(out, split)):
+  if files.exists(manifest_path(out, split)):
     return read_manifest(out, split)
   paths = [manifest_path(out, part_name(split, h, num_hosts)) for h in range(num_hosts)]
-  waiting = [h for h, p in enumerate(paths) if not os.path.exists(p)]
+  waiting = [h for h, p in enumerate(paths) if not files.exists(p)]
   while waiting:
     print(f"{split}: waiting for {len(waiting)} of {num_hosts} hosts to finish their parts "
           f"(host {waiting[0]} first)", flush=True)
     time.sleep(poll_seconds)
-    waiting = [h for h in waiting if not os.path.exists(paths[h])]
-  parts = []
-  for path in paths:
-    with open(path) as f:
-      parts.append(json.load(f))
+    waiting = [h for h in waiting if not files.exists(paths[h])]
+  parts = [files.read_json(path) for path in paths]
   first = parts[0]
   for h, part in enumerate(parts):
     if part[provenance.FINGERPRINT] != first[provenance.FINGERPRINT]:

@@ -25,13 +25,13 @@ host reads it.
 """
 
 import collections
-import json
 import os
 import tarfile
 import zlib
 from typing import Iterator, Optional
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 
 Example = tuple[bytes, bytes, bytes]
 FILE_FORMATS = ("tsv", "coco", "wds", "parquet")
@@ -56,11 +56,11 @@ def examples(dataset: str, split: str, skipped: collections.Counter, data_dir: s
       return wds_examples(mine, skipped), None
     return parquet_examples(mine, image_key, caption_key, skipped), None
   if kind in ("tsv", "coco"):
-    if not os.path.isfile(path):
+    if not files.exists(path) or files.isdir(path):
       raise ConfigError(f"--dataset={dataset}: no such file {path}")
     if kind == "tsv":
       return tsv_examples(path, skipped, host), None
-    return coco_examples(path, image_dir or os.path.dirname(os.path.abspath(path)), skipped, host)
+    return coco_examples(path, image_dir or os.path.dirname(files.absolute(path)), skipped, host)
   return tfds_examples(dataset, data_dir, split, image_key, caption_key, host)
 
 
@@ -68,12 +68,10 @@ def expand(pattern: str) -> list[str]:
   """The files a pattern names, in order: brace ranges and lists expanded in turn, then globs
   matched (sorted); a name without a glob is kept as it is, found or not."""
   import braceexpand
-  from etils import epath
   paths = []
   for name in braceexpand.braceexpand(pattern):
     if any(c in name for c in "*?["):
-      parent = epath.Path(os.path.dirname(name) or ".")
-      paths.extend(sorted(os.fspath(p) for p in parent.glob(os.path.basename(name))))
+      paths.extend(files.glob(name))
     else:
       paths.append(name)
   return paths
@@ -81,8 +79,7 @@ def expand(pattern: str) -> list[str]:
 
 def _read_image(path: str, skipped: collections.Counter) -> Optional[bytes]:
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    return files.read_bytes(path)
   except FileNotFoundError:
     skipped["missing image file"] += 1
   except OSError:
@@ -92,8 +89,8 @@ def _read_image(path: str, skipped: collections.Counter) -> Optional[bytes]:
 
 def tsv_examples(path: str, skipped: collections.Counter, host: tuple[int, int] = (0, 1)
                  ) -> Iterator[Example]:
-  root = os.path.dirname(os.path.abspath(path))
-  with open(path, "rb") as f:
+  root = os.path.dirname(files.absolute(path))
+  with files.open_file(path, "rb") as f:
     for number, line in enumerate(f):
       if number % host[1] != host[0]:
         continue
@@ -117,16 +114,15 @@ def tsv_examples(path: str, skipped: collections.Counter, host: tuple[int, int] 
 def coco_examples(path: str, image_dir: str, skipped: collections.Counter,
                   host: tuple[int, int] = (0, 1)) -> tuple[Iterator[Example], int]:
   try:
-    with open(path, "rb") as f:
-      index = json.load(f)
-    files = {image["id"]: image["file_name"] for image in index["images"]}
+    index = files.read_json(path)
+    file_names = {image["id"]: image["file_name"] for image in index["images"]}
     annotations = index["annotations"][host[0]::host[1]]
   except (ValueError, KeyError, TypeError) as e:
     raise ConfigError(f"{path} is not a COCO captions file: {e!r}") from None
 
   def generate():
     for ann in annotations:
-      name = files.get(ann.get("image_id"))
+      name = file_names.get(ann.get("image_id"))
       caption = ann.get("caption")
       if name is None or not isinstance(caption, str):
         skipped["annotation without image or caption"] += 1
@@ -174,11 +170,10 @@ def tfds_builder(dataset: str, data_dir: str):
 def wds_examples(paths: list[str], skipped: collections.Counter) -> Iterator[Example]:
   """The samples of webdataset tar shards: the members of a sample (KEY.EXT, KEY being the name
   up to the first dot of its basename) follow each other, as webdataset writes them."""
-  from etils import epath
   for path in paths:
     name = os.path.basename(path)
     try:
-      with epath.Path(path).open("rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+      with files.open_file(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
         sample_key, sample = None, {}
         for member in tar:
           if not member.isfile():
@@ -218,12 +213,11 @@ def parquet_examples(paths: list[str], image_key: str, caption_key: str,
   caption; a row's key is its `key` column where there is one (img2dataset's), else its row."""
   import pyarrow
   import pyarrow.parquet as pq
-  from etils import epath
   unreadable = (OSError, pyarrow.ArrowInvalid)
   for path in paths:
     name = os.path.basename(path)
     try:
-      with epath.Path(path).open("rb") as f:
+      with files.open_file(path, "rb") as f:
         try:
           table = pq.ParquetFile(f)
         except unreadable:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.core.vocab import Vocab
 
 EDIT_PROMPT = "Edit first image following the instruction"
@@ -163,7 +164,7 @@ def read_jsonl(path: str) -> tuple[list[Record], collections.Counter]:
   neither)."""
   records, bad = [], collections.Counter()
   try:
-    with open(path, "rb") as f:
+    with files.open_file(path, "rb") as f:
       for line in f:
         try:
           line = line.decode("utf-8")

@@ -9,11 +9,10 @@ records per task and the rows skipped by reason, and holds its made_by (cm3jax/c
 the dataset, the VQGAN, shard_size, tokens_per_image, codebook_size) with its fingerprint.
 """
 
-import os
-
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.data import code_shards, sft, tf_cpu
 
 shard_path, manifest_path = code_shards.shard_path, code_shards.manifest_path
@@ -58,7 +57,7 @@ def read_split(directory: str, split: str) -> list[sft.Record]:
   tf = tf_cpu.tensorflow()
   manifest = read_manifest(directory, split)
   paths = [shard_path(directory, split, i) for i in range(manifest["shards"])]
-  missing = [p for p in paths if not os.path.exists(p)]
+  missing = [p for p in paths if not files.exists(p)]
   if missing:
     raise ConfigError(f"{directory} has a {split}.json but not its shard {missing[0]}")
   return [parse(r, manifest["tokens_per_image"])

@@ -16,13 +16,13 @@ that many (a CM3 document must fit one training row: see cm3jax/data/cm3.py).
 """
 
 import collections
-import glob
 import re
 from typing import Iterator, Optional
 
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.data import shapes
 
 Document = tuple[bytes, bytes]
@@ -102,12 +102,11 @@ def _records(raw: Iterator[bytes], split: str, skipped: collections.Counter, max
 def file_documents(pattern: str) -> Iterator[bytes]:
   """The documents of the files `pattern` matches, in name order: separated by one or more blank
   lines."""
-  paths = sorted(glob.glob(pattern))
+  paths = files.glob(pattern)
   if not paths:
     raise ConfigError(f"files:{pattern} matches no file")
   for path in paths:
-    with open(path, "rb") as f:
-      yield from re.split(rb"(?:\r?\n[ \t]*){2,}", f.read().strip())
+    yield from re.split(rb"(?:\r?\n[ \t]*){2,}", files.read_bytes(path).strip())
 
 
 def tfds_texts(name_and_field: str, split: str, data_dir: str) -> tuple[Iterator[bytes], int]:

@@ -6,22 +6,19 @@ import json
 import os
 from typing import Sequence
 
+from cm3jax.core import files
 
 
-
-def write(workdir: str, files: Sequence[str], results: dict, table: Sequence[str]):
-  """WORKDIR/files[0] gets `results` as JSON, WORKDIR/files[1] the `table` lines."""
-  json_path, markdown_path = (os.path.join(workdir, f) for f in files)
-  with open(json_path, "w") as f:
-    json.dump(results, f, indent=1)
-  with open(markdown_path, "w") as f:
-    f.write("\n".join(table) + "\n")
+def write(workdir: str, names: Sequence[str], results: dict, table: Sequence[str]):
+  """WORKDIR/names[0] gets `results` as JSON, WORKDIR/names[1] the `table` lines."""
+  json_path, markdown_path = (os.path.join(workdir, name) for name in names)
+  files.write_json(json_path, results)
+  files.write_atomic(markdown_path, "\n".join(table) + "\n")
 
 
-def saved(workdir: str, files: Sequence[str]) -> dict:
+def saved(workdir: str, names: Sequence[str]) -> dict:
   """The results `write` saved; {} when there are none."""
   try:
-    with open(os.path.join(workdir, files[0])) as f:
-      return json.load(f)
+    return files.read_json(os.path.join(workdir, names[0]))
   except (OSError, json.JSONDecodeError):
     return {}

@@ -4,7 +4,6 @@
 The library of `python -m cm3jax.export` (cm3jax/export.py)."""
 
 import contextlib
-import glob
 import json
 import os
 import shutil
@@ -91,7 +90,7 @@ def write_safetensors(path: str, items, dtype: str):
     offset += size
   encoded = json.dumps(header, separators=(",", ":")).encode()
   encoded += b" " * (-len(encoded) % 8)
-  with open(path, "wb") as f:
+  with files.open_file(path, "wb") as f:
     f.write(struct.pack("<Q", len(encoded)))
     f.write(encoded)
     for key, shape, fetch in items:
@@ -143,8 +142,8 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
   """Writes the export of the latest checkpoint in `workdir` to `out` (which must not exist)."""
   if dtype not in DTYPES:
     raise ConfigError(f"--dtype={dtype!r} is not one of {list(DTYPES)}")
-  out = os.path.abspath(out)
-  if os.path.exists(out):
+  out = files.absolute(out)
+  if files.exists(out):
     raise ConfigError(f"{out} exists; choose a new --out (an export never overwrites)")
   step = checkpoint.latest_step(workdir)
   config = checkpoint.saved_config(workdir, step)
@@ -156,31 +155,26 @@ def export(workdir: str, out: str, dtype: str = "float32") -> str:
       cfg, engine.default_mesh()), host=True)
   vqgan_dir = input_paths(config["cm3"], workdir).vqgan_workdir
 
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  _remove_stale_staging(os.path.dirname(out))
+  files.makedirs(os.path.dirname(out))
+  if not files.is_uri(out):  # a URI's staging directory is a local temporary one
+    _remove_stale_staging(os.path.dirname(out))
   with files.staged_directory(out, STAGING_PREFIX) as staging:
-    with open(os.path.join(staging, STAGING_OWNER), "w") as f:
-      json.dump(faults.this_process("cm3jax.export"), f)
-    with open(os.path.join(staging, "config.json"), "w") as f:
-      json.dump(hf_config, f, indent=1)
-    with open(os.path.join(staging, "generation_config.json"), "w") as f:
-      json.dump({"bos_token_id": BOS, "eos_token_id": [EOS, vocab.eoss_id], "pad_token_id": PAD},
-                f, indent=1)
+    files.write_json(os.path.join(staging, STAGING_OWNER), faults.this_process("cm3jax.export"))
+    files.write_json(os.path.join(staging, "config.json"), hf_config)
+    files.write_json(os.path.join(staging, "generation_config.json"), {
+        "bos_token_id": BOS, "eos_token_id": [EOS, vocab.eoss_id], "pad_token_id": PAD})
     write_safetensors(os.path.join(staging, "model.safetensors"),
                       torch_layout.tensors(params, cfg, torch_layout.OPT_NAMES), dtype)
-    os.makedirs(os.path.join(staging, "tokenizer"))
-    with open(os.path.join(staging, "tokenizer", "tokenizer.model"), "wb") as f:
-      f.write(vocab.spm_model)
+    files.write_atomic(os.path.join(staging, "tokenizer", "tokenizer.model"), vocab.spm_model)
     vocab.save(os.path.join(staging, "tokenizer", "vocab.json"))
     _export_vqgan(vqgan_dir, os.path.join(staging, "vqgan"))
-    with open(os.path.join(staging, "README.md"), "w") as f:
-      f.write(MODEL_CARD.format(
-          name=os.path.basename(out), activation=ACTIVATIONS[cfg.activation],
-          switches=_describe(cfg),
-          layers=cfg.num_layers, d_model=cfg.d_model, heads=cfg.num_heads,
-          params=model_lib.num_params(params), dtype=dtype, step=step, out=out,
-          caption="a red circle above a blue square"))
-    os.remove(os.path.join(staging, STAGING_OWNER))
+    files.write_atomic(os.path.join(staging, "README.md"), MODEL_CARD.format(
+        name=os.path.basename(out), activation=ACTIVATIONS[cfg.activation],
+        switches=_describe(cfg),
+        layers=cfg.num_layers, d_model=cfg.d_model, heads=cfg.num_heads,
+        params=model_lib.num_params(params), dtype=dtype, step=step, out=out,
+        caption="a red circle above a blue square"))
+    files.remove(os.path.join(staging, STAGING_OWNER))
   return out
 
 
@@ -200,14 +194,15 @@ STALE_UNOWNED_S = 3600  # a staging directory with no owner file yet, this old, 
 def _remove_stale_staging(parent: str):
   """Removes the staging directories of exports whose process ended before finishing (a killed
   export leaves the whole weights there)."""
-  for staging in glob.glob(os.path.join(parent, STAGING_PREFIX + "*")):
+  for staging in files.glob(os.path.join(parent, STAGING_PREFIX + "*")):
     owner = faults.read_owner(os.path.join(staging, STAGING_OWNER))
     if owner is None or owner == {}:  # written before its owner file: look at its age
-      stale = time.time() - os.path.getmtime(staging) > STALE_UNOWNED_S
+      age_s = time.time() - os.path.getmtime(staging)  # local file: staging directory
+      stale = age_s > STALE_UNOWNED_S
     else:
       stale = faults.gone(owner)
     if stale:
-      shutil.rmtree(staging, ignore_errors=True)
+      shutil.rmtree(staging, ignore_errors=True)  # local file: staging directory
       print(f"removed {staging}, left by an export that did not finish")
 
 
@@ -221,7 +216,7 @@ def opt_tensors(directory: str) -> Iterator[tuple[set[str], Callable[[str], np.n
   """The keys of model.safetensors or pytorch_model.bin and a reader of one tensor as float32;
   both formats are mapped, not loaded, so only the tensors read are in memory."""
   path = os.path.join(directory, "model.safetensors")
-  if os.path.exists(path):
+  if files.exists(path):
     from safetensors import safe_open
     try:
       f = safe_open(path, framework="flax")
@@ -237,7 +232,7 @@ def opt_tensors(directory: str) -> Iterator[tuple[set[str], Callable[[str], np.n
     yield keys, get
     return
   path = os.path.join(directory, "pytorch_model.bin")
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"{directory} has neither model.safetensors nor pytorch_model.bin")
   state = torch_layout.torch_state(path)
   yield set(state), lambda key: state[key].float().numpy()
@@ -252,7 +247,7 @@ def write_imported(workdir: str, config, vocab: Vocab | None,
   s = trainer.setup(config)
   if checkpoint.newest_step(workdir) is not None:
     raise ConfigError(f"{workdir} already holds checkpoints; import into a new --workdir")
-  made = not os.path.exists(workdir)
+  made = not files.exists(workdir)
   workdir = checkpoint.prepare_workdir(workdir)
   ckpts = train.checkpoints(workdir, config, vocab)
   try:
@@ -276,7 +271,8 @@ def write_imported(workdir: str, config, vocab: Vocab | None,
       ckpts.wait()
   except BaseException:
     ckpts.close()
-    shutil.rmtree(workdir if made else checkpoint.directory(workdir), ignore_errors=True)
+    with contextlib.suppress(OSError):
+      files.rmtree(workdir if made else checkpoint.directory(workdir))
     raise
   ckpts.close()
   return model_lib.num_params(params)
@@ -284,8 +280,7 @@ def write_imported(workdir: str, config, vocab: Vocab | None,
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return files.read_json(path)
   except ValueError as e:
     raise ConfigError(f"{path} is not JSON: {e}") from None
 
@@ -315,12 +310,12 @@ def import_opt(source: str, workdir: str, config, overrides: dict | None = None)
   """Writes a step-0 checkpoint of `config` (model section and context from the OPT config; see
   `imported_config` for `overrides`) into `workdir`: (parameters, the config written)."""
   path = os.path.join(source, "config.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"{source} has no config.json")
   config = imported_config(config, model_config_from_opt(_read_json(path)), overrides)
   vocab = None
   vocab_path = os.path.join(source, "tokenizer", "vocab.json")
-  if os.path.exists(vocab_path):
+  if files.exists(vocab_path):
     vocab = Vocab.load(vocab_path)
     vocab.check_fits(config.model.vocab_size, vocab_path)
   cfg = model_lib.ModelConfig.from_dict(config.model.to_dict())

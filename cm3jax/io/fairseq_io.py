@@ -13,12 +13,12 @@ dictionary lacks (`<break>`, for one) start at zero and are counted.
 
 import argparse
 import dataclasses
-import os
 from typing import Callable
 
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.core.vocab import SPECIALS, Vocab, read_spm_model
 from cm3jax.io import torch_layout
 
@@ -47,7 +47,7 @@ class Checkpoint:
 
 
 def read_checkpoint(path: str) -> Checkpoint:
-  if not os.path.isfile(path):
+  if not files.exists(path) or files.isdir(path):
     raise ConfigError(f"--import_from={path} is not a file")
   saved = torch_layout.torch_state(path, allowed=[argparse.Namespace])
   if not isinstance(saved, dict) or "model" not in saved:
@@ -121,8 +121,7 @@ def read_dictionary(path: str) -> list[str]:
   repeated symbol is refused unless its line is flagged `#fairseq:overwrite`, and then it takes
   a new index, which the symbol maps to from then on (the earlier index keeps its row)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    lines = files.read_bytes(path).decode("utf-8").splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise ConfigError(f"cannot read --dict={path}: {e}") from None
   symbols = list(SPECIALS)

@@ -127,7 +127,7 @@ def make_vqgan(job: Job) -> str:
 
 def codes_status(job: Job) -> tuple[str, str]:
   where = job.paths.codes_dir
-  done = [s for s in job.splits if os.path.exists(code_shards.manifest_path(where, s))]
+  done = [s for s in job.splits if files.exists(code_shards.manifest_path(where, s))]
   if done and not job.config.cm3.codes_dir and job.config.data != "text":  # the pipeline's own
     made_by = tokenize_images.made_by(ImageTokenizer.load(job.paths.vqgan_workdir),
                                       tokenize_images.SHARD_SIZE,
@@ -137,7 +137,7 @@ def codes_status(job: Job) -> tuple[str, str]:
                  f"the {split} codes in {where}")
   if len(done) == len(job.splits):
     return COMPLETE, f"{', '.join(done)} in {where}"
-  started = os.path.isdir(where) and any(f.endswith(".tfrecord") for f in os.listdir(where))
+  started = any(f.endswith(".tfrecord") for f in files.listdir(where))
   return (PARTIAL if started else MISSING), f"{len(done)} of {len(job.splits)} splits in {where}"
 
 
@@ -174,7 +174,7 @@ def make_text_records(job: Job) -> str:
 
 def tokenizer_status(job: Job) -> tuple[str, str]:
   where = job.paths.tokenizer
-  return (COMPLETE, where) if os.path.exists(where) else (MISSING, f"no {where}")
+  return (COMPLETE, where) if files.exists(where) else (MISSING, f"no {where}")
 
 
 def make_tokenizer(job: Job) -> str:
@@ -199,7 +199,7 @@ def retriever_config(job: Job):
 def retriever_status(job: Job) -> tuple[str, str]:
   where = job.retrieval.retriever
   if job.config.cm3.retrieval.retriever:  # given: used as it is
-    return (COMPLETE, f"the retriever {where}") if os.path.exists(where) else (
+    return (COMPLETE, f"the retriever {where}") if files.exists(where) else (
         MISSING, f"no {where}")
   step = checkpoint.newest_step(where)
   if step is None:
@@ -223,14 +223,14 @@ def make_retriever(job: Job) -> str:
 
 def memory_status(job: Job) -> tuple[str, str]:
   where = job.retrieval.memory
-  if os.path.exists(os.path.join(where, memory.MANIFEST)):
+  if files.exists(os.path.join(where, memory.MANIFEST)):
     if not job.config.cm3.retrieval.memory:  # the pipeline's own
       check_made(memory.read_manifest(where), build_memory.made_by(
           retriever.load(job.retrieval.retriever),
           ImageTokenizer.load(job.paths.vqgan_workdir), job.paths.codes_dir, "train",
           build_memory.SHARD_SIZE), f"the memory bank {where}")
     return COMPLETE, where
-  done = memory.done_shards(where) if os.path.isdir(where) else set()
+  done = memory.done_shards(where) if files.isdir(where) else set()
   return (PARTIAL if done else MISSING), f"{len(done)} shards in {where}"
 
 
@@ -247,19 +247,19 @@ NEIGHBOUR_SPLITS = ("train", "validation")
 def neighbours_status(job: Job) -> tuple[str, str]:
   where = job.retrieval.neighbours
   done = [s for s in NEIGHBOUR_SPLITS
-          if os.path.exists(neighbours.manifest_path(where, s))]
+          if files.exists(neighbours.manifest_path(where, s))]
   if done and not job.config.cm3.retrieval.neighbours_dir:  # the pipeline's own
     r, bank = job.config.cm3.retrieval, job.retrieval.memory
     vqgan = ImageTokenizer.load(job.paths.vqgan_workdir).fingerprint
     for split in done:
       check_made(neighbours.read_manifest(where, split), build_neighbours.made_by(
-          vqgan, {**memory.read_manifest(bank), "path": os.path.abspath(bank)},
+          vqgan, {**memory.read_manifest(bank), "path": files.absolute(bank)},
           job.paths.codes_dir, split, r.per_record, r.candidates, r.query_dropout,
           r.max_relevance, build_neighbours.SEED, build_neighbours.SHARD_SIZE),
           f"the {split} neighbours in {where}")
   if len(done) == len(NEIGHBOUR_SPLITS):
     return COMPLETE, f"{', '.join(done)} in {where}"
-  return (PARTIAL if os.path.isdir(where) else MISSING), f"{len(done)} of 2 splits in {where}"
+  return (PARTIAL if files.isdir(where) else MISSING), f"{len(done)} of 2 splits in {where}"
 
 
 def make_neighbours(job: Job) -> str:
@@ -307,12 +307,12 @@ def recorded_steps(job: Job) -> dict[str, int]:
 
 def report_status(job: Job) -> tuple[str, str]:
   step = checkpoint.newest_step(job.workdir)
-  files = [os.path.join(job.workdir, f) for f in sample.SAMPLE_FILES]
+  samples = [os.path.join(job.workdir, f) for f in sample.SAMPLE_FILES]
   report = eval_shapes.saved(job.workdir)
   wanted = eval_shapes.columns(report_splits(job), job.config.cm3.retrieval.documents)
   scored = [c for c in wanted if report.get(c, {}).get("step") == step]
   recorded = not wanted or recorded_steps(job).get(defaults.text_to_image_use(0)) == step
-  if all(os.path.exists(f) for f in files) and len(scored) == len(wanted) and recorded:
+  if all(files.exists(f) for f in samples) and len(scored) == len(wanted) and recorded:
     return COMPLETE, f"samples and the eval_shapes report of step {step}"
   return MISSING, f"nothing for step {step}"
 
@@ -338,7 +338,7 @@ def task_splits(job: Job) -> list[str]:
 
 def tasks_status(job: Job) -> tuple[str, str]:
   where = tasks_dir(job.config, job.workdir)
-  done = [s for s in task_splits(job) if os.path.exists(task_shards.manifest_path(where, s))]
+  done = [s for s in task_splits(job) if files.exists(task_shards.manifest_path(where, s))]
   if done and not job.config.sft.tasks_dir:  # the pipeline's own
     tokenizer = ImageTokenizer.load(job.paths.vqgan_workdir)
     for split in done:
@@ -387,7 +387,7 @@ def make_sft_report(job: Job) -> str:
                            if job.config.init_from else None)
   print("\n".join(f"  {line}" for line in eval_tasks.table(runs)))
   encoded = [s for s in eval_shapes.SPLITS
-             if os.path.exists(code_shards.manifest_path(job.paths.codes_dir, s))]
+             if files.exists(code_shards.manifest_path(job.paths.codes_dir, s))]
   eval_shapes.report(run, encoded, job.config.report_examples)
   return ", ".join(eval_tasks.REPORT_FILES + eval_shapes.REPORT_FILES
                    + (defaults.SAMPLING_DEFAULTS_FILE,))

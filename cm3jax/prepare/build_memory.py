@@ -28,11 +28,11 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
   manifest_path = os.path.join(out, memory.MANIFEST)
   codes_manifest = code_shards.read_manifest(codes_dir, split)
   settings = made_by(r, vqgan, codes_dir, split, shard_size)
-  if os.path.exists(manifest_path):
+  if files.exists(manifest_path):
     manifest = memory.read_manifest(out)
     provenance.check(manifest, settings, f"memory bank {out}", memory.REMEDY)
     return manifest
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   shards = -(-codes_manifest["records"] // shard_size)
   host, hosts = jax.process_index(), jax.process_count()
   done = memory.done_shards(out)
@@ -63,8 +63,8 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
   count = 0
   for shard in range(shards):
     total.update(memory.shard_skipped(out, shard))
-    with np.load(memory.shard_path(out, shard)) as f:
-      count += len(f["ids"])
+    with files.open_file(memory.shard_path(out, shard), "rb") as f, np.load(f) as shard_arrays:
+      count += len(shard_arrays["ids"])
   manifest = {"retriever": r.source, "retriever_path": r.path, **settings,
               provenance.FINGERPRINT: provenance.fingerprint(settings), "records": count,
               "shards": shards, "skipped": dict(total)}

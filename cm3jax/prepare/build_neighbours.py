@@ -12,13 +12,12 @@ settings, is refused (cm3jax/core/provenance.py).
 
 import collections
 import itertools
-import os
 import zlib
 
 import numpy as np
 
 from cm3jax.config import ConfigError
-from cm3jax.core import provenance
+from cm3jax.core import files, provenance
 from cm3jax.data import code_shards
 from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -42,12 +41,12 @@ def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index
   total = code_shards.read_manifest(codes_dir, split)["records"]
   settings = made_by(vqgan.fingerprint, bank, codes_dir, split, per_record, candidates,
                      query_dropout, max_relevance, seed, shard_size)
-  if os.path.exists(neighbours.manifest_path(out, split)):
+  if files.exists(neighbours.manifest_path(out, split)):
     info = neighbours.read_manifest(out, split)
     provenance.check(info, settings, f"the {split} neighbours in {out}", neighbours.REMEDY)
     return info
   shards = -(-total // shard_size)
-  os.makedirs(out, exist_ok=True)
+  files.makedirs(out)
   done = neighbours.done_shards(out, split)
   provenance.start(neighbours.settings_path(out, split), settings,
                    f"the {len(done)} {split} neighbour shards in {out}", bool(done),
@@ -107,7 +106,7 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, memory_dir: str, codes_
   memory.check_compatible(manifest, memory_dir, r)
   memory.check_covers(manifest, memory_dir, codes_dir)
   index = mips.make_index(engine, vectors, ids)
-  bank = {**manifest, "path": os.path.abspath(memory_dir)}
+  bank = {**manifest, "path": files.absolute(memory_dir)}
   return [build_split(r, vqgan, index, documents_by_id(vectors, ids), bank, codes_dir, split, out,
                       **options) for split in splits]
 

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from cm3jax.core import files
 from cm3jax.data import code_shards, image_captions
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
@@ -81,13 +82,13 @@ def source(dataset: str, image_dir: str = "", image_key: str = "image",
   kept)."""
   kind, _, path = dataset.partition(":")
   if kind in ("wds", "parquet") and path:
-    path = path if "://" in path else os.path.abspath(path)
+    path = files.absolute(path)
     return {"dataset": f"{kind}:{path}", "image_key": image_key, "caption_key": caption_key}
   if kind == "tsv" and path:
-    return {"dataset": f"tsv:{os.path.abspath(path)}"}
+    return {"dataset": f"tsv:{files.absolute(path)}"}
   if kind == "coco" and path:
-    return {"dataset": f"coco:{os.path.abspath(path)}",
-            "image_dir": os.path.abspath(image_dir or os.path.dirname(os.path.abspath(path)))}
+    return {"dataset": f"coco:{files.absolute(path)}",
+            "image_dir": files.absolute(image_dir or os.path.dirname(files.absolute(path)))}
   return {"dataset": dataset, "image_key": image_key, "caption_key": caption_key}
 
 

@@ -9,6 +9,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.data import code_shards, sft, shapes_tasks, task_shards
 from cm3jax.prepare import tokenize_images
 from cm3jax.vqgan.tokenizer import ImageTokenizer
@@ -32,7 +33,7 @@ def records(dataset: str, split: str, examples_per_task: int, skipped: collectio
   path = path.replace("{split}", split)
   good, bad = sft.read_jsonl(path)
   skipped.update(bad)
-  folder = os.path.dirname(os.path.abspath(path))
+  folder = os.path.dirname(files.absolute(path))
   for record in good:
     place = lambda s: (sft.ImagePath(os.path.join(folder, s.path))
                        if isinstance(s, sft.ImagePath) else s)
@@ -43,8 +44,7 @@ def records(dataset: str, split: str, examples_per_task: int, skipped: collectio
 def _pixels(image, resolution: int) -> np.ndarray:
   if isinstance(image, shapes_tasks.Picture):
     return image.render()
-  with open(image.path, "rb") as f:
-    return tokenize_images.decode_image(f.read(), resolution)
+  return tokenize_images.decode_image(files.read_bytes(image.path), resolution)
 
 
 def readable(made: Iterable[sft.Record], resolution: int, skipped: collections.Counter
@@ -74,7 +74,7 @@ def source(dataset: str, examples_per_task: int) -> dict:
   shapes task suite with its records per task."""
   kind, _, path = dataset.partition(":")
   if kind == "jsonl" and path:
-    return {"dataset": f"jsonl:{os.path.abspath(path)}"}
+    return {"dataset": f"jsonl:{files.absolute(path)}"}
   return {"dataset": dataset, "examples_per_task": examples_per_task}
 
 

@@ -4,12 +4,12 @@
 The library of `python -m cm3jax.train_tokenizer` (cm3jax/train_tokenizer.py)."""
 
 import collections
-import glob
 import io
 import os
 from typing import Iterable, Iterator
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.core.vocab import BOS, EOS, PAD, UNK
 
 
@@ -51,15 +51,16 @@ def _raw_sentences(source: str, data_dir: str) -> Iterator[bytes]:
   if source.startswith("tfds:"):
     from cm3jax.data import text_corpus  # TensorFlow is imported by the tfds: inputs only.
     yield from text_corpus.tfds_texts(source[len("tfds:"):], "train", data_dir)[0]
-  elif os.path.isdir(source):
+  elif files.isdir(source):
     from cm3jax.data import code_shards
     yield from code_shards.captions(code_shards.shard_paths(source, "train"))
   else:
-    paths = sorted({p for pattern in source.split(",") for p in glob.glob(pattern)})
+    from cm3jax.data import text_corpus
+    paths = sorted({p for pattern in source.split(",") for p in files.glob(pattern)})
     if not paths:
       raise ConfigError(f"--input={source} matches no file")
     for path in paths:
-      with open(path, "rb") as f:
+      with files.open_file(path, "rb") as f:
         yield from f
 
 

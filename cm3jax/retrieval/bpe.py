@@ -22,6 +22,7 @@ import numpy as np
 import regex
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # of the file's lines, after its header line
@@ -66,10 +67,9 @@ class ClipBPE:
 
   def __init__(self, vocab_file: Optional[str] = None):
     path = vocab_file or open_clip_file(VOCAB_FILE)
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise ConfigError(f"no CLIP BPE vocabulary at {path}")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-      lines = f.read().split("\n")[1:NUM_MERGES + 1]
+    lines = gzip.decompress(files.read_bytes(path)).decode("utf-8").split("\n")[1:NUM_MERGES + 1]
     merges = [tuple(line.split()) for line in lines]
     chars = sorted(byte_characters(), key=lambda c: (ord(c) >= 256, ord(c)))
     pieces = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]

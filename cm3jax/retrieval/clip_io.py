@@ -15,6 +15,7 @@ Tensors are numpy arrays here; torch is imported only to read a `.pt`. Linear we
 [out, in] in PyTorch and [in, out] (split into heads where attention uses them) in cm3jax.
 """
 
+import io
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.retrieval.bpe import open_clip_file
 from cm3jax.retrieval.clip import ACTIVATIONS, OPENAI_MEAN, OPENAI_STD, ClipConfig
 
@@ -43,13 +45,13 @@ def load(path: str, head_width: int = 64, activation: str = "") -> tuple[ClipCon
   where it does, a given one must agree."""
   if activation and activation not in ACTIVATIONS:
     raise ConfigError(f"activation={activation!r} is not one of {list(ACTIVATIONS)}")
-  if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, HF_CONFIG)):
+  if files.isdir(path):
+    if not files.exists(os.path.join(path, HF_CONFIG)):
       raise ConfigError(f"{path} holds no {HF_CONFIG}: not a Hugging Face CLIPModel directory")
     cfg, params = load_hf(path)
     _activation(path, (cfg.activation, os.path.join(path, HF_CONFIG)), activation)
     return cfg, params
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"no CLIP checkpoint at {path}")
   state, recorded = read_checkpoint(path)
   if any(k.startswith("visual.layer1.") for k in state):  # it has a visual.conv1 too
@@ -66,15 +68,16 @@ def load(path: str, head_width: int = 64, activation: str = "") -> tuple[ClipCon
 def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], Optional[tuple[str, str]]]:
   """A state-dict file's tensors, and (activation, where it is recorded) or None where neither
   the file nor the files open_clip writes beside it record the activation."""
+  data = files.read_bytes(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return dict(load_file(path)), _hub_config_activation(path)
+    from safetensors.numpy import load
+    return dict(load(data)), _hub_config_activation(path)
   import torch
   try:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     recorded = _hub_config_activation(path)
   except RuntimeError:  # OpenAI's released .pt files are TorchScript archives
-    archive = torch.jit.load(path, map_location="cpu")
+    archive = torch.jit.load(io.BytesIO(data), map_location="cpu")
     state, recorded = archive.state_dict(), _module_activation(archive, path)
   if isinstance(state, dict) and "state_dict" in state:  # an open_clip training checkpoint
     state, recorded = state["state_dict"], _training_run_activation(path)
@@ -126,8 +129,7 @@ def _model_config_activation(model_cfg: dict, where: str) -> tuple[str, str]:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      found = json.load(f)
+    found = files.read_json(path)
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is not readable JSON: {e}") from None
   if not isinstance(found, dict):
@@ -136,8 +138,8 @@ def _read_json(path: str) -> dict:
 
 
 def _hub_config_activation(path: str) -> Optional[tuple[str, str]]:
-  config = os.path.join(os.path.dirname(os.path.abspath(path)), OPEN_CLIP_CONFIG)
-  if not os.path.exists(config):
+  config = os.path.join(os.path.dirname(files.absolute(path)), OPEN_CLIP_CONFIG)
+  if not files.exists(config):
     return None
   return _model_config_activation(_read_json(config).get("model_cfg", {}), config)
 
@@ -145,17 +147,17 @@ def _hub_config_activation(path: str) -> Optional[tuple[str, str]]:
 def _training_run_activation(path: str) -> Optional[tuple[str, str]]:
   """From RUN/params.txt of RUN/checkpoints/epoch_N.pt: `force_quick_gelu`, else the quick_gelu
   of the built-in open_clip config `model` names (None for a model open_clip does not ship)."""
-  run_params = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))),
+  run_params = os.path.join(os.path.dirname(os.path.dirname(files.absolute(path))),
                             OPEN_CLIP_RUN_PARAMS)
-  if not os.path.exists(run_params):
+  if not files.exists(run_params):
     return None
-  with open(run_params) as f:
-    params = dict(line.rstrip("\n").split(": ", 1) for line in f if ": " in line)
+  lines = files.read_text(run_params).splitlines()
+  params = dict(line.split(": ", 1) for line in lines if ": " in line)
   if params.get("force_quick_gelu") == "True":
     return "quick_gelu", f"{run_params} (force_quick_gelu)"
   model = params.get("model", "").replace("/", "-")  # as open_clip names its configs
   model_config = open_clip_file(os.path.join("model_configs", f"{model}.json"))
-  if not os.path.exists(model_config):
+  if not files.exists(model_config):
     return None
   return _model_config_activation(_read_json(model_config),
                                   f"{run_params} (model {model})")
@@ -268,8 +270,7 @@ def _hf_tower_config(section: dict, tower: str) -> dict:
 
 
 def load_hf(directory: str) -> tuple[ClipConfig, dict]:
-  with open(os.path.join(directory, HF_CONFIG)) as f:
-    hf = json.load(f)
+  hf = files.read_json(os.path.join(directory, HF_CONFIG))
   if hf.get("model_type") != "clip":
     raise ConfigError(f"{directory}/{HF_CONFIG} has model_type={hf.get('model_type')!r}, "
                       f"not 'clip'")
@@ -279,19 +280,18 @@ def load_hf(directory: str) -> tuple[ClipConfig, dict]:
     raise ConfigError("the text and vision towers use different activations; cm3jax's CLIP "
                       "takes one")
   weights = os.path.join(directory, HF_WEIGHTS)
-  if not os.path.exists(weights):
+  if not files.exists(weights):
     raise ConfigError(f"{directory} holds no {HF_WEIGHTS}")
-  from safetensors.numpy import load_file
-  state = dict(load_file(weights))
+  from safetensors.numpy import load
+  state = dict(load(files.read_bytes(weights)))
   vocab_size = text["vocab_size"]
   eot = text.get("eos_token_id", 2)
   # transformers pools at the highest id when eos_token_id is 2 (configs older than 4.31).
   eot_id = vocab_size - 1 if eot == 2 else eot
   mean, std = OPENAI_MEAN, OPENAI_STD
   preprocessor = os.path.join(directory, HF_PREPROCESSOR)
-  if os.path.exists(preprocessor):
-    with open(preprocessor) as f:
-      pre = json.load(f)
+  if files.exists(preprocessor):
+    pre = files.read_json(preprocessor)
     mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
   cfg = ClipConfig(
       embed_dim=hf["projection_dim"], image_size=vision["image_size"],
@@ -354,7 +354,7 @@ def hf_config(cfg: ClipConfig) -> dict[str, Any]:
 
 def save_hf(cfg: ClipConfig, params: dict, directory: str):
   """Writes `config.json`, `preprocessor_config.json` and `model.safetensors` (float32)."""
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   p = _float32(params)
   vis, txt = "vision_model.", "text_model."
   state = {"logit_scale": p["logit_scale"].reshape(())}
@@ -389,12 +389,11 @@ def save_hf(cfg: ClipConfig, params: dict, directory: str):
   state[txt + "final_layer_norm.weight"] = t["ln_final"]["scale"]
   state[txt + "final_layer_norm.bias"] = t["ln_final"]["bias"]
   state["text_projection.weight"] = t["text_projection"].T
-  os.makedirs(directory, exist_ok=True)
-  save_file({k: np.array(a, order="C") for k, a in state.items()},
-            os.path.join(directory, HF_WEIGHTS))
-  with open(os.path.join(directory, HF_CONFIG), "w") as f:
-    json.dump(hf_config(cfg), f, indent=2)
-  with open(os.path.join(directory, HF_PREPROCESSOR), "w") as f:
-    json.dump({"image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std),
-               "size": {"shortest_edge": cfg.image_size},
-               "crop_size": {"height": cfg.image_size, "width": cfg.image_size}}, f, indent=2)
+  files.makedirs(directory)
+  files.write_atomic(os.path.join(directory, HF_WEIGHTS),
+                     save({k: np.array(a, order="C") for k, a in state.items()}))
+  files.write_atomic(os.path.join(directory, HF_CONFIG), json.dumps(hf_config(cfg), indent=2))
+  files.write_atomic(os.path.join(directory, HF_PREPROCESSOR), json.dumps(
+      {"image_mean": list(cfg.image_mean), "image_std": list(cfg.image_std),
+       "size": {"shortest_edge": cfg.image_size},
+       "crop_size": {"height": cfg.image_size, "width": cfg.image_size}}, indent=2))

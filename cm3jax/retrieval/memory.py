@@ -12,7 +12,6 @@ skipped by reason.
 """
 
 import collections
-import glob
 import json
 import os
 
@@ -40,27 +39,26 @@ def write_shard(bank: str, shard: int, vectors_NxE: np.ndarray, ids_N: np.ndarra
                 skipped: dict[str, int]):
   """One shard, whole or not at all; `skipped` counts its records left out, by reason."""
   path = shard_path(bank, shard)
-  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+  with files.atomic_path(path) as tmp, files.open_file(tmp, "wb") as f:
     np.savez(f, vectors=vectors_NxE.astype(np.float16), ids=ids_N.astype(np.int64),
              skipped=np.array(json.dumps(skipped)))
 
 
 def shard_skipped(bank: str, shard: int) -> dict[str, int]:
-  with np.load(shard_path(bank, shard)) as f:
-    return json.loads(str(f["skipped"]))
+  with files.open_file(shard_path(bank, shard), "rb") as f, np.load(f) as shard_file:
+    return json.loads(str(shard_file["skipped"]))
 
 
 def done_shards(bank: str) -> set[int]:
-  return {int(os.path.basename(p)[5:10]) for p in glob.glob(os.path.join(bank, "bank-*.npz"))}
+  return {int(os.path.basename(p)[5:10]) for p in files.glob(os.path.join(bank, "bank-*.npz"))}
 
 
 def read_manifest(bank: str) -> dict:
   path = os.path.join(bank, MANIFEST)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"{bank} holds no complete memory bank ({MANIFEST} is missing): run "
                       "python -m cm3jax.build_memory first")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def load(bank: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -69,12 +67,12 @@ def load(bank: str) -> tuple[np.ndarray, np.ndarray, dict]:
   vectors, ids = [], []
   for shard in range(manifest["shards"]):
     path = shard_path(bank, shard)
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise ConfigError(f"memory bank {bank} lacks {os.path.basename(path)} of its "
                         f"{manifest['shards']} shards")
-    with np.load(path) as f:
-      vectors.append(f["vectors"])
-      ids.append(f["ids"])
+    with files.open_file(path, "rb") as f, np.load(f) as shard_file:
+      vectors.append(shard_file["vectors"])
+      ids.append(shard_file["ids"])
   vectors_NxE = np.concatenate(vectors) if vectors else np.zeros((0, manifest["dim"]), np.float16)
   ids_N = np.concatenate(ids) if ids else np.zeros((0,), np.int64)
   if len(ids_N) != manifest["records"]:
@@ -99,7 +97,7 @@ def check_compatible(manifest: dict, bank: str, r):
 
 def codes_identity(codes_dir: str, codes_manifest: dict) -> dict:
   """What names the code shards of a split in a made_by (cm3jax/core/provenance.py)."""
-  return {"codes": os.path.abspath(codes_dir),
+  return {"codes": files.absolute(codes_dir),
           "codes_fingerprint": codes_manifest.get(provenance.FINGERPRINT),
           "codes_records": codes_manifest["records"]}
 

@@ -19,7 +19,6 @@ resume compares it; `NEIGHBOURS/SPLIT.json`, written last, holds the made_by, it
 and the counts.
 """
 
-import json
 import os
 
 import numpy as np
@@ -82,14 +81,14 @@ def settings_path(directory: str, split: str) -> str:
 def write_shard(directory: str, split: str, shard: int, keys_N: np.ndarray, ids_NxM: np.ndarray):
   """One shard, whole or not at all."""
   path = shard_path(directory, split, shard)
-  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+  with files.atomic_path(path) as tmp, files.open_file(tmp, "wb") as f:
     np.savez(f, keys=keys_N, ids=ids_NxM.astype(np.int64))
 
 
 def done_shards(directory: str, split: str) -> set[int]:
   prefix = f"{split}-"
-  return {int(name[len(prefix):-4]) for name in os.listdir(directory)
-          if name.startswith(prefix) and name.endswith(".npz")} if os.path.isdir(directory) else set()
+  return {int(name[len(prefix):-4]) for name in files.listdir(directory)
+          if name.startswith(prefix) and name.endswith(".npz")}
 
 
 def finish(directory: str, split: str, info: dict):
@@ -98,12 +97,11 @@ def finish(directory: str, split: str, info: dict):
 
 def read_manifest(directory: str, split: str) -> dict:
   path = manifest_path(directory, split)
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"{directory} holds no complete neighbours of the {split} split "
                       f"({os.path.basename(path)} is missing): run python -m "
                       "cm3jax.build_neighbours first")
-  with open(path) as f:
-    return json.load(f)
+  return files.read_json(path)
 
 
 def read(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -112,9 +110,10 @@ def read(directory: str, split: str) -> tuple[np.ndarray, np.ndarray, dict]:
   manifest = read_manifest(directory, split)
   keys, ids = [], []
   for shard in range(manifest["shards"]):
-    with np.load(shard_path(directory, split, shard)) as f:
-      keys.append(f["keys"])
-      ids.append(f["ids"])
+    with (files.open_file(shard_path(directory, split, shard), "rb") as f,
+          np.load(f) as shard_file):
+      keys.append(shard_file["keys"])
+      ids.append(shard_file["ids"])
   keys_N, ids_NxM = np.concatenate(keys), np.concatenate(ids)
   if len(keys_N) != manifest["records"]:
     raise ConfigError(f"the neighbours of {split} in {directory} hold {len(keys_N)} records; "

@@ -18,7 +18,7 @@ import numpy as np
 import sentencepiece as spm
 
 from cm3jax.config import ConfigError
-from cm3jax.core import checkpoint, provenance
+from cm3jax.core import checkpoint, files, provenance
 from cm3jax.retrieval import bpe, clip, clip_io
 
 TOKENIZER_FILE = "tokenizer.model"  # in a train_retriever workdir
@@ -102,7 +102,7 @@ class Retriever:
 def load(path: str, head_width: int = 64, activation: str = "") -> Retriever:
   """A retriever from a train_retriever workdir, a Hugging Face directory or a state dict
   (`head_width` and `activation`: `clip_io.load`'s, for what a state dict does not record)."""
-  if os.path.isdir(checkpoint.directory(path)):
+  if files.isdir(checkpoint.directory(path)):
     step = checkpoint.latest_step(path)
     saved = checkpoint.saved_config(path, step)
     if "clip" not in saved:
@@ -111,9 +111,8 @@ def load(path: str, head_width: int = 64, activation: str = "") -> Retriever:
     cfg = clip.ClipConfig.from_dict(saved["clip"])
     abstract = jax.eval_shape(lambda: nn.unbox(clip.init_params(cfg, jax.random.PRNGKey(0))))
     params = checkpoint.restore_params(path, step, abstract, host=True)
-    with open(os.path.join(path, TOKENIZER_FILE), "rb") as f:
-      tokenize = SentencePieceText(f.read())
+    tokenize = SentencePieceText(files.read_bytes(os.path.join(path, TOKENIZER_FILE)))
     return Retriever(cfg, params, tokenize, f"cm3jax retriever {path} (step {step})",
-                     os.path.abspath(path))
+                     files.absolute(path))
   cfg, params = clip_io.load(path, head_width, activation)
-  return Retriever(cfg, params, bpe.ClipBPE(), f"CLIP {path}", os.path.abspath(path))
+  return Retriever(cfg, params, bpe.ClipBPE(), f"CLIP {path}", files.absolute(path))

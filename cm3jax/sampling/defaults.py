@@ -3,7 +3,6 @@ the reports (cm3jax/eval/) record in WORKDIR/sampling_defaults.json and `cm3jax.
 `cm3jax.load` draw with unless told otherwise."""
 
 import dataclasses
-import json
 import os
 from typing import Mapping, Optional
 
@@ -78,8 +77,7 @@ def sampling_defaults(workdir: str) -> dict[str, Measured]:
   is no such file; a ConfigError, in one line, for a file that is not one this version writes."""
   path = os.path.join(workdir, SAMPLING_DEFAULTS_FILE)
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = files.read_json(path)
     if not isinstance(saved, dict) or saved.get("version") != SAMPLING_DEFAULTS_VERSION:
       raise ValueError(f"not version {SAMPLING_DEFAULTS_VERSION} of the format")
     return {use: Measured(**{**entry, "setting": engine.Setting(**entry["setting"])})

@@ -3,12 +3,14 @@
 The library of `python -m cm3jax.sample` (cm3jax/sample.py)."""
 
 import dataclasses
+import io
 import os
 
 import jax
 import numpy as np
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 from cm3jax.data import code_shards
 from cm3jax.prepare import tokenize_images
 from cm3jax.sampling import defaults, engine, instruct
@@ -32,8 +34,9 @@ def grid(images: np.ndarray, scale: int = 1) -> np.ndarray:
 
 def save_png(image: np.ndarray, path: str):
   from PIL import Image
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(image).save(path)
+  png = io.BytesIO()
+  Image.fromarray(image).save(png, format="PNG")
+  files.write_atomic(path, png.getvalue())
 
 
 def write_samples(sampler: engine.Sampler, vqgan: ImageTokenizer, codes_dir: str, out_dir: str,
@@ -51,8 +54,7 @@ def write_samples(sampler: engine.Sampler, vqgan: ImageTokenizer, codes_dir: str
            for i, c in enumerate(captions[:4])]
   generated = engine.caption_images(sampler, codes, jax.random.fold_in(key, 1))
   lines += [f"image of {want!r}: {got!r}" for got, want in zip(generated, captions)]
-  with open(captions_path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  files.write_atomic(captions_path, "\n".join(lines) + "\n")
   return lines
 
 
@@ -72,8 +74,7 @@ TEXT_SAMPLING = engine.SamplingConfig(top_p=0.9)  # text where no flag says othe
 def read_image(path: str, resolution: int) -> np.ndarray:
   """An image file as uint8 [resolution, resolution, 3]; a ConfigError if it does not read."""
   try:
-    with open(path, "rb") as f:
-      image_bytes = f.read()
+    image_bytes = files.read_bytes(path)
   except OSError as e:
     raise ConfigError(f"cannot read {path}: {e.strerror or e}") from None
   try:

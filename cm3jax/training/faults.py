@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from cm3jax.config import ConfigError
+from cm3jax.core import files
 
 LOCK_NAME = ".cm3jax.lock"
 GUARD_SUFFIX = ".guard"  # LOCK_NAME + GUARD_SUFFIX: the file whose flock a lock is taken under
@@ -101,8 +102,7 @@ def read_owner(path: str):
   """The {host, pid, command} JSON at `path`, {} if it is empty or not whole, None if there is
   no file."""
   try:
-    with open(path) as f:
-      text = f.read()
+    text = files.read_text(path)
   except FileNotFoundError:
     return None
   try:
@@ -119,20 +119,22 @@ def workdir_lock(workdir: str, command: str):
   """Holds WORKDIR/.cm3jax.lock (host, pid and command) while the body runs; a second process
   refuses with one line naming the first, and a lock whose process is gone is taken over (see
   `take_lock`). The process that holds it may enter again (the pipeline runs the trainers). On
-  several hosts process 0 holds it for all."""
+  several hosts process 0 holds it for all. In a bucket the lock is best-effort (no flock there:
+  two processes starting at once may both take it)."""
   if jax.process_index() != 0:
     yield
     return
   path = os.path.join(workdir, LOCK_NAME)
   me = this_process(command)
-  if not take_lock(path, me):
+  take = _take_bucket_lock if files.is_uri(workdir) else take_lock
+  if not take(path, me):
     yield  # already ours
     return
   try:
     yield
   finally:
     if read_owner(path) == me:
-      os.remove(path)
+      files.remove(path)
 
 
 def take_lock(path: str, me: dict) -> bool:
@@ -142,7 +144,7 @@ def take_lock(path: str, me: dict) -> bool:
   flock on PATH.guard, so that of several taking over one stale lock exactly one wins; the
   kernel drops the flock when a process dies, so the guard is never stale itself. (The guard is a
   file opened for writing: NFS emulates flock with POSIX locks, which an exclusive lock needs.)"""
-  with open(path + GUARD_SUFFIX, "a") as guard:
+  with open(path + GUARD_SUFFIX, "a") as guard:  # local file: flock needs a local file
     fcntl.flock(guard, fcntl.LOCK_EX)
     while True:
       try:
@@ -154,18 +156,36 @@ def take_lock(path: str, me: dict) -> bool:
           continue
         if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
           return False
-        empty_and_old = holder == {} and time.time() - os.path.getmtime(path) > LOCK_GRACE_S
+        empty_and_old = holder == {} and (
+            time.time() - os.path.getmtime(path)  # local file: flock needs a local file
+            > LOCK_GRACE_S)
         if empty_and_old or (holder and gone(holder)):
           print(f"{me['command']}: removed the stale lock {path} ({holder or 'empty'})",
                 flush=True)
-          os.remove(path)
+          files.remove(path)
           continue
         workdir = os.path.dirname(path)
         if holder == {}:
           raise ConfigError(f"workdir {workdir} is being locked by another process ({path})")
-        raise ConfigError(f"workdir {workdir} is in use by {holder['command']} (pid "
-                          f"{holder['pid']} on {holder['host']}); wait for it or stop it, and if "
-                          f"that process is gone, delete {path}")
+        raise _in_use(path, holder)
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
   return True
+
+
+def _take_bucket_lock(path: str, me: dict) -> bool:
+  """`take_lock` for a lock object in a bucket, where there is no flock to decide under: it takes
+  a lock that is absent, unreadable or stale (its process gone, on this host)."""
+  holder = read_owner(path) if files.exists(path) else None
+  if holder and holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
+    return False
+  if holder and not gone(holder):
+    raise _in_use(path, holder)
+  files.write_json(path, me)
+  return True
+
+
+def _in_use(path: str, holder: dict) -> ConfigError:
+  return ConfigError(f"workdir {os.path.dirname(path)} is in use by {holder['command']} (pid "
+                     f"{holder['pid']} on {holder['host']}); wait for it or stop it, and if "
+                     f"that process is gone, delete {path}")

@@ -136,14 +136,13 @@ def tokenizer(config, workdir: str, captions) -> bytes:
   train captions if missing). Either way a copy stays in the workdir for `retriever.load`."""
   path = os.path.join(workdir, retriever.TOKENIZER_FILE)
   source = config.tokenizer or path
-  if os.path.exists(source):
-    with open(source, "rb") as f:
-      model = f.read()
+  if files.exists(source):
+    model = files.read_bytes(source)
   elif config.tokenizer:
     raise ConfigError(f"tokenizer={config.tokenizer}: no such file")
   else:
     model = train_tokenizer.train((c.decode("utf-8") for c in captions), config.text_vocab_size)
-  if source != path or not os.path.exists(path):
+  if source != path or not files.exists(path):
     if jax.process_index() == 0:
       files.write_atomic(path, model)
   return model

@@ -6,6 +6,7 @@ weights are `scale`, and `quantize.embedding.weight` is the codebook `quantize/e
 Needs only numpy and safetensors; torch only for `.ckpt` / `.pt` files.
 """
 
+import io
 import json
 import os
 import re
@@ -97,15 +98,16 @@ def params_to_state_dict(params) -> dict[str, np.ndarray]:
 def load_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """Tensors of a `.safetensors` file, or of a `.ckpt`/`.pt`/`.pth` PyTorch file (its
   `state_dict` entry if it has one)."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     raise ConfigError(f"no such file: {path}")
+  data = files.read_bytes(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    return load_file(path)
+    from safetensors.numpy import load
+    return load(data)
   import pickle
   import torch
   try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=not trust_pickle)
   except pickle.UnpicklingError:
     raise ConfigError(f"{path} holds Python objects besides tensors; load it with "
                       "trust_pickle=True if you trust it, or save its state_dict as .safetensors") from None
@@ -138,5 +140,4 @@ def export_torch_vqgan(params, cfg: VQGANConfig, directory: str):
     params = flax.core.copy(params, {"quantize": {"embedding": codebook}})
   with files.staged_directory(directory, ".vqgan-export-", overwrite=True) as staging:
     save_file(params_to_state_dict(params), os.path.join(staging, "model.safetensors"))
-    with open(os.path.join(staging, "config.json"), "w") as f:
-      json.dump(taming_config(cfg), f, indent=1)
+    files.write_json(os.path.join(staging, "config.json"), taming_config(cfg))
