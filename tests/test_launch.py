@@ -5,6 +5,8 @@ import os
 import pathlib
 import subprocess
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -25,22 +27,20 @@ def started(calls: list[str]) -> str:
   return next(c for c in calls if "nohup" in c).split(">")[0].strip()
 
 
-def test_a_training_run_on_every_worker(tmp_path):
-  rc, calls = launch(tmp_path, "tpu", "zone", "configs/7b.py", "gs://b/run",
-                     "--config.num_train_steps=10")
+@pytest.mark.parametrize("args, command, log", [
+    (("configs/7b.py", "gs://b/run", "--config.num_train_steps=10"),
+     "cm3jax.train --config=configs/7b.py --workdir=gs://b/run --multihost "
+     "--config.num_train_steps=10", "train.log"),
+    (("tokenize_images", "--vqgan_workdir=gs://b/vq", "--out=gs://b/codes"),
+     "cm3jax.tokenize_images --multihost --vqgan_workdir=gs://b/vq --out=gs://b/codes",
+     "tokenize_images.log"),
+])
+def test_a_command_on_every_worker(tmp_path, args, command, log):
+  """A config file trains it; another third argument names the command."""
+  rc, calls = launch(tmp_path, "tpu", "zone", *args)
   assert rc == 0
-  assert started(calls) == ("nohup python3 -m cm3jax.train --config=configs/7b.py "
-                            "--workdir=gs://b/run --multihost --config.num_train_steps=10")
-  assert calls[-1].endswith("tail -f ~/cm3jax/train.log")
-
-
-def test_another_command_on_every_worker(tmp_path):
-  rc, calls = launch(tmp_path, "tpu", "zone", "tokenize_images", "--vqgan_workdir=gs://b/vq",
-                     "--out=gs://b/codes")
-  assert rc == 0
-  assert started(calls) == ("nohup python3 -m cm3jax.tokenize_images --multihost "
-                            "--vqgan_workdir=gs://b/vq --out=gs://b/codes")
-  assert calls[-1].endswith("tail -f ~/cm3jax/tokenize_images.log")
+  assert started(calls) == f"nohup python3 -m {command}"
+  assert calls[-1].endswith(f"tail -f ~/cm3jax/{log}")
 
 
 def test_too_few_arguments_print_the_usage(tmp_path):

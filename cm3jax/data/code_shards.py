@@ -76,7 +76,8 @@ def part_name(split: str, host: int, num_hosts: int) -> str:
 def shard_files(directory: str, split: str) -> tuple[list[str], list[int]]:
   """The paths of a complete split's files in reading order, and the records each holds."""
   manifest = read_manifest(directory, split)
-  present = sorted(os.path.basename(p) for p in files.glob(os.path.join(directory, f"{split}-*.tfrecord")))
+  present = sorted(os.path.basename(p)
+                   for p in files.glob(os.path.join(directory, f"{split}-*.tfrecord")))
   if "files" in manifest:
     names, counts = manifest["files"], manifest["shard_records"]
   else:  # written before manifests listed their files: by one writer, in shards of shard_size
@@ -185,7 +186,7 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
   num_hosts = host[1]
   settings = {**settings, "hosts": num_hosts}
   part = part_name(split, *host)
-  for manifest in {manifest_path(out, split), manifest_path(out, part)}:
+  for manifest in (manifest_path(out, split), manifest_path(out, part)):  # the split's first
     if files.exists(manifest):
       summary = files.read_json(manifest)
       provenance.check(summary, settings, f"the complete {split} split in {out}", REMEDY)
