@@ -4,9 +4,11 @@
 
 Each record queries the bank by its text (query dropout) and by its image; the strategy and the
 file format are in cm3jax/retrieval/neighbours.py. The CM3 stream reads the result with
-cm3.retrieval.neighbours_dir. Shards are written whole, so a second run resumes after the last;
-a resume or a reuse of neighbours made from another bank, VQGAN or codes, or with other
-settings, is refused (cm3jax/core/provenance.py).
+cm3.retrieval.neighbours_dir: one file per code file, holding each record's neighbours and
+their documents (read from the bank by record id), so that the stream never holds the bank in
+memory. Files are written whole, so a second run resumes after the ones it has; a resume or a
+reuse of neighbours made from another bank, VQGAN or codes, or with other settings, is refused
+(cm3jax/core/provenance.py). With --multihost each host does code files host, host + hosts, ...
 """
 
 from absl import flags
@@ -35,18 +37,19 @@ def _define_flags():
   flags.DEFINE_integer("head_width", 64, "Head width of a state-dict CLIP (heads are not stored).")
   flags.DEFINE_string("clip_activation", "", "MLP activation of a state-dict CLIP that does "
                       "not record it: gelu or quick_gelu.")
+  flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first; each host "
+                    "does its share of the code files.")
 
 
 def main(FLAGS):
   for name in ("retriever", "memory", "codes", "vqgan", "out"):
     if not getattr(FLAGS, name):
       raise ConfigError(f"--{name} is required")
-  infos = build_neighbours.build(retriever.load(FLAGS.retriever, FLAGS.head_width, FLAGS.clip_activation),
-                ImageTokenizer.load(FLAGS.vqgan),
-                FLAGS.memory, FLAGS.codes, FLAGS.out, FLAGS.splits, FLAGS.engine,
-                per_record=FLAGS.per_record, candidates=FLAGS.candidates,
-                query_dropout=FLAGS.query_dropout, max_relevance=FLAGS.max_relevance,
-                seed=FLAGS.seed)
+  infos = build_neighbours.build(
+      retriever.load(FLAGS.retriever, FLAGS.head_width, FLAGS.clip_activation),
+      ImageTokenizer.load(FLAGS.vqgan), FLAGS.memory, FLAGS.codes, FLAGS.out, FLAGS.splits,
+      FLAGS.engine, per_record=FLAGS.per_record, candidates=FLAGS.candidates,
+      query_dropout=FLAGS.query_dropout, max_relevance=FLAGS.max_relevance, seed=FLAGS.seed)
   for info in infos:
     print(f"neighbours of {info['split']}: {info['records']} records x {info['per_record']} in "
           f"{FLAGS.out}")

@@ -186,9 +186,12 @@ class Run:
     if k < 1:
       raise RequestError(f"k={k}: retrieve at least 1 document")
     ids = self.memory.retrieve(texts, k)
-    images = vqgan.decode(self.memory.codes[ids.ravel()])
-    return ([[self.memory.captions[i] for i in row] for row in ids],
-            images.reshape(*ids.shape, *images.shape[1:]))
+    if (ids < 0).any():
+      raise RequestError(f"k={k}: the memory bank holds fewer documents")
+    captions, codes = self.memory.bank.get(ids.ravel())
+    images = vqgan.decode(codes)
+    return ([[c.decode("utf-8", "replace") for c in captions[i * k:(i + 1) * k]]
+             for i in range(len(ids))], images.reshape(*ids.shape, *images.shape[1:]))
 
   def _image_model(self) -> ImageTokenizer:
     if self.vqgan is None:

@@ -137,8 +137,8 @@ def main(FLAGS):
     if FLAGS.retrieve:
       ids = found.retrieve([FLAGS.prompt], FLAGS.retrieve)
       context = found.documents(sampler.vocab, ids) * FLAGS.num_images
-      for i in ids[0]:
-        print(f"retrieved: {found.captions[i]!r}")
+      for caption in found.bank.get(ids[0])[0]:
+        print(f"retrieved: {caption.decode('utf-8', 'replace')!r}")
     score = None
     if by_retriever:
       scorer = retriever.load(FLAGS.retriever) if FLAGS.retriever else found.retriever

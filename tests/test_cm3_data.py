@@ -5,6 +5,7 @@ import collections
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -248,6 +249,22 @@ def test_the_hosts_of_a_run_partition_every_epoch_reading_each_file_on_one_host(
   assert orders[0] != orders[1] != orders[2]  # every epoch is shuffled anew
 
 
+@pytest.mark.parametrize("num_hosts", [2, 8])  # 7 files: whole files, or records of files
+def test_each_record_travels_with_its_neighbours_to_its_host(tmp_path, num_hosts):
+  records = random_records(61)
+  write_shards(tmp_path / "codes", "train", records, shard_size=9)
+  paths, _ = code_shards.shard_files(str(tmp_path / "codes"), "train")
+  ids = [[(i + 1) % 61, -1] for i in range(61)]
+  beside = retrieved_of(records, 1, ids, tmp_path / "neighbours", "train", 9).paths
+  seen = []
+  for host in range(num_hosts):
+    pairs = list(cm3.epoch_records(paths, 1, (0, 1), "train", host, num_hosts, 100, beside))
+    keys = record_keys([record for record, _ in pairs])
+    assert keys == record_keys([near for _, near in pairs])
+    seen += keys
+  assert sorted(seen) == sorted(f"{i}".encode() for i in range(len(records)))
+
+
 def test_fewer_files_than_hosts_share_records(tmp_path):
   write_shards(tmp_path, "train", random_records(20), shard_size=10)
   paths, counts = code_shards.shard_files(str(tmp_path), "train")
@@ -313,13 +330,21 @@ def test_config_errors(vocab, tmp_path):
     next(stream(tmp_path, vocab, split="validation"))
 
 
-def retrieved_of(records, documents, ids):
-  """A Retrieved whose bank is `records` themselves (keys as write_shards writes them)."""
-  return cm3.Retrieved(keys=np.array([f"{i}".encode() for i in range(len(records))], object),
-                       ids=np.asarray(ids, np.int64),
-                       captions=np.array([c for c, _ in records], object),
-                       codes=np.stack([np.asarray(k, np.int32) for _, k in records]),
-                       documents=documents)
+def retrieved_of(records, documents, ids, directory, split, shard_size):
+  """A Retrieved whose bank is `records` themselves, its neighbour files beside the code files
+  write_shards(directory, split, records, shard_size) writes."""
+  ids = np.asarray(ids, np.int64)
+  os.makedirs(directory, exist_ok=True)
+  paths = []
+  for shard, start in enumerate(range(0, len(records), shard_size)):
+    rows = []
+    for i in range(start, min(start + shard_size, len(records))):
+      real = [records[j] for j in ids[i] if j >= 0]
+      rows.append(neighbours.serialize(f"{i}".encode(), ids[i], [c for c, _ in real],
+                                       np.array([k for _, k in real]).reshape(len(real), -1)))
+    neighbours.write_shard(str(directory), split, shard, rows)
+    paths.append(neighbours.shard_path(str(directory), split, shard))
+  return cm3.Retrieved(paths, ids.shape[1], documents)
 
 
 def test_retrieved_documents_precede_each_record_in_document_form(vocab, tmp_path):
@@ -328,7 +353,7 @@ def test_retrieved_documents_precede_each_record_in_document_form(vocab, tmp_pat
   n = len(records)
   ids = [[(i + 1) % n, (i + 7) % n, (i + 3) % n] for i in range(n)]
   ids[4] = [-1, 9, -1]  # fewer neighbours: only the real one is placed
-  retrieved = retrieved_of(records, 2, ids)
+  retrieved = retrieved_of(records, 2, ids, tmp_path / "neighbours", "validation", 30)
   rows = list(stream(tmp_path, vocab, split="validation", rows=1, repeat=False, seq_len=256,
                      retrieved=retrieved, whole_segment_rate=0.5))
   base = cm3.stream_seed((0, 1), "validation", 0)
@@ -350,36 +375,47 @@ def test_retrieved_documents_precede_each_record_in_document_form(vocab, tmp_pat
   np.testing.assert_array_equal(weights == 0, vocab.is_sentinel(targets))  # one loss weight
 
 
-def test_neighbours_that_lack_a_record_are_refused(vocab, tmp_path):
-  """build_neighbours writes a row for every record of the split: neighbours that lack one were
-  made for other code shards. Before, such a record trained without neighbours (or, without
-  the stream's guard, with row 0's)."""
+def test_neighbours_of_other_code_shards_are_refused(vocab, tmp_path):
+  """The stream reads each code file beside its neighbour file, record for record: neighbours
+  made for other code shards (other files, other counts, or another record at a place) would
+  put one record's neighbours before another. The manifest's counts are checked before the
+  stream starts, and each record's key as it reads."""
   records = random_records(12)
-  codes_dir, directory = tmp_path / "codes", str(tmp_path / "neighbours")
-  write_shards(codes_dir, "validation", records)
-  os.makedirs(directory)
+  codes_dir, directory = tmp_path / "codes", tmp_path / "neighbours"
+  write_shards(codes_dir, "validation", records, shard_size=5)
   ids = np.array([[(i + 1) % 12, (i + 2) % 12] for i in range(12)])
-  cm3_config = {"retrieval": {"retriever": "", "memory": "", "neighbours_dir": directory,
+  cm3_config = {"retrieval": {"retriever": "", "memory": "", "neighbours_dir": str(directory),
                               "documents": 2}}
+  retrieved = retrieved_of(records, 2, ids, directory, "validation", 5)
 
-  def retrieved_with(keys):
-    neighbours.write_shard(directory, "validation", 0, np.array(keys), ids)
-    neighbours.finish(directory, "validation", {"records": 12, "shards": 1,
-                                                "codes": os.path.abspath(codes_dir),
-                                                "bank_split": "validation"})
+  def finish(shard_records, codes=codes_dir):
+    neighbours.finish(str(directory), "validation", {
+        "records": 12, "shards": len(shard_records), "shard_records": shard_records,
+        "codes": os.path.abspath(codes), "per_record": 2, "tokens_per_image": TOKENS_PER_IMAGE})
     return data.retrieved_documents(cm3_config, str(tmp_path), str(codes_dir), "validation")
 
-  keys = [f"{i}".encode() for i in range(len(records))]
-  np.testing.assert_array_equal(retrieved_with(keys).ids, ids)
-  keys[5] = b"another record"  # as many records as the split, one of them not the split's
-  with pytest.raises(ConfigError, match=r"1 validation records of .* \(key b'5' first\) have no "
-                                        "neighbours in .*: run python -m cm3jax.build_neighbours"):
-    retrieved_with(keys)
-  # A Retrieved made another way that lacks a record fails the stream, not row 0's neighbours.
-  partial = retrieved_of(records, 2, ids)._replace(keys=np.array(keys, object))
-  with pytest.raises(tf.errors.InvalidArgumentError):
+  assert finish([5, 5, 2]) == retrieved
+  for counts, codes in (([6, 4, 2], codes_dir), ([5, 5, 2], tmp_path / "other")):
+    with pytest.raises(ConfigError, match=r"^the validation neighbours in .* were computed for "
+                                          r"the 12 records in 3 files of .*, not the 12 in 3 of "
+                                          ".*: run python -m cm3jax.build_neighbours$"):
+      finish(counts, codes)
+  os.remove(neighbours.shard_path(str(directory), "validation", 1))
+  with pytest.raises(ConfigError, match=r"lacks 1 of the 3 validation neighbour files .* "
+                                        r"\(validation-00001.tfrecord first\)"):
+    finish([5, 5, 2])
+  with pytest.raises(ConfigError, match="documents=3 but .* holds 2 neighbours per record"):
+    data.retrieved_documents({"retrieval": {**cm3_config["retrieval"], "documents": 3}},
+                             str(tmp_path), str(codes_dir), "validation")
+  # Neighbour files cut at other records fail the stream at the first record out of place.
+  shifted = retrieved_of(records, 2, ids, tmp_path / "shifted", "validation", 4)._replace(
+      paths=retrieved.paths)
+  for shard in range(3):
+    shutil.copy(neighbours.shard_path(str(tmp_path / "shifted"), "validation", shard),
+                retrieved.paths[shard])
+  with pytest.raises(tf.errors.InvalidArgumentError, match="not aligned with its code file"):
     list(stream(codes_dir, vocab, split="validation", rows=1, repeat=False, seq_len=256,
-                retrieved=partial))
+                retrieved=shifted))
 
 
 def test_whole_segment_spans_come_from_the_record_after_retrieved_documents(vocab):
@@ -400,7 +436,7 @@ def test_resume_with_retrieval_continues_with_identical_batches(vocab, tmp_path)
   records = random_records(60)
   write_shards(tmp_path, "train", records, shard_size=20)
   ids = [[(i + 5) % 60, (i + 11) % 60, -1] for i in range(60)]
-  retrieved = retrieved_of(records, 2, ids)
+  retrieved = retrieved_of(records, 2, ids, tmp_path / "neighbours", "train", 20)
   run = lambda **kw: stream(tmp_path, vocab, seq_len=128, retrieved=retrieved, **kw)
   first = run()
   batches = [next(first) for _ in range(10)]

@@ -24,15 +24,15 @@ def parts(retriever_workdir, vqgan_workdir):
 def bank(parts, small_codes, tmp_path_factory):
   r, vqgan = parts
   out = str(tmp_path_factory.mktemp("bank"))
-  return out, build_memory.build(r, vqgan, small_codes, "train", out, shard_size=128,
-                                 batch_size=50)
+  return out, build_memory.build(r, vqgan, small_codes, "train", out, batch_size=50)
 
 
 def test_the_bank_holds_every_records_document_vector(bank, parts, small_codes):
   out, manifest = bank
   r, vqgan = parts
   vectors, ids, loaded = memory.load(out)
-  assert manifest == loaded and manifest["records"] == 512 and manifest["shards"] == 4
+  assert manifest == loaded and manifest["records"] == 512 and manifest["shards"] == 6
+  assert manifest["shard_records"] == [100] * 5 + [12]  # one bank shard per code file
   assert vectors.dtype == np.float16 and vectors.shape == (512, r.cfg.embed_dim)
   np.testing.assert_array_equal(ids, np.arange(512))
   np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1, atol=2e-3)
@@ -41,6 +41,28 @@ def test_the_bank_holds_every_records_document_vector(bank, parts, small_codes):
                                vqgan.decode(np.stack([codes for _, _, _, codes in rows])))
   np.testing.assert_allclose(vectors[300:305], expected, atol=2e-3)
   assert manifest["retriever_fingerprint"] == r.fingerprint and manifest["skipped"] == {}
+
+
+def test_the_banks_documents_are_read_by_record_id(bank, small_codes, tmp_path):
+  out, manifest = bank
+  rows = list(memory.records(small_codes, "train"))
+  documents = memory.Documents(out, manifest)
+  ids = [305, 0, 511, 99, 100, 305]
+  captions, codes = documents.get(np.array(ids))
+  assert captions == [rows[i][2] for i in ids] and codes.dtype == np.int32
+  np.testing.assert_array_equal(codes, np.stack([rows[i][3] for i in ids]))
+  assert documents.get(np.zeros(0, np.int64))[1].shape[0] == 0
+  for bad in (-1, 512):
+    with pytest.raises(ValueError, match=r"record ids must lie in \[0, 512\)"):
+      documents.get(np.array([3, bad]))
+  earlier = tmp_path / "earlier"
+  shutil.copytree(out, earlier)
+  old = {k: v for k, v in manifest.items() if k != "shard_records"}
+  (earlier / memory.MANIFEST).write_text(__import__("json").dumps(old))
+  with pytest.raises(ConfigError, match=r"^memory bank \S+ was built by an earlier cm3jax, in "
+                     r"shards that are not its code files .*: rebuild it with python -m "
+                     "cm3jax.build_memory --out=NEW_DIRECTORY$"):
+    memory.load(str(earlier))
 
 
 def test_an_interrupted_bank_resumes_with_nothing_lost_or_duplicated(bank, parts, small_codes,
@@ -53,29 +75,41 @@ def test_an_interrupted_bank_resumes_with_nothing_lost_or_duplicated(bank, parts
     os.link(memory.shard_path(out, shard), memory.shard_path(copy, shard))
   os.link(memory.settings_path(out), memory.settings_path(copy))
   open(memory.shard_path(copy, 2) + ".tmp", "wb").write(b"partial")
-  manifest = build_memory.build(r, vqgan, small_codes, "train", copy, shard_size=128,
-                                batch_size=50)
-  assert "this host: 4, 2 already written" in capsys.readouterr().out
+  manifest = build_memory.build(r, vqgan, small_codes, "train", copy, batch_size=50)
+  assert "this host embeds 6, 2 already done" in capsys.readouterr().out
   a, b = memory.load(out), memory.load(copy)
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
   assert manifest["records"] == 512
 
 
-def test_hosts_embed_disjoint_shards_that_make_the_whole_bank(bank, parts, small_codes, tmp_path,
-                                                              monkeypatch):
+def reads_of_code_files(monkeypatch) -> list[str]:
+  """The code files memory.records opens from now on, by name."""
+  import tensorflow as tf
+  opened, real = [], tf.data.TFRecordDataset
+  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda paths, *a, **k: opened.extend(
+      os.path.basename(p) for p in ([paths] if isinstance(paths, str) else paths))
+      or real(paths))
+  return opened
+
+
+def test_hosts_embed_disjoint_code_files_that_make_the_whole_bank(bank, parts, small_codes,
+                                                                  tmp_path, monkeypatch):
   r, vqgan = parts
   out = str(tmp_path / "bank")
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(build_memory.multihost_utils, "sync_global_devices", lambda name: None)
   monkeypatch.setattr(jax, "process_index", lambda: 1)
+  opened = reads_of_code_files(monkeypatch)
   with pytest.raises(FileNotFoundError):  # host 1 alone: host 0's shards are missing
-    build_memory.build(r, vqgan, small_codes, "train", out, shard_size=128, batch_size=50)
-  assert memory.done_shards(out) == {1, 3}
+    build_memory.build(r, vqgan, small_codes, "train", out, batch_size=50)
+  assert memory.done_shards(out) == {1, 3, 5}
+  assert opened == ["train-00001.tfrecord", "train-00003.tfrecord", "train-00005.tfrecord"]
   monkeypatch.setattr(jax, "process_index", lambda: 0)
-  build_memory.build(r, vqgan, small_codes, "train", out, shard_size=128, batch_size=50)
-  assert memory.done_shards(out) == {0, 1, 2, 3}
+  build_memory.build(r, vqgan, small_codes, "train", out, batch_size=50)
+  assert memory.done_shards(out) == {0, 1, 2, 3, 4, 5}
   np.testing.assert_array_equal(memory.load(out)[0], memory.load(bank[0])[0])
+  np.testing.assert_array_equal(memory.load(out)[1], memory.load(bank[0])[1])
 
 
 def other_weights(params):
@@ -102,8 +136,7 @@ def test_a_bank_refuses_another_retriever_dimension_or_codes(bank, parts, small_
 
 def test_a_bank_made_otherwise_is_neither_resumed_nor_reused(bank, parts, small_codes, tmp_path):
   """Before, a bank killed after 2 of 4 shards and resumed with another --retriever mixed two
-  retrievers' vectors under a bank.json that named the second; with another --shard_size it
-  counted 404 documents of 512 and reported nothing skipped."""
+  retrievers' vectors under a bank.json that named the second."""
   out, _ = bank
   r, vqgan = parts
   partial = str(tmp_path / "bank")
@@ -117,18 +150,16 @@ def test_a_bank_made_otherwise_is_neither_resumed_nor_reused(bank, parts, small_
       "retriever_fingerprint": dict(r=retriever.Retriever(r.cfg, other_weights(r.params),
                                                           r.tokenize, "another CLIP")),
       "vqgan": dict(vqgan=ImageTokenizer(vqgan.cfg, other_weights(vqgan.params), vqgan.step)),
-      "split": dict(split="validation"), "codes": dict(codes_dir=other_codes),
-      "shard_size": dict(shard_size=64)}
+      "split": dict(split="validation"), "codes": dict(codes_dir=other_codes)}
   for field, change in another.items():
-    args = {"r": r, "vqgan": vqgan, "codes_dir": small_codes, "split": "train", "shard_size": 128,
-            **change}
+    args = {"r": r, "vqgan": vqgan, "codes_dir": small_codes, "split": "train", **change}
     for where, what in ((partial, f"the 2 shards of memory bank {partial}"),
                         (out, f"memory bank {out}")):
       with pytest.raises(ConfigError, match=rf"^{what}: made with {field}=\S+ \(this run: \S+\)"
                          r"[^;]*; run with the retriever, VQGAN, codes and settings it was made"):
         build_memory.build(out=where, batch_size=50, **args)
   assert memory.done_shards(partial) == {0, 1}
-  manifest = build_memory.build(r, vqgan, small_codes, "train", partial, 128, 50)
+  manifest = build_memory.build(r, vqgan, small_codes, "train", partial, 50)
   assert manifest["records"] == 512 and manifest == memory.read_manifest(out)
 
 
@@ -194,15 +225,15 @@ def neighbour_dir(bank, parts, small_codes, tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("neighbours"))
   for split in ("train", "validation"):
     build_neighbours.build_split(r, vqgan, index, documents, {**manifest, "path": out},
-                                 small_codes, split, directory, per_record=3, candidates=8,
-                                 shard_size=200)
+                                 small_codes, split, directory, per_record=3, candidates=8)
   return directory
 
 
 def test_neighbours_are_relevant_distinct_and_never_the_record_itself(neighbour_dir, bank, parts,
                                                                       small_codes):
   keys, ids, manifest = neighbours.read(neighbour_dir, "train")
-  assert len(keys) == 512 and ids.shape == (512, 3) and manifest["shards"] == 3
+  assert len(keys) == 512 and ids.shape == (512, 3) and manifest["shards"] == 6
+  assert manifest["shard_records"] == [100] * 5 + [12]  # one file per code file
   assert keys[7] == b"train/7"
   assert (ids[:, 0] >= 0).mean() > 0.9
   for row, chosen in enumerate(ids):
@@ -219,6 +250,47 @@ def test_neighbours_are_relevant_distinct_and_never_the_record_itself(neighbour_
   assert len(val_keys) == 128 and (val_ids[:, 0] >= 0).mean() > 0.9
 
 
+def test_each_neighbour_file_holds_the_documents_of_its_code_files_neighbours(
+    neighbour_dir, small_codes):
+  import tensorflow as tf
+  rows = list(memory.records(small_codes, "train"))
+  _, ids, manifest = neighbours.read(neighbour_dir, "train")
+  parse = neighbours.parser(3, manifest["tokens_per_image"])
+  for shard in (0, 5):
+    path = neighbours.shard_path(neighbour_dir, "train", shard)
+    found = list(tf.data.TFRecordDataset(path).map(parse).as_numpy_iterator())
+    assert len(found) == manifest["shard_records"][shard]
+    for row, near in enumerate(found):
+      record = shard * 100 + row
+      chosen = ids[record][ids[record] >= 0]
+      assert near["key"] == rows[record][1] and list(near["ids"]) == list(ids[record])
+      assert list(near["captions"]) == [rows[i][2] for i in chosen]
+      np.testing.assert_array_equal(near["codes"], np.stack([rows[i][3] for i in chosen])
+                                    .reshape(len(chosen), -1))
+
+
+def test_hosts_build_the_neighbours_of_disjoint_code_files(neighbour_dir, bank, parts,
+                                                           small_codes, tmp_path, monkeypatch):
+  out, manifest = bank
+  r, vqgan = parts
+  vectors, ids, _ = memory.load(out)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(build_neighbours.multihost_utils, "sync_global_devices", lambda name: None)
+  where = str(tmp_path / "n")
+  for host in (1, 0):
+    monkeypatch.setattr(jax, "process_index", lambda: host)
+    opened = reads_of_code_files(monkeypatch)
+    build_neighbours.build_split(r, vqgan, mips.make_index("exact", vectors, ids),
+                                 build_neighbours.documents_by_id(vectors, ids),
+                                 {**manifest, "path": out}, small_codes, "train", where,
+                                 per_record=3, candidates=8)
+    assert opened == [f"train-{s:05d}.tfrecord" for s in range(host, 6, 2)]
+    assert os.path.exists(neighbours.manifest_path(where, "train")) == (host == 0)
+  for a, b in zip(neighbours.read(neighbour_dir, "train"), neighbours.read(where, "train")):
+    if isinstance(a, np.ndarray):
+      np.testing.assert_array_equal(a, b)
+
+
 def test_interrupted_neighbours_resume_identically(neighbour_dir, bank, parts, small_codes,
                                                    tmp_path):
   out, manifest = bank
@@ -232,7 +304,7 @@ def test_interrupted_neighbours_resume_identically(neighbour_dir, bank, parts, s
   build_neighbours.build_split(r, vqgan, mips.make_index("exact", vectors, ids),
                                build_neighbours.documents_by_id(vectors, ids),
                                {**manifest, "path": out}, small_codes, "train", copy,
-                               per_record=3, candidates=8, shard_size=200)
+                               per_record=3, candidates=8)
   a, b = neighbours.read(neighbour_dir, "train"), neighbours.read(copy, "train")
   np.testing.assert_array_equal(a[0], b[0])
   np.testing.assert_array_equal(a[1], b[1])
@@ -257,11 +329,11 @@ def test_neighbours_made_otherwise_are_neither_resumed_nor_reused(neighbour_dir,
       "vqgan": dict(vqgan=ImageTokenizer(vqgan.cfg, other_weights(vqgan.params), vqgan.step)),
       "per_record": dict(per_record=2), "candidates": dict(candidates=16),
       "query_dropout": dict(query_dropout=0.1), "max_relevance": dict(max_relevance=0.8),
-      "seed": dict(seed=1), "shard_size": dict(shard_size=100)}
+      "seed": dict(seed=1)}
   for field, change in another.items():
     args = {"vqgan": vqgan, "bank": {**manifest, "path": out}, "per_record": 3, "candidates": 8,
-            "shard_size": 200, **change}
-    for where, what in ((partial, f"the 1 train neighbour shards in {partial}"),
+            **change}
+    for where, what in ((partial, f"the 1 train neighbour files in {partial}"),
                         (neighbour_dir, f"the train neighbours in {neighbour_dir}")):
       with pytest.raises(ConfigError, match=rf"^{what}: made with {field}=\S+ \(this run: \S+\)"
                          r"[^;]*; run with the bank, VQGAN, codes and settings they were made"):
@@ -272,23 +344,24 @@ def test_neighbours_made_otherwise_are_neither_resumed_nor_reused(neighbour_dir,
 
 
 def test_the_pipeline_refuses_its_own_bank_or_neighbours_made_otherwise(
-    neighbour_dir, bank, retriever_workdir, vqgan_workdir, small_codes, tmp_path, monkeypatch):
+    neighbour_dir, bank, retriever_workdir, vqgan_workdir, small_codes, tmp_path):
   from cm3jax.jobs import pipeline
   from tests.helpers import tiny_config
   out, _ = bank
   shutil.copytree(out, tmp_path / "memory")
   shutil.copytree(neighbour_dir, tmp_path / "neighbours")
-  job = lambda **retrieval: pipeline.Job(tiny_config(data="cm3", **{
-      "cm3.vqgan_workdir": vqgan_workdir, "cm3.codes_dir": small_codes,
+  job = lambda codes=small_codes, **retrieval: pipeline.Job(tiny_config(data="cm3", **{
+      "cm3.vqgan_workdir": vqgan_workdir, "cm3.codes_dir": str(codes),
       "cm3.retrieval.documents": 3, "cm3.retrieval.retriever": retriever_workdir,
       "cm3.retrieval.per_record": 3, "cm3.retrieval.candidates": 8,
       **{f"cm3.retrieval.{k}": v for k, v in retrieval.items()}}), str(tmp_path))
-  with pytest.raises(ConfigError, match=rf"^the memory bank {tmp_path}/memory: made with "
-                     r"shard_size=128 \(this run: 4096\); delete it for the pipeline"):
-    pipeline.memory_status(job())
-  monkeypatch.setattr(build_memory, "SHARD_SIZE", 128)  # as the pipeline would have made it
   assert pipeline.memory_status(job())[0] == pipeline.COMPLETE
-  monkeypatch.setattr(build_neighbours, "SHARD_SIZE", 200)
+  other_codes = tmp_path / "codes"
+  shutil.copytree(small_codes, other_codes)
+  with pytest.raises(ConfigError, match=rf"^the memory bank {tmp_path}/memory: made with "
+                     rf"codes='{small_codes}' \(this run: '{other_codes}'\); delete it for the "
+                     "pipeline"):
+    pipeline.memory_status(job(other_codes))
   assert pipeline.neighbours_status(job(memory=out))[0] == pipeline.COMPLETE
   with pytest.raises(ConfigError, match=rf"^the train neighbours in {tmp_path}/neighbours: made "
                      r"with per_record=3 \(this run: 2\); delete it for the pipeline"):
@@ -464,7 +537,7 @@ def test_a_bank_of_a_state_dict_clip_reloads_its_retriever_as_it_was_made(parts,
   torch.save(model.state_dict(), path)
   made_with = retriever.load(path, head_width=16, activation="gelu")
   out = str(tmp_path / "bank")
-  build_memory.build(made_with, vqgan, small_codes, "train", out, shard_size=512, batch_size=128)
+  build_memory.build(made_with, vqgan, small_codes, "train", out, batch_size=128)
   found = augment.Memory.load(out)
   assert found.retriever.cfg.activation == "gelu" and found.retriever.cfg.text_heads == 2
   assert found.retriever.fingerprint == made_with.fingerprint

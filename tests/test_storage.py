@@ -187,9 +187,17 @@ def test_split_manifests_merged_from_host_parts_on_a_bucket(bucket, tmp_path, mo
 
 
 def test_memory_bank_and_neighbours_on_a_bucket(bucket, tmp_path):
+  """The bank's vectors and documents (read by byte range) through the path layer. Neighbour
+  files are TFRecords that TensorFlow writes and reads through its own gs:// filesystem, which
+  the fake bucket cannot reach: one made here is copied in, and the layer lists it."""
   import numpy as np
   from cm3jax.core import files
   from cm3jax.retrieval import memory, neighbours
+  local = tmp_path / "made_here"
+  local.mkdir()
+  neighbours.write_shard(str(local), "train", 0, [
+      neighbours.serialize(b"a", np.array([1, -1]), [b"one"], np.ones((1, 4)))])
+  record_file = neighbours.shard_path(str(local), "train", 0)
 
   def make(root):
     rng = np.random.default_rng(0)
@@ -198,13 +206,20 @@ def test_memory_bank_and_neighbours_on_a_bucket(bucket, tmp_path):
     for shard in range(2):
       memory.write_shard(bank, shard, rng.normal(size=(3, 4)), np.arange(3) + 3 * shard,
                          {"empty caption": shard})
-    files.write_json(f"{bank}/{memory.MANIFEST}", {"records": 6, "shards": 2, "dim": 4})
+      memory.write_documents(bank, shard, [b"x" * shard, b"caption", b"last"],
+                             np.arange(12).reshape(3, 4) + 12 * shard, 64)
+    manifest = {"records": 6, "shards": 2, "dim": 4, "shard_records": [3, 3]}
+    files.write_json(f"{bank}/{memory.MANIFEST}", manifest)
     near = f"{root}/neighbours"
     files.makedirs(near)
-    neighbours.write_shard(near, "train", 0, np.array([b"a", b"b"]), np.array([[1, -1], [0, 2]]))
-    neighbours.finish(near, "train", {"records": 2, "shards": 1})
+    files.write_atomic(neighbours.shard_path(near, "train", 0), files.read_bytes(record_file))
+    neighbours.finish(near, "train", {"records": 1, "shards": 1, "shard_records": [1]})
+    captions, codes = memory.Documents(bank, manifest).get(np.array([4, 0, 5]))
+    assert captions == [b"caption", b"", b"last"] and codes[0].tolist() == [16, 17, 18, 19]
     return (memory.load(bank), sorted(memory.done_shards(bank)), memory.shard_skipped(bank, 1),
-            neighbours.read(near, "train"), sorted(neighbours.done_shards(near, "train")))
+            captions, codes,
+            [os.path.basename(p) for p in neighbours.shard_paths(near, "train")],
+            sorted(neighbours.done_shards(near, "train")))
 
   same_on_a_bucket(bucket, tmp_path, make)
 

@@ -44,30 +44,24 @@ SPLITS = ("train", "validation")
 
 
 def retrieved_documents(cm3, workdir: str, codes_dir: str, split: str):
-  """The cm3.Retrieved of a split: its records' neighbours and the bank split's documents; a
-  ConfigError when they are missing or were computed for other code shards (a record of the
-  split whose key they lack, too: it would train without its neighbours)."""
+  """The cm3.Retrieved of a split: its neighbour files, one beside each code file; a ConfigError
+  when they are missing or were computed for other code shards."""
   from cm3jax.data import cm3 as cm3_stream  # TensorFlow is imported by the cm3 source only.
   from cm3jax.retrieval import neighbours
   directory = paths.retrieval_paths(cm3, workdir).neighbours
-  keys, ids, manifest = neighbours.read(directory, split)
-  records = code_shards.read_manifest(codes_dir, split)["records"]
-  if manifest["codes"] != files.absolute(codes_dir) or manifest["records"] != records:
+  manifest = neighbours.read_manifest(directory, split)
+  _, counts = code_shards.shard_files(codes_dir, split)
+  if manifest["codes"] != files.absolute(codes_dir) or manifest["shard_records"] != counts:
     raise ConfigError(f"the {split} neighbours in {directory} were computed for the "
-                      f"{manifest['records']} records of {manifest['codes']}, not the {records} "
-                      f"of {files.absolute(codes_dir)}: run python -m cm3jax.build_neighbours")
-  missing = set(code_shards.keys(code_shards.shard_paths(codes_dir, split))) - set(keys.tolist())
-  if missing:
-    raise ConfigError(f"{len(missing)} {split} records of {codes_dir} (key {min(missing)!r} "
-                      f"first) have no neighbours in {directory}: they were computed for other "
-                      "code shards: run python -m cm3jax.build_neighbours")
+                      f"{manifest['records']} records in {len(manifest['shard_records'])} files "
+                      f"of {manifest['codes']}, not the {sum(counts)} in {len(counts)} of "
+                      f"{files.absolute(codes_dir)}: run python -m cm3jax.build_neighbours")
   documents = cm3["retrieval"]["documents"]
-  if ids.shape[1] < documents:
+  if manifest["per_record"] < documents:
     raise ConfigError(f"cm3.retrieval.documents={documents} but {directory} holds "
-                      f"{ids.shape[1]} neighbours per record")
-  codes, captions = code_shards.read_split(codes_dir, manifest["bank_split"], 2**62)
-  return cm3_stream.Retrieved(keys, ids, np.array([c.encode() for c in captions], object),
-                              codes, documents)
+                      f"{manifest['per_record']} neighbours per record")
+  return cm3_stream.Retrieved(neighbours.shard_paths(directory, split), manifest["per_record"],
+                              documents)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,11 +4,12 @@
   code shards (cm3jax.tokenize_images; or text records, cm3jax.tokenize_text) -> this host's
      share of each epoch's records: the records of its files, each file read by one host (by
      every host, each keeping its share of the records, when there are fewer files than
-     hosts); the hosts of a run partition every epoch (`epoch_records`); shuffled per epoch
+     hosts); the hosts of a run partition every epoch (`epoch_records`); with cm3.retrieval,
+     each code file is read beside its neighbour file (cm3jax.build_neighbours), so each
+     record comes with its retrieved documents; shuffled per epoch
   -> documents `</s> caption <break> image`, or `</s> text` of a text record (the next
      document's `</s>` closes each one); with cm3.retrieval, each record's document follows its
-     retrieved documents, each in that form (neighbours computed offline by
-     cm3jax.build_neighbours)
+     retrieved documents, each in that form
   -> CM3 causal masking in tf ops, seeded per (run, split, host, epoch, record)
   -> packed end to end into windows of seq_len + 1 tokens (no token dropped or repeated)
   -> batches: inputs, targets, weights (0 for sentinel targets), each row's data position, and
@@ -31,6 +32,7 @@ import numpy as np
 from cm3jax.config import ConfigError
 from cm3jax.core.vocab import Vocab
 from cm3jax.data import code_shards, html, tf_cpu
+from cm3jax.retrieval import neighbours
 
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
@@ -46,13 +48,10 @@ START = Position(0, 0, 0)
 
 class Retrieved(NamedTuple):
   """What the stream places before each record (cm3.retrieval): the first `documents` of its
-  neighbours (`keys` [N] of the records, every record of the split; `ids` [N, M] into the bank
-  split, -1 for none), made from the bank split's `captions` (bytes [Nb]) and `codes`
-  (int32 [Nb, T])."""
-  keys: np.ndarray
-  ids: np.ndarray
-  captions: np.ndarray
-  codes: np.ndarray
+  neighbours, read from the neighbour file beside its code file (`paths`, one per code file in
+  the same order; cm3jax/retrieval/neighbours.py, whose records hold `per_record` ids each)."""
+  paths: Sequence[str]
+  per_record: int
   documents: int
 
 
@@ -142,8 +141,8 @@ def masked_with_sources(tokens, seed, vocab: Vocab, span_rate: float = 1.0,
 
 
 def document_fn(vocab: Vocab, max_length: int, form: str, skipped: collections.Counter):
-  """(caption bytes, codes[, retrieved captions [k], their codes [k, T], which are real [k]]) ->
-  the int32 document, `</s> text <break> image` (or, in the "html" form, CM3's
+  """(caption bytes, codes[, retrieved captions [k], their codes [k, T]]) -> the int32
+  document, `</s> text <break> image` (or, in the "html" form, CM3's
   `</s> <img alt="text" src="` image `">`, data/html.py; a text record, with no codes, is
   `</s> text` in both) per retrieved document and then the record's own, or [] for one to skip
   (counted in `skipped`, by reason). A retrieved document that cannot be made is left out."""
@@ -162,13 +161,12 @@ def document_fn(vocab: Vocab, max_length: int, form: str, skipped: collections.C
       return html.image_document(vocab, text, codes), ""
     return vocab.encode_document([text, codes]), ""
 
-  def make(caption: bytes, codes: np.ndarray, retrieved_captions=(), retrieved_codes=(),
-           retrieved_real=()) -> np.ndarray:
+  def make(caption: bytes, codes: np.ndarray, retrieved_captions=(), retrieved_codes=()
+           ) -> np.ndarray:
     doc, why = part(caption, codes)
     if doc is None:
       return skip(why)
-    retrieved = [part(c, k)[0] for c, k, real in zip(retrieved_captions, retrieved_codes,
-                                                      retrieved_real) if real]
+    retrieved = [part(c, k)[0] for c, k in zip(retrieved_captions, retrieved_codes)]
     doc = np.concatenate([d for d in retrieved if d is not None] + [doc])
     if len(doc) > max_length:
       return skip("document longer than the sequence")
@@ -207,17 +205,25 @@ def host_files(num_files: int, epoch, seed: Sequence[int], split: str, host: int
 
 
 def epoch_records(paths: Sequence[str], epoch, seed: Sequence[int], split: str, host: int,
-                  num_hosts: int, shuffle_buffer: int):
+                  num_hosts: int, shuffle_buffer: int, beside: Optional[Sequence[str]] = None):
   """This host's serialised records of one pass, as a tf.data.Dataset: the records of its files
   (`host_files`) or, when the split has fewer files than hosts, records h, h + num_hosts, ... of
   the sequence every host reads. Either way the hosts partition each epoch exactly. Only then
-  does each host shuffle its share (train), with its own seed."""
+  does each host shuffle its share (train), with its own seed. With `beside` (a file per file
+  of `paths`, record for record: the neighbour files), each element is the pair (record, its
+  record of the file beside)."""
   tf = tf_cpu.tensorflow()
-  mine = tf.gather(tf.constant(list(paths)),
-                   host_files(len(paths), epoch, seed, split, host, num_hosts))
-  records = tf.data.Dataset.from_tensor_slices(mine).interleave(
-      tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
-      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  mine = host_files(len(paths), epoch, seed, split, host, num_hosts)
+  chosen = tf.gather(tf.constant(list(paths)), mine)
+  if beside is None:
+    names, read = tf.data.Dataset.from_tensor_slices(chosen), tf.data.TFRecordDataset
+  else:
+    names = tf.data.Dataset.from_tensor_slices((chosen, tf.gather(tf.constant(list(beside)),
+                                                                  mine)))
+    read = lambda path, other: tf.data.Dataset.zip((tf.data.TFRecordDataset(path),
+                                                    tf.data.TFRecordDataset(other)))
+  records = names.interleave(read, cycle_length=min(len(paths), 8),
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   if len(paths) < num_hosts:
     records = records.shard(num_hosts, host)
   if split == "train":
@@ -266,35 +272,31 @@ def dataset(*, codes_dir: str, split: str, vocab: Vocab, seq_len: int, rows: int
   AUTOTUNE = tf.data.AUTOTUNE
 
   def numbered_records(epoch):
-    records = epoch_records(paths, epoch, seed, split, host, num_hosts, shuffle_buffer)
+    records = epoch_records(paths, epoch, seed, split, host, num_hosts, shuffle_buffer,
+                            None if retrieved is None else retrieved.paths)
     return records.enumerate().map(lambda index, record: (epoch, index, record))
 
   epochs = tf.data.Dataset.range(position.epoch, 2**62 if repeat else position.epoch + 1)
   records = epochs.flat_map(numbered_records).skip(position.index)
-
   if retrieved is not None:
-    rows_of_keys = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
-        tf.constant(retrieved.keys, tf.string), tf.range(len(retrieved.keys), dtype=tf.int64)),
-        default_value=-1)
-    neighbour_ids = tf.constant(retrieved.ids[:, :retrieved.documents], tf.int64)
-    bank_captions = tf.constant(retrieved.captions, tf.string)
-    bank_codes = tf.constant(retrieved.codes, tf.int32)
+    parse_neighbours = neighbours.parser(retrieved.per_record, manifest["tokens_per_image"])
 
-  def document(ex):
+  def document(record):
     if retrieved is None:
+      ex = parse(record)
       return tf.numpy_function(make_document, [ex["caption"], ex["codes"]], tf.int32,
                                stateful=False)
-    # A key not in `retrieved` (row -1) fails the gather: data.retrieved_documents refuses
-    # neighbours that lack one of the split's records.
-    ids = tf.gather(neighbour_ids, rows_of_keys.lookup(ex["key"]))
-    real = ids >= 0
-    safe = tf.maximum(ids, 0)
-    return tf.numpy_function(
-        make_document, [ex["caption"], ex["codes"], tf.gather(bank_captions, safe),
-                        tf.gather(bank_codes, safe), real], tf.int32, stateful=False)
+    ex, near = parse(record[0]), parse_neighbours(record[1])
+    same = tf.debugging.assert_equal(
+        ex["key"], near["key"], message="a neighbour file is not aligned with its code file "
+        "(built for other code shards): run python -m cm3jax.build_neighbours")
+    with tf.control_dependencies([same]):
+      return tf.numpy_function(
+          make_document, [ex["caption"], ex["codes"], near["captions"][:retrieved.documents],
+                          near["codes"][:retrieved.documents]], tf.int32, stateful=False)
 
   def numbered_documents(epoch, index, record):
-    return epoch, index, tf.ensure_shape(document(parse(record)), [None]), tf.constant(0)
+    return epoch, index, tf.ensure_shape(document(record), [None]), tf.constant(0)
 
   return batched_rows(records.map(numbered_documents, num_parallel_calls=AUTOTUNE,
                                   deterministic=True),

@@ -20,7 +20,7 @@ import itertools
 import os
 import sys
 import time
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import tqdm
@@ -178,7 +178,6 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
   shard_size = settings["shard_size"]
   if batch_size < 1 or shard_size < 1:
     raise ConfigError(f"--batch_size={batch_size} and --shard_size={shard_size} must be at least 1")
-  tf = tf_cpu.tensorflow()
   try:
     files.makedirs(out)
   except OSError as e:
@@ -214,10 +213,7 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
       bar.update(len(chunk))
     if not records:
       break
-    with files.atomic_path(shard_path(out, part, len(shard_records))) as tmp:
-      with tf.io.TFRecordWriter(tmp) as writer:
-        for record in records:
-          writer.write(record)
+    write_records(shard_path(out, part, len(shard_records)), records)
     shard_records.append(len(records))
   bar.close()
   names = [os.path.basename(shard_path(out, part, i)) for i in range(len(shard_records))]
@@ -230,6 +226,14 @@ def write_split(examples: Iterator, records_of: Callable[[list], list[bytes]], o
     summary.update(count([os.path.join(out, name) for name in names]))
   files.write_json(manifest_path(out, part), summary)
   return summary
+
+
+def write_records(path: str, records: Sequence[bytes]):
+  """A TFRecord file of `records`, whole or not at all."""
+  tf = tf_cpu.tensorflow()
+  with files.atomic_path(path) as tmp, tf.io.TFRecordWriter(tmp) as writer:
+    for record in records:
+      writer.write(record)
 
 
 def check_not_empty(summary: dict, allow_empty: Optional[bool]):

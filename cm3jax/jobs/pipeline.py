@@ -227,8 +227,8 @@ def memory_status(job: Job) -> tuple[str, str]:
     if not job.config.cm3.retrieval.memory:  # the pipeline's own
       check_made(memory.read_manifest(where), build_memory.made_by(
           retriever.load(job.retrieval.retriever),
-          ImageTokenizer.load(job.paths.vqgan_workdir), job.paths.codes_dir, "train",
-          build_memory.SHARD_SIZE), f"the memory bank {where}")
+          ImageTokenizer.load(job.paths.vqgan_workdir), job.paths.codes_dir, "train"),
+          f"the memory bank {where}")
     return COMPLETE, where
   done = memory.done_shards(where) if files.isdir(where) else set()
   return (PARTIAL if done else MISSING), f"{len(done)} shards in {where}"
@@ -255,7 +255,7 @@ def neighbours_status(job: Job) -> tuple[str, str]:
       check_made(neighbours.read_manifest(where, split), build_neighbours.made_by(
           vqgan, {**memory.read_manifest(bank), "path": files.absolute(bank)},
           job.paths.codes_dir, split, r.per_record, r.candidates, r.query_dropout,
-          r.max_relevance, build_neighbours.SEED, build_neighbours.SHARD_SIZE),
+          r.max_relevance, build_neighbours.SEED),
           f"the {split} neighbours in {where}")
   if len(done) == len(NEIGHBOUR_SPLITS):
     return COMPLETE, f"{', '.join(done)} in {where}"
@@ -405,7 +405,7 @@ STAGES = (
 RETRIEVAL_STAGES = (  # before the token model, when cm3.retrieval.documents > 0
     Stage("retriever", True, retriever_status, make_retriever),
     Stage("memory bank", True, memory_status, make_memory),
-    Stage("neighbours", False, neighbours_status, make_neighbours),
+    Stage("neighbours", True, neighbours_status, make_neighbours),
 )
 
 

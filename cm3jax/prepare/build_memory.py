@@ -3,7 +3,6 @@
 The library of `python -m cm3jax.build_memory` (cm3jax/build_memory.py)."""
 
 import collections
-import itertools
 import os
 
 import jax
@@ -16,36 +15,37 @@ from cm3jax.data import code_shards
 from cm3jax.retrieval import memory, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
-SHARD_SIZE = 4096  # records per bank shard, by default
-
 
 def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: str, out: str,
-          shard_size: int = SHARD_SIZE, batch_size: int = 256) -> dict:
-  """Writes (or resumes) the bank and returns its manifest."""
-  if shard_size < 1 or batch_size < 1:
-    raise ConfigError(f"--shard_size={shard_size} and --batch_size={batch_size} must be at "
-                      "least 1")
+          batch_size: int = 256) -> dict:
+  """Writes (or resumes) the bank, one shard per code file of the split (this host's files:
+  host, host + hosts, ...), and returns its manifest."""
+  if batch_size < 1:
+    raise ConfigError(f"--batch_size={batch_size} must be at least 1")
   manifest_path = os.path.join(out, memory.MANIFEST)
   codes_manifest = code_shards.read_manifest(codes_dir, split)
-  settings = made_by(r, vqgan, codes_dir, split, shard_size)
+  settings = made_by(r, vqgan, codes_dir, split)
   if files.exists(manifest_path):
     manifest = memory.read_manifest(out)
     provenance.check(manifest, settings, f"memory bank {out}", memory.REMEDY)
     return manifest
   files.makedirs(out)
-  shards = -(-codes_manifest["records"] // shard_size)
+  _, shard_records = code_shards.shard_files(codes_dir, split)
+  shards = len(shard_records)
   host, hosts = jax.process_index(), jax.process_count()
   done = memory.done_shards(out)
   provenance.start(memory.settings_path(out), settings,
                    f"the {len(done)} shards of memory bank {out}", bool(done), memory.REMEDY)
-  mine = [s for s in range(shards) if s % hosts == host]
-  print(f"cm3jax.build_memory: {codes_manifest['records']} {split} records in {shards} bank "
-        f"shards; this host: {len(mine)}, {len(set(mine) & done)} already written", flush=True)
-  stream = memory.records(codes_dir, split)
-  for shard in range(shards):
-    rows = list(itertools.islice(stream, shard_size))
-    if shard not in mine or shard in done:
-      continue
+  mine = [s for s in range(host, shards, hosts) if s not in done]
+  print(f"cm3jax.build_memory: {codes_manifest['records']} {split} records in {shards} code "
+        f"files; this host embeds {len(range(host, shards, hosts))}, "
+        f"{len(range(host, shards, hosts)) - len(mine)} already done", flush=True)
+  for shard in mine:
+    rows = list(memory.records(codes_dir, split, [shard]))
+    memory.write_documents(out, shard, [caption for _, _, caption, _ in rows],
+                           np.stack([c for _, _, _, c in rows]) if rows else
+                           np.zeros((0, codes_manifest["tokens_per_image"]), np.int32),
+                           codes_manifest["codebook_size"])
     skipped: collections.Counter = collections.Counter()
     ok = list(memory.usable(rows, vqgan.cfg.n_embed, skipped))
     vectors = [np.zeros((0, r.cfg.embed_dim), np.float32)]
@@ -67,18 +67,15 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
       count += len(shard_arrays["ids"])
   manifest = {"retriever": r.source, "retriever_path": r.path, **settings,
               provenance.FINGERPRINT: provenance.fingerprint(settings), "records": count,
-              "shards": shards, "skipped": dict(total)}
+              "shards": shards, "shard_records": shard_records, "skipped": dict(total)}
   if host == 0:
     files.write_json(manifest_path, manifest)
   return manifest
 
 
-def made_by(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: str,
-            shard_size: int) -> dict:
+def made_by(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: str) -> dict:
   """A bank's made_by (cm3jax/core/provenance.py): the retriever's and the VQGAN's weights (and the
-  retriever's towers), the code
-  shards it embeds and the shard size (a bank shard's records)."""
+  retriever's towers) and the code shards it embeds."""
   return {"retriever_fingerprint": r.fingerprint, **r.towers, "dim": r.cfg.embed_dim,
           "vqgan": vqgan.fingerprint, "split": split,
-          **memory.codes_identity(codes_dir, code_shards.read_manifest(codes_dir, split)),
-          "shard_size": shard_size}
+          **memory.codes_identity(codes_dir, code_shards.read_manifest(codes_dir, split))}

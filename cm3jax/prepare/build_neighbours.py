@@ -11,10 +11,11 @@ settings, is refused (cm3jax/core/provenance.py).
 """
 
 import collections
-import itertools
 import zlib
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cm3jax.config import ConfigError
 from cm3jax.core import files, provenance
@@ -22,43 +23,45 @@ from cm3jax.data import code_shards
 from cm3jax.retrieval import memory, mips, neighbours, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
-SEED, SHARD_SIZE = 0, 4096  # of the query dropout; records per shard (by default)
+SEED = 0  # of the query dropout
 
 
 def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index,
                 documents_NxE: np.ndarray, bank: dict, codes_dir: str, split: str, out: str,
                 per_record: int = 4, candidates: int = 128,
-                query_dropout: float = 0.2, max_relevance: float = 0.9, seed: int = SEED,
-                shard_size: int = SHARD_SIZE) -> dict:
-  """Writes (or resumes) one split's neighbour shards and returns its manifest (a complete
-  split's, made as this run would make it, as it is). `index` searches the bank, whose vectors
-  by record id are `documents_NxE` (`documents_by_id`)."""
+                query_dropout: float = 0.2, max_relevance: float = 0.9, seed: int = SEED
+                ) -> dict:
+  """Writes (or resumes) one split's neighbour files, one per code file (this host's: host,
+  host + hosts, ...), with the documents of each record's neighbours read from the bank, and
+  returns the split's manifest (a complete split's, made as this run would make it, as it is).
+  `index` searches the bank, whose vectors by record id are `documents_NxE`
+  (`documents_by_id`)."""
   if not 0 <= query_dropout < 1:
     raise ConfigError(f"--query_dropout={query_dropout} must lie in [0, 1)")
   if per_record < 1 or candidates < per_record:
     raise ConfigError(f"--per_record={per_record} must be at least 1 and at most "
                       f"--candidates={candidates}")
-  total = code_shards.read_manifest(codes_dir, split)["records"]
+  codes_manifest = code_shards.read_manifest(codes_dir, split)
   settings = made_by(vqgan.fingerprint, bank, codes_dir, split, per_record, candidates,
-                     query_dropout, max_relevance, seed, shard_size)
+                     query_dropout, max_relevance, seed)
   if files.exists(neighbours.manifest_path(out, split)):
     info = neighbours.read_manifest(out, split)
     provenance.check(info, settings, f"the {split} neighbours in {out}", neighbours.REMEDY)
     return info
-  shards = -(-total // shard_size)
+  _, shard_records = code_shards.shard_files(codes_dir, split)
+  shards = len(shard_records)
+  host, hosts = jax.process_index(), jax.process_count()
   files.makedirs(out)
   done = neighbours.done_shards(out, split)
   provenance.start(neighbours.settings_path(out, split), settings,
-                   f"the {len(done)} {split} neighbour shards in {out}", bool(done),
+                   f"the {len(done)} {split} neighbour files in {out}", bool(done),
                    neighbours.REMEDY)
+  bank_documents = memory.Documents(bank["path"], bank)
   in_bank = split == bank["split"]  # then a record is in the bank, and never its own neighbour
-  stream = memory.records(codes_dir, split)
-  found = 0
-  for shard in range(shards):
-    rows = list(itertools.islice(stream, shard_size))
+  for shard in range(host, shards, hosts):
     if shard in done:
       continue
-    keys = np.array([key for _, key, _, _ in rows], object)
+    rows = list(memory.records(codes_dir, split, [shard]))
     ids = np.full((len(rows), per_record), -1, np.int64)
     ok = list(memory.usable(rows, vqgan.cfg.n_embed, collections.Counter()))  # the bank's count
     if ok:
@@ -73,18 +76,24 @@ def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index
       ids[record_ids - rows[0][0]] = neighbours.pick(query_ids, text_scores, text_ids,
                                                      image_scores, image_ids, documents_NxE,
                                                      per_record, max_relevance)
-    neighbours.write_shard(out, split, shard, keys.astype(bytes), ids)
-    found += int((ids >= 0).sum())
-    print(f"{split} neighbour shard {shard + 1}/{shards}: {len(rows)} records", flush=True)
-  info = {**settings, provenance.FINGERPRINT: provenance.fingerprint(settings), "records": total,
-          "shards": shards}
-  neighbours.finish(out, split, info)
+    captions, codes = bank_documents.get(ids[ids >= 0])
+    ends = np.cumsum((ids >= 0).sum(1))
+    neighbours.write_shard(out, split, shard, [
+        neighbours.serialize(key, row, captions[end - k:end], codes[end - k:end])
+        for (_, key, _, _), row, end, k in zip(rows, ids, ends, (ids >= 0).sum(1))])
+    print(f"{split} neighbour file {shard + 1}/{shards}: {len(rows)} records", flush=True)
+  if hosts > 1:
+    multihost_utils.sync_global_devices(f"cm3jax.build_neighbours: {split}")
+  info = {**settings, provenance.FINGERPRINT: provenance.fingerprint(settings),
+          "records": codes_manifest["records"], "shards": shards, "shard_records": shard_records,
+          "tokens_per_image": codes_manifest["tokens_per_image"]}
+  if host == 0:
+    neighbours.finish(out, split, info)
   return info
 
 
 def made_by(vqgan_fingerprint: str, bank: dict, codes_dir: str, split: str, per_record: int,
-            candidates: int, query_dropout: float, max_relevance: float, seed: int,
-            shard_size: int) -> dict:
+            candidates: int, query_dropout: float, max_relevance: float, seed: int) -> dict:
   """A split's made_by (cm3jax/core/provenance.py): the bank (`bank`: its manifest and "path"), whose
   retriever embeds the queries, the VQGAN that draws the query images, the split's code shards
   and the settings of the strategy."""
@@ -93,8 +102,7 @@ def made_by(vqgan_fingerprint: str, bank: dict, codes_dir: str, split: str, per_
           "bank": bank["path"], "bank_fingerprint": bank.get(provenance.FINGERPRINT),
           "bank_split": bank["split"], "retriever_fingerprint": bank["retriever_fingerprint"],
           "vqgan": vqgan_fingerprint, "per_record": per_record, "candidates": candidates,
-          "query_dropout": query_dropout, "max_relevance": max_relevance, "seed": seed,
-          "shard_size": shard_size}
+          "query_dropout": query_dropout, "max_relevance": max_relevance, "seed": seed}
 
 
 def build(r: retriever.Retriever, vqgan: ImageTokenizer, memory_dir: str, codes_dir: str,

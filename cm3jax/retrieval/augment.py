@@ -15,7 +15,6 @@ import numpy as np
 
 from cm3jax.config import ConfigError
 from cm3jax.core.vocab import Vocab
-from cm3jax.data import code_shards
 from cm3jax.retrieval import memory, mips, retriever
 from cm3jax.vqgan.tokenizer import ImageTokenizer
 
@@ -24,8 +23,7 @@ from cm3jax.vqgan.tokenizer import ImageTokenizer
 class Memory:
   retriever: retriever.Retriever
   index: mips.Index
-  captions: list[str]  # of the bank's split, by record index
-  codes: np.ndarray  # int [records, tokens per image]
+  bank: memory.Documents  # the documents of the bank's split, by record index
 
   @classmethod
   def load(cls, bank: str, retriever_path: str = "", engine: str = "exact",
@@ -37,8 +35,7 @@ class Memory:
       activation = manifest.get("retriever_activation", activation)
     r = retriever.load(retriever_path, head_width, activation)
     memory.check_compatible(manifest, bank, r)
-    codes, captions = code_shards.read_split(manifest["codes"], manifest["split"], 2**62)
-    return cls(r, mips.make_index(engine, vectors, ids), captions, codes)
+    return cls(r, mips.make_index(engine, vectors, ids), memory.Documents(bank, manifest))
 
   def retrieve(self, texts: list[str], k: int) -> np.ndarray:
     """Record ids [len(texts), k] of the bank's documents nearest each text, best first."""
@@ -55,11 +52,16 @@ class Memory:
 
   def documents(self, vocab: Vocab, ids_BxK: np.ndarray) -> list[np.ndarray]:
     """Per row of record ids, those documents as one token prefix, in the row's order."""
-    if self.codes.max(initial=0) >= vocab.num_image_codes:
-      raise ConfigError(f"the bank's codes reach {self.codes.max()} but the model has "
-                        f"{vocab.num_image_codes} image codes")
-    return [np.concatenate([vocab.encode_document([self.captions[i], self.codes[i]])
-                            for i in row if i >= 0]).astype(np.int32) for row in ids_BxK]
+    prefixes = []
+    for row in ids_BxK:
+      captions, codes = self.bank.get(row[row >= 0])
+      if codes.max(initial=0) >= vocab.num_image_codes:
+        raise ConfigError(f"the bank's codes reach {codes.max()} but the model has "
+                          f"{vocab.num_image_codes} image codes")
+      prefixes.append(np.concatenate([
+          vocab.encode_document([c.decode("utf-8", "replace"), k])
+          for c, k in zip(captions, codes)]).astype(np.int32))
+    return prefixes
 
   def context(self, vocab: Vocab, texts: list[str], k: int) -> list[np.ndarray]:
     """Per text, its k retrieved documents as one token prefix, the best one first."""

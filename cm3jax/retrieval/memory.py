@@ -1,19 +1,26 @@
-"""The memory bank: document vectors of a split's code-shard records, as float16 shards.
+"""The memory bank: document vectors of a split's code-shard records, as float16 shards, and the
+documents themselves, read by record id without holding the bank in memory.
 
-`BANK/bank-NNNNN.npz` holds `vectors` (float16 [n, E], L2-normalised) and `ids` (int64 [n]: the
-record's index in its split, in file order) and `skipped` (its records left out, by reason) for
-records NNNNN * shard_size onwards; shards are written whole (a temporary file, then a rename),
-so an interrupted build resumes after the last one. `BANK/bank.settings.json`, written before
-the first shard, records what made them (the bank's made_by, cm3jax/core/provenance.py: the
-retriever's and the VQGAN's fingerprints, the dimension, the code shards and split it embeds,
-the shard size), and a resume compares it. `BANK/bank.json`, written last, marks a complete
-bank: the made_by and its fingerprint, the retriever's source, the record count and the records
-skipped by reason.
+The bank follows the layout of the code shards it embeds: `BANK/bank-NNNNN.npz` belongs to code
+file NNNNN of the split (in its manifest's `files` order) and holds `vectors` (float16 [n, E],
+L2-normalised), `ids` (int64 [n]: each embedded record's index in the split, in file order) and
+`skipped` (the file's records left out, by reason). Beside it, `BANK/bank-NNNNN.documents.npy`
+holds every record of that code file, in order, as fixed-width rows (`codes`: uint16 or int32
+[tokens_per_image], `caption`: bytes), so that a record's document is one byte-range read
+(`Documents`). Host h of N embeds files h, h + N, ... and reads only those; shards are written
+whole (the documents first, then the vectors under a temporary name, renamed when whole), so an
+interrupted build resumes after the shards it has. `BANK/bank.settings.json`, written before the
+first shard, records what made them (the bank's made_by, cm3jax/core/provenance.py: the
+retriever's and the VQGAN's fingerprints, the dimension, the code shards and split it embeds),
+and a resume compares it. `BANK/bank.json`, written last, marks a complete bank: the made_by and
+its fingerprint, the retriever's source, the records of each code file (`shard_records`), the
+vector count and the records skipped by reason.
 """
 
 import collections
 import json
 import os
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -53,12 +60,21 @@ def done_shards(bank: str) -> set[int]:
   return {int(os.path.basename(p)[5:10]) for p in files.glob(os.path.join(bank, "bank-*.npz"))}
 
 
+def documents_path(bank: str, shard: int) -> str:
+  return os.path.join(bank, f"bank-{shard:05d}.documents.npy")
+
+
 def read_manifest(bank: str) -> dict:
   path = os.path.join(bank, MANIFEST)
   if not files.exists(path):
     raise ConfigError(f"{bank} holds no complete memory bank ({MANIFEST} is missing): run "
                       "python -m cm3jax.build_memory first")
-  return files.read_json(path)
+  manifest = files.read_json(path)
+  if "shard_records" not in manifest:
+    raise ConfigError(f"memory bank {bank} was built by an earlier cm3jax, in shards that are "
+                      "not its code files and without its documents: rebuild it with python -m "
+                      "cm3jax.build_memory --out=NEW_DIRECTORY")
+  return manifest
 
 
 def load(bank: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -109,13 +125,69 @@ def check_covers(manifest: dict, bank: str, codes_dir: str):
                    "build a bank of these codes with python -m cm3jax.build_memory")
 
 
-def records(codes_dir: str, split: str):
-  """(index, key, caption bytes, codes) of every record of a split, in file order."""
+def records(codes_dir: str, split: str, shards: Optional[Sequence[int]] = None):
+  """(index in the split, key, caption bytes, codes) of every record of the split's code files
+  `shards` (default: all), file by file; only those files are read."""
   tf = tf_cpu.tensorflow()
+  paths, counts = code_shards.shard_files(codes_dir, split)
   parse = code_shards.parser(code_shards.read_manifest(codes_dir, split)["tokens_per_image"])
-  ds = tf.data.TFRecordDataset(code_shards.shard_paths(codes_dir, split)).map(parse)
-  for index, ex in enumerate(ds.as_numpy_iterator()):
-    yield index, ex["key"], ex["caption"], ex["codes"]
+  starts = np.cumsum([0] + counts)
+  for shard in range(len(paths)) if shards is None else shards:
+    ds = tf.data.TFRecordDataset(paths[shard]).map(parse)
+    for row, ex in enumerate(ds.as_numpy_iterator()):
+      yield int(starts[shard]) + row, ex["key"], ex["caption"], ex["codes"]
+
+
+def write_documents(bank: str, shard: int, captions: Sequence[bytes], codes_NxT: np.ndarray,
+                    codebook_size: int):
+  """The documents of code file `shard`, every record in order, as fixed-width rows."""
+  dtype = np.dtype([("codes", np.uint16 if codebook_size <= 2**16 else np.int32,
+                     (codes_NxT.shape[1],)),
+                    ("caption", f"S{max([len(c) for c in captions], default=0) or 1}")])
+  rows = np.zeros(len(captions), dtype)
+  rows["codes"], rows["caption"] = codes_NxT, captions
+  with files.atomic_path(documents_path(bank, shard)) as tmp, files.open_file(tmp, "wb") as f:
+    np.save(f, rows)
+
+
+class Documents:
+  """The bank's documents by record id, each read from its file by byte range (a local path or
+  a bucket's): memory does not grow with the bank."""
+
+  def __init__(self, bank: str, manifest: dict):
+    self.bank = bank
+    self.starts = np.cumsum([0] + manifest["shard_records"])
+    self.layouts: dict[int, tuple[int, np.dtype]] = {}  # shard -> (data offset, row dtype)
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def get(self, ids_K: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+    """(captions, codes int32 [K, T]) of the records `ids_K` (each in [0, len(self)))."""
+    ids_K = np.asarray(ids_K, np.int64).reshape(-1)
+    if ids_K.size and (ids_K.min() < 0 or ids_K.max() >= len(self)):
+      raise ValueError(f"record ids must lie in [0, {len(self)}): got {ids_K.min()} to "
+                       f"{ids_K.max()}")
+    shards = np.searchsorted(self.starts, ids_K, side="right") - 1
+    found: dict[int, np.void] = {}
+    for shard in np.unique(shards):
+      with files.open_file(documents_path(self.bank, int(shard)), "rb") as f:
+        offset, dtype = self._layout(int(shard), f)
+        for i in np.unique(ids_K[shards == shard]):
+          f.seek(offset + int(i - self.starts[shard]) * dtype.itemsize)
+          found[int(i)] = np.frombuffer(f.read(dtype.itemsize), dtype)[0]
+    rows = [found[int(i)] for i in ids_K]
+    width = rows[0]["codes"].shape[0] if rows else 0
+    codes = np.array([r["codes"] for r in rows], np.int32).reshape(len(rows), width)
+    return [bytes(r["caption"]) for r in rows], codes
+
+  def _layout(self, shard: int, f) -> tuple[int, np.dtype]:
+    if shard not in self.layouts:
+      read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                     (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(f)]
+      _, _, dtype = read_header(f)
+      self.layouts[shard] = (f.tell(), dtype)
+    return self.layouts[shard]
 
 
 def usable(batch, num_codes: int, skipped: collections.Counter):

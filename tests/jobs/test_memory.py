@@ -12,30 +12,30 @@ from tests.helpers import REPO, assert_one_line_error, command_env, run_module
 pytestmark = pytest.mark.slow
 
 
-def test_a_bank_killed_after_3_of_8_shards_refuses_another_shard_size(
+def test_a_bank_killed_after_3_of_6_shards_resumes_and_refuses_another_split(
     retriever_workdir, vqgan_workdir, small_codes, tmp_path):
-  """The issue's repro: killed after shard 3 of 8, rerun with another --shard_size (before: 404
-  documents of 512, nothing reported skipped)."""
+  """Killed after bank shard 3 of 6 (one per code file), the bank resumes after the shards it
+  has, and refuses to resume them as another split's."""
   args = [f"--retriever={retriever_workdir}", f"--codes={small_codes}", f"--vqgan={vqgan_workdir}",
           f"--out={tmp_path}/bank", "--batch_size=32"]
   process = subprocess.Popen(
-      [sys.executable, "-m", "cm3jax.build_memory", *args, "--shard_size=64"], cwd=REPO,
+      [sys.executable, "-m", "cm3jax.build_memory", *args], cwd=REPO,
       env=command_env(), text=True, stdout=subprocess.PIPE,
       stderr=subprocess.DEVNULL)
   seen = ""
   for line in process.stdout:
     seen += line
-    if line.startswith("bank shard 3/8"):
+    if line.startswith("bank shard 3/6"):
       process.kill()
       break
   process.wait()
-  assert "bank shard 3/8" in seen and not os.path.exists(tmp_path / "bank" / memory.MANIFEST), seen
-  assert_one_line_error(run_module("cm3jax.build_memory", *args, "--shard_size=100"),
+  assert "bank shard 3/6" in seen and not os.path.exists(tmp_path / "bank" / memory.MANIFEST), seen
+  assert_one_line_error(run_module("cm3jax.build_memory", *args, "--split=validation"),
                         "cm3jax.build_memory", f"the 3 shards of memory bank {tmp_path}/bank: made "
-                        "with shard_size=64 (this run: 100); run with the retriever")
-  resumed = run_module("cm3jax.build_memory", *args, "--shard_size=64")
+                        "with split='train' (this run: 'validation')")
+  resumed = run_module("cm3jax.build_memory", *args)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "this host: 8, 3 already written" in resumed.stdout
+  assert "this host embeds 6, 3 already done" in resumed.stdout
   assert "memory bank" in resumed.stdout and ": 512 documents of" in resumed.stdout
 
 

@@ -72,8 +72,9 @@ def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbo
   prompt, memory = "a red circle on the left", augment.Memory.load(str(workdir / "memory"))
   captions, images = run.retrieve([prompt], k=2)
   ids = memory.retrieve([prompt], 2)
-  assert captions == [[memory.captions[i] for i in ids[0]]]
-  np.testing.assert_array_equal(images[0], run.vqgan.decode(memory.codes[ids[0]]))
+  bank_captions, bank_codes = memory.bank.get(ids[0])
+  assert captions == [[c.decode() for c in bank_captions]]
+  np.testing.assert_array_equal(images[0], run.vqgan.decode(bank_codes))
   asked = []
   draw = engine.text_to_image_reranked
   monkeypatch.setattr(engine, "text_to_image_reranked", lambda *a: asked.append(a) or draw(*a))
