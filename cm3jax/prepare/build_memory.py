@@ -40,8 +40,7 @@ def build(r: retriever.Retriever, vqgan: ImageTokenizer, codes_dir: str, split: 
   print(f"cm3jax.build_memory: {codes_manifest['records']} {split} records in {shards} code "
         f"files; this host embeds {len(range(host, shards, hosts))}, "
         f"{len(range(host, shards, hosts)) - len(mine)} already done", flush=True)
-  for shard in mine:
-    rows = list(memory.records(codes_dir, split, [shard]))
+  for shard, rows in memory.file_records(codes_dir, split, mine):
     memory.write_documents(out, shard, [caption for _, _, caption, _ in rows],
                            np.stack([c for _, _, _, c in rows]) if rows else
                            np.zeros((0, codes_manifest["tokens_per_image"]), np.int32),

@@ -58,10 +58,8 @@ def build_split(r: retriever.Retriever, vqgan: ImageTokenizer, index: mips.Index
                    neighbours.REMEDY)
   bank_documents = memory.Documents(bank["path"], bank)
   in_bank = split == bank["split"]  # then a record is in the bank, and never its own neighbour
-  for shard in range(host, shards, hosts):
-    if shard in done:
-      continue
-    rows = list(memory.records(codes_dir, split, [shard]))
+  mine = [s for s in range(host, shards, hosts) if s not in done]
+  for shard, rows in memory.file_records(codes_dir, split, mine):
     ids = np.full((len(rows), per_record), -1, np.int64)
     ok = list(memory.usable(rows, vqgan.cfg.n_embed, collections.Counter()))  # the bank's count
     if ok:

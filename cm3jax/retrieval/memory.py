@@ -125,17 +125,23 @@ def check_covers(manifest: dict, bank: str, codes_dir: str):
                    "build a bank of these codes with python -m cm3jax.build_memory")
 
 
-def records(codes_dir: str, split: str, shards: Optional[Sequence[int]] = None):
-  """(index in the split, key, caption bytes, codes) of every record of the split's code files
-  `shards` (default: all), file by file; only those files are read."""
+def records(codes_dir: str, split: str):
+  """(index in the split, key, caption bytes, codes) of every record of a split, in file order."""
+  for _, rows in file_records(codes_dir, split, None):
+    yield from rows
+
+
+def file_records(codes_dir: str, split: str, shards: Optional[Sequence[int]]):
+  """(shard, its records as `records` gives them) for each of the split's code files `shards`
+  (None: all), reading the split's file list once and only those files."""
   tf = tf_cpu.tensorflow()
   paths, counts = code_shards.shard_files(codes_dir, split)
   parse = code_shards.parser(code_shards.read_manifest(codes_dir, split)["tokens_per_image"])
   starts = np.cumsum([0] + counts)
   for shard in range(len(paths)) if shards is None else shards:
     ds = tf.data.TFRecordDataset(paths[shard]).map(parse)
-    for row, ex in enumerate(ds.as_numpy_iterator()):
-      yield int(starts[shard]) + row, ex["key"], ex["caption"], ex["codes"]
+    yield shard, [(int(starts[shard]) + row, ex["key"], ex["caption"], ex["codes"])
+                  for row, ex in enumerate(ds.as_numpy_iterator())]
 
 
 def write_documents(bank: str, shard: int, captions: Sequence[bytes], codes_NxT: np.ndarray,
