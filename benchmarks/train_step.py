@@ -43,6 +43,8 @@ _SWITCHES = flags.DEFINE_list("switches", ["none"], f"Model switch sets: {list(S
 _ACTIVATION = flags.DEFINE_string("activation", "gelu", "model.activation (the peer uses gelu).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per setting, after 2 warm-up steps.")
 _RESULTS = flags.DEFINE_string("results", None, "Append the table to this markdown file.")
+_CEILING_SIZE = flags.DEFINE_integer("ceiling_size", 8192, "Side of the square bf16 product that "
+                                     "measures the matmul ceiling (smaller on a CPU).")
 
 
 def size_config(size: str):
@@ -100,7 +102,7 @@ def settings():
 
 
 def main(_):
-  ceiling = matmul_tflops()
+  ceiling = matmul_tflops(_CEILING_SIZE.value)
   device = jax.devices()[0]
   lines = [f"device: {len(jax.devices())} x {device.device_kind}; jax {jax.__version__}; "
            f"{datetime.date.today()}; measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s per "

@@ -23,6 +23,12 @@ guidance is scored with the documents in the unconditional stream and without th
 retriever (--retriever, or the bank's), best of 8 reranked by the retriever's image-text score
 is scored too.
 
+  python -m cm3jax.eval_shapes --workdir=workdirs/tiny --quantize=int8
+
+scores the sampler with weight-only int8 weights (docs/design.md, "Decoding"); its report goes
+to WORKDIR/eval_shapes_int8.json and .md, to set beside the float one, and the sampling
+defaults stay those measured on the weights as trained.
+
   python -m cm3jax.eval_shapes --workdir=workdirs/tiny_sft \
       --tasks=edit,grounded,seg2image,image2seg,caption,vqa --splits=validation \
       --num_examples=200 --baseline=workdirs/tiny
@@ -43,7 +49,7 @@ from cm3jax import run as run_lib
 from cm3jax.config import ConfigError
 from cm3jax.data import sft
 from cm3jax.eval import eval_shapes, eval_tasks
-from cm3jax.sampling import defaults
+from cm3jax.sampling import defaults, engine
 
 
 def _define_flags():
@@ -63,6 +69,10 @@ def _define_flags():
                     f"and captions: {','.join(sft.TASKS)}.")
   flags.DEFINE_string("baseline", "", "With --tasks: also score this run (the model before "
                       "instruction tuning).")
+  flags.DEFINE_enum("quantize", "none", list(engine.QUANTIZE), "Score the sampler with these "
+                    "weights: none (the compute dtype) or int8 (weight-only int8), whose report "
+                    "goes to WORKDIR/eval_shapes_int8.json and .md, leaving the sampling defaults "
+                    "as they are. Not with --tasks.")
 
 
 def main(FLAGS):
@@ -73,12 +83,14 @@ def main(FLAGS):
                       "must be at least 1")
   if FLAGS.baseline and not FLAGS.tasks:
     raise ConfigError("--baseline scores the tasks of --tasks; name them")
+  if FLAGS.quantize != "none" and FLAGS.tasks:
+    raise ConfigError("--quantize scores text->image and captions, not --tasks")
   if FLAGS.tasks:
     eval_tasks.parse_tasks(FLAGS.tasks)
   else:
     eval_shapes.check_splits(FLAGS.splits)
   t = time.perf_counter()
-  run = run_lib.load(FLAGS.workdir, memory=FLAGS.memory or "")
+  run = run_lib.load(FLAGS.workdir, memory=FLAGS.memory or "", quantize=FLAGS.quantize)
   if FLAGS.tasks:
     baseline = run_lib.load(FLAGS.baseline) if FLAGS.baseline else None
     runs = eval_tasks.report(run, FLAGS.splits, FLAGS.tasks, FLAGS.num_examples,
@@ -91,9 +103,11 @@ def main(FLAGS):
   results = eval_shapes.report(run, FLAGS.splits, FLAGS.num_examples, FLAGS.batch_size,
                                FLAGS.seed, FLAGS.retrieve, FLAGS.retriever or "")
   print("\n".join(eval_shapes.table(results)))
+  written = eval_shapes.report_files(FLAGS.quantize)
+  if FLAGS.quantize == "none":
+    written += (defaults.SAMPLING_DEFAULTS_FILE,)
   print(f"{time.perf_counter() - t:.0f}s; written to " + ", ".join(
-      os.path.join(FLAGS.workdir, f)
-      for f in eval_shapes.REPORT_FILES + (defaults.SAMPLING_DEFAULTS_FILE,)))
+      os.path.join(FLAGS.workdir, f) for f in written))
 
 
 if __name__ == "__main__":

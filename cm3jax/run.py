@@ -48,6 +48,11 @@ class Run:
     return self.sampler.vocab
 
   @property
+  def quantize(self) -> str:
+    """How the sampler stores its weights: "none" (the compute dtype) or "int8"."""
+    return self.sampler.quantize
+
+  @property
   def paths(self) -> paths.InputPaths:
     """The VQGAN, image codes and tokenizer the run was trained on."""
     return paths.input_paths(self.config["cm3"], self.workdir)
@@ -71,28 +76,38 @@ class Run:
                     guidance: Optional[float] = None, top_p: Optional[float] = None,
                     rerank: Optional[int] = None, retrieve: int = 0, seed: int = 0
                     ) -> np.ndarray:
-    """uint8 images [len(captions), num_images, H, W, 3], each caption's drawn from one key;
-    with `retrieve` > 0 each caption follows its `retrieve` nearest documents of the memory."""
-    vqgan = self._image_model()
+    """uint8 images [len(captions), num_images, H, W, 3], drawn by `draw` with the keys of
+    `seed` split in len(captions) * num_images; with `retrieve` > 0 each caption follows its
+    `retrieve` nearest documents of the memory."""
     captions = _texts(captions)
-    if num_images < 1 or (rerank is not None and rerank < 1) or retrieve < 0:
-      raise RequestError(f"num_images and rerank must be at least 1 and retrieve at least 0, "
-                         f"got {num_images}, {rerank}, {retrieve}")
+    if num_images < 1:
+      raise RequestError(f"num_images must be at least 1, got {num_images}")
+    rows = [c for c in captions for _ in range(num_images)]
+    images = self.draw(rows, jax.random.split(jax.random.PRNGKey(seed), len(rows)), guidance,
+                       top_p, rerank, retrieve)
+    return images.reshape(len(captions), num_images, *images.shape[1:])
+
+  def draw(self, captions: Sequence[str], keys: jax.Array, guidance: Optional[float] = None,
+           top_p: Optional[float] = None, rerank: Optional[int] = None, retrieve: int = 0
+           ) -> np.ndarray:
+    """uint8 images [len(captions), H, W, 3]: one of each caption, drawn with its key of `keys`
+    [len(captions), 2] whatever the rows beside it (the server batches requests through this)."""
+    vqgan, captions = self._image_model(), _texts(captions)
+    if (rerank is not None and rerank < 1) or retrieve < 0:
+      raise RequestError(f"rerank must be at least 1 and retrieve at least 0, got {rerank}, "
+                         f"{retrieve}")
     setting = self.setting(defaults.text_to_image_use(retrieve), cfg=guidance, top_p=top_p,
                            rerank=rerank)
     by_retriever = setting.candidates > 1 and setting.rerank_by == "retriever"
     if by_retriever and self.memory_bank is None:
       raise RequestError("this run's measured setting reranks by a retriever, which a run "
                          "without a memory bank lacks: pass rerank=1 or load(workdir, memory=BANK)")
-    drawn = [c for c in captions for _ in range(num_images)]
-    context = self.memory.context(self.vocab, drawn, retrieve) if retrieve else None
+    context = self.memory.context(self.vocab, captions, retrieve) if retrieve else None
     score = augment.retriever_score(self.memory.retriever, vqgan) if by_retriever else None
     codes = engine.text_to_image_reranked(
-        self.sampler, drawn, setting.candidates, vqgan.cfg.tokens_per_image,
-        jax.random.PRNGKey(seed), setting.guidance, setting.config, context,
-        setting.uncond_retrieved, score)
-    images = vqgan.decode(codes)
-    return images.reshape(len(captions), num_images, *images.shape[1:])
+        self.sampler, captions, setting.candidates, vqgan.cfg.tokens_per_image, keys,
+        setting.guidance, setting.config, context, setting.uncond_retrieved, score)
+    return vqgan.decode(codes)
 
   def caption(self, images: np.ndarray, seed: int = 0) -> list[str]:
     """A caption of each uint8 image [N, H, W, 3] (or one [H, W, 3]), greedy, by CM3's
@@ -224,10 +239,13 @@ def _texts(texts: Sequence[str]) -> list[str]:
   return list(texts)
 
 
-def load(workdir: str, memory: str = "") -> Run:
+def load(workdir: str, memory: str = "", quantize: str = "none") -> Run:
   """The latest checkpoint of a `cm3jax.train` (or pipeline) workdir, with its VQGAN, and the
-  memory bank `memory` (by default the run's own, where it has one)."""
-  sampler, config, step = engine.load(workdir)
+  memory bank `memory` (by default the run's own, where it has one). `quantize`: how the token
+  model's weights are stored for decoding, "none" (its compute dtype) or "int8" (weight-only
+  int8, about half the bytes of bf16: cm3jax/sampling/quantize.py); any other value is a
+  ConfigError."""
+  sampler, config, step = engine.load(workdir, quantize=quantize)
   vqgan = None
   if sampler.vocab.num_image_codes:
     vqgan = ImageTokenizer.load(paths.input_paths(config["cm3"], workdir).vqgan_workdir)

@@ -39,6 +39,8 @@ text-only run (data="text", configs/text_tiny.py) does these two tasks only:
 edit uses instruct guidance (--s_img, --s_txt; 1 and 1: none), grounded, seg2image and
 html_image classifier-free guidance (--cfg); image2seg draws the segmentation map of --image, caption
 describes it. Image tasks write --num_images images to --out; text tasks print the answer.
+--quantize=int8 decodes with weight-only int8 weights (about half the bytes of bf16; docs/design.md,
+"Decoding").
 """
 
 import jax
@@ -93,6 +95,9 @@ def _define_flags():
                      "none." + measured)
   flags.DEFINE_float("s_txt", None, "--task=edit: instruct guidance scale of the instruction; "
                      "1: none." + measured)
+  flags.DEFINE_enum("quantize", "none", list(engine.QUANTIZE), "How the token model's weights "
+                    "are stored for decoding: none (its compute dtype) or int8 (weight-only int8: "
+                    "int8 values with a float scale per output channel or table row).")
 
 
 def main(FLAGS):
@@ -117,7 +122,7 @@ def main(FLAGS):
       raise ConfigError("--rerank_by=retriever needs a retriever: --retriever or --memory (its "
                         "bank's)")
     print(line)
-  run = run_lib.load(FLAGS.workdir)
+  run = run_lib.load(FLAGS.workdir, quantize=FLAGS.quantize)
   sampler, vqgan, key = run.sampler, run.vqgan, jax.random.PRNGKey(FLAGS.seed)
   if FLAGS.task in sample.TEXT_TASKS:
     print("\n".join(sample.run_task(FLAGS, sampler, None, key, text=text)))
@@ -145,8 +150,8 @@ def main(FLAGS):
       score = augment.retriever_score(scorer, vqgan)
     codes = engine.text_to_image_reranked(
         sampler, [FLAGS.prompt] * FLAGS.num_images, setting.candidates,
-        vqgan.cfg.tokens_per_image, key, setting.guidance, setting.config, context,
-        setting.uncond_retrieved, score)
+        vqgan.cfg.tokens_per_image, jax.random.split(key, FLAGS.num_images), setting.guidance,
+        setting.config, context, setting.uncond_retrieved, score)
     sample.save_png(sample.grid(vqgan.decode(codes), FLAGS.scale), FLAGS.out)
     judge = "the retriever" if by_retriever else "the model's likelihood of the prompt"
     best_of = (f", each the best of {setting.candidates} by {judge},"

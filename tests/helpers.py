@@ -94,6 +94,25 @@ def save_untrained(workdir: str, config, architecture: dict, s, vocab=None,
     ckpts.wait()
 
 
+def untrained_run(vqgan_workdir: str, workdir: str) -> str:
+  """WORKDIR: a finished tiny CM3 run on shapes captions and the VQGAN of `vqgan_workdir`, its
+  weights random (N(0, 0.1)): what cm3jax.load and the server load, in seconds."""
+  from cm3jax.core import model as model_lib
+  from cm3jax.core.vocab import Vocab
+  from cm3jax.data import shapes
+  from cm3jax.prepare import train_tokenizer
+  from cm3jax.training import trainer
+  from cm3jax.vqgan.tokenizer import ImageTokenizer
+  captions = [shapes.scene("train", i).caption() for i in range(300)]
+  vocab = Vocab(train_tokenizer.train(captions, 300), num_sentinels=16,
+                num_image_codes=ImageTokenizer.load(vqgan_workdir).cfg.n_embed)
+  config = tiny_config(**{"data": "cm3", "cm3.vqgan_workdir": vqgan_workdir, "seq_len": 128,
+                          "model.vocab_size": vocab.size, "model.max_seq_len": 128})
+  save_untrained(workdir, config, {"model": model_lib.ModelConfig.architecture()},
+                 trainer.setup(config), vocab, randomized=True)
+  return workdir
+
+
 def tokenize_shapes(vqgan_workdir: str, data_dir: str, out: str) -> str:
   """OUT: code shards of shapes/small's train and validation splits (shards of 100 records)."""
   from cm3jax.prepare import tokenize_images

@@ -12,7 +12,8 @@ WITHOUT_TENSORFLOW = ["cm3jax.core.model", "cm3jax.train", "cm3jax.vqgan.model",
                       "cm3jax.sample", "cm3jax.export", "cm3jax.pipeline", "cm3jax.eval_shapes",
                       "cm3jax.sampling.instruct", "cm3jax.data.shapes_tasks",
                       "cm3jax.eval.eval_tasks", "cm3jax.tokenize_tasks", "cm3jax.data.sft_stream",
-                      "cm3jax.data.shapes_analyser", "cm3jax.run"]
+                      "cm3jax.data.shapes_analyser", "cm3jax.run", "cm3jax.serve",
+                      "cm3jax.serving.app", "cm3jax.sampling.quantize"]
 
 
 def test_model_and_tokenizer_import_without_tensorflow():

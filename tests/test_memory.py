@@ -472,7 +472,8 @@ def test_reranking_keeps_the_candidate_the_score_rates_highest(monkeypatch):
                      for c, t in zip(codes_NxT, texts)], np.float32)
 
   sampler = CountingSampler(vocab)
-  kept = engine.text_to_image_reranked(sampler, captions, 4, 3, jax.random.PRNGKey(0), 3.0,
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  kept = engine.text_to_image_reranked(sampler, captions, 4, 3, keys, 3.0,
                                          context=context, context_in_uncond=False, score=score)
   # caption i's candidates are codes 4i .. 4i + 3; the score wants 4i + preferred[i]
   np.testing.assert_array_equal(kept, [[2, 2, 2], [5, 5, 5]])
@@ -484,7 +485,7 @@ def test_reranking_keeps_the_candidate_the_score_rates_highest(monkeypatch):
   monkeypatch.setattr(engine, "caption_log_likelihood",
                       lambda s, codes, texts: score(codes, texts))
   np.testing.assert_array_equal(engine.text_to_image_reranked(
-      CountingSampler(vocab), captions, 4, 3, jax.random.PRNGKey(0)), [[2, 2, 2], [5, 5, 5]])
+      CountingSampler(vocab), captions, 4, 3, keys), [[2, 2, 2], [5, 5, 5]])
 
 
 def test_captioning_places_the_context_before_the_caption_prompt():

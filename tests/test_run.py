@@ -7,27 +7,15 @@ import numpy as np
 import pytest
 
 import cm3jax
-from cm3jax.core import model as model_lib
-from cm3jax.core.vocab import Vocab
-from cm3jax.data import shapes
-from cm3jax.prepare import train_tokenizer
 from cm3jax.sampling import engine, instruct
-from cm3jax.training import trainer
-from tests.helpers import save_untrained, tiny_config
+from tests.helpers import untrained_run
 
 CAPTIONS = ["a red circle above a blue square", "a small green triangle"]
 
 
 @pytest.fixture(scope="module")
 def run(vqgan_workdir, tmp_path_factory):
-  captions = [shapes.scene("train", i).caption() for i in range(300)]
-  vocab = Vocab(train_tokenizer.train(captions, 300), num_sentinels=16, num_image_codes=64)
-  config = tiny_config(**{"data": "cm3", "cm3.vqgan_workdir": vqgan_workdir, "seq_len": 128,
-                          "model.vocab_size": vocab.size, "model.max_seq_len": 128})
-  workdir = str(tmp_path_factory.mktemp("run"))
-  save_untrained(workdir, config, {"model": model_lib.ModelConfig.architecture()},
-                 trainer.setup(config), vocab, randomized=True)
-  return cm3jax.load(workdir)
+  return cm3jax.load(untrained_run(vqgan_workdir, str(tmp_path_factory.mktemp("run"))))
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 modality constraints, keys, batching of prompts, tasks and bad input."""
 
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -72,9 +73,14 @@ def greedy_reference(sampler, prompt, num_new, mode, uncond=None, guidance=1.0) 
   return np.array(tokens + [PAD] * (num_new - len(tokens)), np.int32)
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_cached_decoding_equals_the_full_forward(vocab, scan_layers):
-  cfg = model_config(vocab, scan_layers=scan_layers)
+@pytest.mark.parametrize("phase", [0, 3])
+@pytest.mark.parametrize("scan_layers, remat", [(True, "nothing_saveable"), (False, "none")])
+def test_cached_decoding_equals_the_full_forward(vocab, scan_layers, remat, phase):
+  """With `phase` > 0, each decode reads the cache prefix the sampler's phases of that many
+  steps read: the prefill the P slots it writes, a step the first P + (its phase's end) slots;
+  at a phase's last step that is exactly the slots written, at its first some unwritten ones
+  (masked) too. The last phase ends a step short of the cache's end."""
+  cfg = model_config(vocab, scan_layers=scan_layers, remat_policy=remat)
   model = model_lib.Decoder(cfg)
   params = random_params(cfg)
   rng = np.random.default_rng(0)
@@ -92,12 +98,18 @@ def test_cached_decoding_equals_the_full_forward(vocab, scan_layers):
   positions = np.maximum(np.cumsum(valid[:, :P], 1) - 1, 0)
   cache = model_lib.init_cache(cfg, jnp.asarray(valid))
   assert isinstance(cache, model_lib.KVCache)
-  decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method="decode"))
-  logits, cache = decode(jnp.asarray(tokens), jnp.asarray(positions), cache)
+  decode = jax.jit(lambda *a: model.apply({"params": params}, *a, method="decode"),
+                   static_argnums=3)
+
+  def read_slots(written):  # the steps written so far, the current one included
+    return P + min(-(-written // phase) * phase, steps - 1) if phase else None
+
+  logits, cache = decode(jnp.asarray(tokens), jnp.asarray(positions), cache, read_slots(0))
   got = [logits]
   for i in range(steps - 1):
     step = np.array([s[lengths[b] + i] for b, s in enumerate(seqs)], np.int32)[:, None]
-    logits, cache = decode(jnp.asarray(step), jnp.asarray(lengths[:, None] + i), cache)
+    logits, cache = decode(jnp.asarray(step), jnp.asarray(lengths[:, None] + i), cache,
+                           read_slots(i + 1))
     assert isinstance(cache, model_lib.KVCache) and int(cache.index) == P + i + 1
     got.append(logits)
   forward = jax.jit(lambda x: model.apply({"params": params}, x))
@@ -309,6 +321,66 @@ def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
     assert len({tuple(row) for row in batched}) == len(prompts)  # the prompts matter
 
 
+def test_decoding_phases_change_no_token(vocab):
+  """Samplers decoding 13 steps in phases of 3, 5 or 1,000 steps, or in one phase reading the
+  whole cache (0), draw the same tokens for the same requests and keys: images greedy and top-p,
+  with guidance and prompts of different lengths, and text at temperature 2 and top-p, where rows
+  stop early (one at step 2, the last of a 3-step phase, one at step 8)."""
+  cfg = model_config(vocab)
+  params = random_params(cfg)
+  samplers = {k: engine.Sampler(cfg, params, vocab, phase_steps=k) for k in (0, 3, 5, 1000)}
+  keys = jax.random.split(jax.random.PRNGKey(2), 8)
+  images = [engine.Request(engine.image_prompt(vocab, shapes.scene("train", i).caption()), k,
+                           engine.unconditional_image_prompt(vocab), 3.0)
+            for i, k in enumerate(keys)]
+  texts = [engine.Request(engine.caption_prompt(vocab, np.arange(16) * (i + 1) % CODES), k)
+           for i, k in enumerate(keys)]
+  greedy, top_p = engine.SamplingConfig(greedy=True), engine.SamplingConfig(top_p=0.95)
+  hot = engine.SamplingConfig(temperature=2.0, top_p=0.95)
+  for requests, mode, sampling in ((images, "image", greedy), (images, "image", top_p),
+                                   (texts, "text", hot)):
+    want = samplers[0].generate(requests, 13, mode, sampling)
+    for k in (3, 5, 1000):
+      np.testing.assert_array_equal(samplers[k].generate(requests, 13, mode, sampling), want,
+                                    err_msg=f"phase_steps={k}, {mode}, {sampling}")
+  assert sorted((want == PAD).sum(1))[-2:] == [4, 10]
+
+
+def test_decoding_phases_read_the_cache_up_to_their_end(vocab):
+  """The traced generation of 10 steps after a prefill of P = 16 slots: in phases of 4 steps,
+  attention reads the keys and values of P + 4, P + 8 and P + 10 slots; in one phase (0), all
+  P + 10 at every step (lengths 1 and P, of the queries and the prefill, aside)."""
+  cfg = model_config(vocab)
+  params = random_params(cfg)
+  P, N = 16, 10
+
+  def key_lengths(phase_steps):
+    """The lengths of the [R, length, H, K] operands of the traced program's dot products."""
+    s = engine.Sampler(cfg, params, vocab, phase_steps=phase_steps)
+    cache = model_lib.init_cache(s.cfg, jnp.ones((2, P + N), bool))
+    generate = functools.partial(s._generate_impl, num_new=N, mode="image",
+                                 sampling=engine.SamplingConfig(), streams=1)
+    jaxpr = jax.make_jaxpr(generate)(s.params, jnp.zeros((2, P), jnp.int32), cache,
+                                     jnp.zeros((2, 2), jnp.uint32), jnp.ones((2, 2)))
+    return {x.aval.shape[1] for eqn in equations(jaxpr.jaxpr)
+            if eqn.primitive.name == "dot_general" for x in eqn.invars
+            if x.aval.shape[2:] == (cfg.num_heads, cfg.head_dim) and x.aval.ndim == 4}
+
+  assert key_lengths(4) - {1, P} == {P + 4, P + 8, P + N}
+  assert key_lengths(0) - {1, P} == {P + N}
+
+
+def equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs inside it (scans, calls, branches)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+        if hasattr(sub, "eqns"):
+          yield from equations(sub)
+
+
 def test_tasks(sampler, vocab, monkeypatch):
   """Each task's greedy output is the reference's (greedy_reference) on the prompt the task's
   docstring names, written out here token by token."""
@@ -370,7 +442,7 @@ def test_guidance_keeps_the_retrieved_documents_in_the_unconditional_stream_by_d
   for name, setting in settings.items():
     asked.clear()
     engine.text_to_image_reranked(sampler, ["a red circle"], setting.candidates, 4,
-                                    jax.random.PRNGKey(0), setting.guidance, setting.config,
+                                    jax.random.PRNGKey(0)[None], setting.guidance, setting.config,
                                     context, setting.uncond_retrieved)
     dropped = "no documents" in name or "--nouncond_retrieved" in name
     want = caption_free if dropped else [EOS, 7, 8] + caption_free
@@ -440,6 +512,8 @@ def test_bad_requests(sampler, vocab):
     sampler.generate([three], 4, "image", engine.SamplingConfig(cd_k=4))
   with pytest.raises(ConfigError, match=r"the region \[5, 20\) is not inside the 16 codes"):
     engine.infill_image(sampler, "a", np.zeros(16, int), 5, 20, key)
+  with pytest.raises(ConfigError, match=r"phase_steps must be an integer >= 0 \(0: one phase\)"):
+    engine.Sampler(sampler.cfg, sampler.params, vocab, phase_steps=-1)
 
 
 def test_no_checkpoint(tmp_path):

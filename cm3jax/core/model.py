@@ -5,8 +5,9 @@ post-LayerNorm layers, fairseq's sinusoidal positions, a scaled or normalised em
 narrower word embeddings); at their defaults the parameters and the function are CM3Leon's.
 
 Shapes are in names: B batch, L length, D d_model, H heads, K head_dim, F mlp_dim, V vocab,
-E word embedding width (d_model unless word_embed_dim is set), T cache slots. Every parameter and the main activations carry logical axis names;
-`cm3jax.core.sharding` maps them onto the device mesh.
+E word embedding width (d_model unless word_embed_dim is set), T cache slots (S of them read).
+Every parameter and the main activations carry logical axis names; `cm3jax.core.sharding` maps
+them onto the device mesh.
 
 `Decoder` has three entry points, each with one return type: logits (training and evaluation),
 the final hidden states with the LM head (a loss fused with the head), and `decode`, which takes
@@ -186,7 +187,14 @@ def sinusoidal_positions(positions_BxL: jax.Array, d: int) -> jax.Array:
 def _weight(module: nn.Module, name: str, shape, axes, init):
   """A float32 parameter with logical axis names, cast to the compute dtype for use."""
   w = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-  return w.astype(module.cfg.compute_dtype)
+  return _compute(module.cfg, w)
+
+
+def _compute(cfg: ModelConfig, w):
+  """w cast to the compute dtype, unless it is in it already: the sampler's weights are (cast
+  once), and its weight-only int8 ones (cm3jax/sampling/quantize.py), whose dtype is their
+  scales', cannot be cast."""
+  return w if w.dtype == cfg.compute_dtype else w.astype(cfg.compute_dtype)
 
 
 def _bias(module: nn.Module, name: str, y, axes):
@@ -233,11 +241,13 @@ def init_cache(cfg: ModelConfig, valid_BxT: jax.Array) -> KVCache:
 class Attention(nn.Module):
   """Causal self-attention. Training passes nothing more, or `segments_BxL` (attend within a
   segment only); decoding passes this layer's (keys, values) cache `kv`, which slots are valid
-  and the slot `index` the keys and values of x go to, and attends to the valid slots."""
+  and the slot `index` the keys and values of x go to, and attends to the valid slots among the
+  first `read_slots` (a static int that covers every slot written so far; None: all T)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, kv=None, segments_BxL=None, valid_BxT=None, index=None):
+  def __call__(self, x_BxLxD, kv=None, segments_BxL=None, valid_BxT=None, index=None,
+               read_slots=None):
     cfg = self.cfg
     D, H, K = cfg.d_model, cfg.num_heads, cfg.head_dim
     init = truncated_normal(cfg.init_std)
@@ -263,11 +273,12 @@ class Attention(nn.Module):
       k_BxTxHxK = jax.lax.dynamic_update_slice(k_BxTxHxK, k_BxLxHxK, (0, index, 0, 0))
       v_BxTxHxK = jax.lax.dynamic_update_slice(v_BxTxHxK, v_BxLxHxK, (0, index, 0, 0))
       kv = (k_BxTxHxK, v_BxTxHxK)
-      T, L = k_BxTxHxK.shape[1], x_BxLxD.shape[1]
-      causal_LxT = jnp.arange(T)[None, :] <= index + jnp.arange(L)[:, None]
-      mask_Bx1xLxT = (causal_LxT[None] & valid_BxT[:, None, :])[:, None]
+      S, L = read_slots or k_BxTxHxK.shape[1], x_BxLxD.shape[1]
+      causal_LxS = jnp.arange(S)[None, :] <= index + jnp.arange(L)[:, None]
+      mask_Bx1xLxS = (causal_LxS[None] & valid_BxT[:, None, :S])[:, None]
       o_BxLxHxK = jax.nn.dot_product_attention(
-          q_BxLxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask_Bx1xLxT, implementation="xla")
+          q_BxLxHxK, k_BxTxHxK[:, :S], v_BxTxHxK[:, :S], mask=mask_Bx1xLxS,
+          implementation="xla")
     o_BxLxHxK = nn.with_logical_constraint(o_BxLxHxK, ACT_HEADS)
     w_HxKxD = _weight(self, "out", (H, K, D), ("heads", "kv", "embed"), _residual_out_init(cfg))
     out_BxLxD = jnp.einsum("blhk,hkd->bld", o_BxLxHxK, w_HxKxD)
@@ -302,11 +313,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, kv, segments_BxL, valid_BxT, index):
+  def __call__(self, x_BxLxD, kv, segments_BxL, valid_BxT, index, read_slots=None):
     cfg, pre = self.cfg, self.cfg.pre_layer_norm
     attn_norm, mlp_norm = norm(cfg, "attn_norm"), norm(cfg, "mlp_norm")
     h_BxLxD, kv = Attention(cfg, name="attn")(attn_norm(x_BxLxD) if pre else x_BxLxD, kv,
-                                              segments_BxL, valid_BxT, index)
+                                              segments_BxL, valid_BxT, index, read_slots)
     x_BxLxD = x_BxLxD + h_BxLxD if pre else attn_norm(x_BxLxD + h_BxLxD)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
     h_BxLxD = Mlp(cfg, name="mlp")(mlp_norm(x_BxLxD) if pre else x_BxLxD)
@@ -320,7 +331,7 @@ class Decoder(nn.Module):
     model.apply(v, tokens_BxL)                    float32 logits [B, L, V] (training, evaluation)
     model.apply(v, tokens_BxL, method="hidden")   final hidden states [B, L, E] and the LM head
                                                   [E, V], for a loss fused with the head
-    model.apply(v, tokens_BxL, positions_BxL, cache, method="decode")
+    model.apply(v, tokens_BxL, positions_BxL, cache, read_slots, method="decode")
                                                   logits of the last position [B, V] and the
                                                   updated KVCache
 
@@ -348,17 +359,19 @@ class Decoder(nn.Module):
     self.final_norm = norm(cfg) if cfg.pre_layer_norm else (lambda x: x)
     block = Block
     if cfg.remat_policy != "none":  # affects differentiation only, so decoding is unchanged
+      # Argument 6 (self is 0) is read_slots, a Python int that slices the cache.
       block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
-                       prevent_cse=not cfg.scan_layers)
+                       prevent_cse=not cfg.scan_layers, static_argnums=(6,))
     if cfg.scan_layers:
       self.layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                             length=cfg.num_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     else:
       self.layers = [block(cfg) for _ in range(cfg.num_layers)]  # named layers_0, layers_1, ...
 
-  def _trunk(self, tokens_BxL, positions_BxL, kv, segments_BxL=None, valid_BxT=None, index=None):
+  def _trunk(self, tokens_BxL, positions_BxL, kv, segments_BxL=None, valid_BxT=None, index=None,
+             read_slots=None):
     """Embeddings, then every layer: the residual stream [B, L, D] and the updated (k, v)."""
     cfg = self.cfg
     if positions_BxL is None:
@@ -374,11 +387,11 @@ class Decoder(nn.Module):
     x_BxLxD = self.embed_norm(x_BxLxD.astype(cfg.compute_dtype))
     x_BxLxD = nn.with_logical_constraint(x_BxLxD, RESIDUAL_AXES)
     if cfg.scan_layers:
-      return self.layers(x_BxLxD, kv, segments_BxL, valid_BxT, index)
+      return self.layers(x_BxLxD, kv, segments_BxL, valid_BxT, index, read_slots)
     per_layer = []
     for i, layer in enumerate(self.layers):
       layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-      x_BxLxD, layer_kv = layer(x_BxLxD, layer_kv, segments_BxL, valid_BxT, index)
+      x_BxLxD, layer_kv = layer(x_BxLxD, layer_kv, segments_BxL, valid_BxT, index, read_slots)
       per_layer.append(layer_kv)
     if kv is None:
       return x_BxLxD, None
@@ -386,13 +399,13 @@ class Decoder(nn.Module):
 
   def _head(self):
     head_ExV = self.embed.T if self.cfg.tie_embeddings else self.lm_head
-    return head_ExV.astype(self.cfg.compute_dtype)
+    return _compute(self.cfg, head_ExV)
 
   def _final(self, x_BxLxD):
     """The final LayerNorm (pre-LN models) and the projection to E: the LM head's input."""
     x_BxLxD = self.final_norm(x_BxLxD)
     if self.cfg.word_embed_dim:
-      return x_BxLxD @ self.project_out.astype(self.cfg.compute_dtype)
+      return x_BxLxD @ _compute(self.cfg, self.project_out)
     return x_BxLxD
 
   def _logits(self, x_BxLxD):
@@ -411,11 +424,13 @@ class Decoder(nn.Module):
     x_BxLxD, _ = self._trunk(tokens_BxL, positions_BxL, None, segments_BxL)
     return self._final(x_BxLxD), self._head()
 
-  def decode(self, tokens_BxL, positions_BxL, cache: KVCache):
+  def decode(self, tokens_BxL, positions_BxL, cache: KVCache, read_slots: int | None = None):
     """Writes the tokens' keys and values at cache.index: (logits [B, V] of the last position,
-    the updated cache)."""
+    the updated cache). Attention reads the first `read_slots` slots of the cache (static; at
+    least cache.index + L), or all of them."""
     x_BxLxD, (k, v) = self._trunk(tokens_BxL, positions_BxL, (cache.k, cache.v),
-                                  valid_BxT=cache.valid_BxT, index=cache.index)
+                                  valid_BxT=cache.valid_BxT, index=cache.index,
+                                  read_slots=read_slots)
     logits_BxV = self._logits(x_BxLxD[:, -1:])[:, 0]
     return logits_BxV, cache.replace(k=k, v=v, index=cache.index + tokens_BxL.shape[1])
 

@@ -40,6 +40,13 @@ SPLITS = ("validation", "test")
 REPORT_FILES = ("eval_shapes.json", "eval_shapes.md")  # in the workdir
 
 
+def report_files(quantize: str = "none") -> tuple[str, ...]:
+  """The report's files in the workdir: a sampler with quantized weights (`cm3jax.load(workdir,
+  quantize="int8")`) writes its own (eval_shapes_int8.json, .md) beside the float one's."""
+  return REPORT_FILES if quantize == "none" else tuple(
+      f.replace("eval_shapes", f"eval_shapes_{quantize}") for f in REPORT_FILES)
+
+
 def evaluate(run: Run, split: str, num_examples: int = 1000, batch_size: int = 128,
              seed: int = 0, settings: Optional[dict] = None,
              memory: Optional[augment.Memory] = None, retrieve: int = 0,
@@ -59,7 +66,8 @@ def evaluate(run: Run, split: str, num_examples: int = 1000, batch_size: int = 1
   codes, captions = code_shards.read_split(run.paths.codes_dir, split, num_examples)
   truths = [shapes.described(shapes.parse_caption(c)) for c in captions]
   image_key, caption_key = jax.random.split(jax.random.PRNGKey(seed))
-  results = {"split": split, "step": run.step, "examples": len(captions), "retrieved": retrieve}
+  results = {"split": split, "step": run.step, "examples": len(captions), "retrieved": retrieve,
+             "quantize": run.quantize}
   # The ceiling of text->image: how many of the split's own codes decode to a readable image.
   readable = sum(_shown(vqgan, codes[start:start + batch_size], truths[start:start + batch_size])
                  for start in range(0, len(captions), batch_size))
@@ -80,7 +88,8 @@ def evaluate(run: Run, split: str, num_examples: int = 1000, batch_size: int = 1
       batch = slice(start, start + per_batch)
       generated = engine.text_to_image_reranked(
           sampler, captions[batch], setting.candidates, vqgan.cfg.tokens_per_image,
-          jax.random.fold_in(image_key, start), setting.guidance, cfg,
+          jax.random.split(jax.random.fold_in(image_key, start), len(captions[batch])),
+          setting.guidance, cfg,
           None if by_text is None else by_text[batch], setting.uncond_retrieved, score)
       right += _shown(vqgan, generated, truths[batch])
     results[f"text_to_image, {name}"] = right / len(captions)
@@ -116,7 +125,9 @@ def report(run: Run, splits: Sequence[str], num_examples: int, batch_size: int =
            seed: int = 0, retrieve: int = 0, retriever_path: str = "") -> dict:
   """`evaluate` of each split, and with `retrieve` of each split with retrieval from the run's
   memory bank (`cm3jax.load(workdir, memory=...)`), written to WORKDIR/eval_shapes.json (by
-  column) and, as the table that `table` makes, WORKDIR/eval_shapes.md."""
+  column) and, as the table that `table` makes, WORKDIR/eval_shapes.md; a run with quantized
+  weights writes `report_files(run.quantize)` instead, and leaves the run's sampling defaults
+  (measured on the weights as trained) as they are."""
   check_splits(splits)
   if retrieve < 0:
     raise ConfigError(f"retrieve={retrieve}: retrieve 0 documents (none) or more")
@@ -131,8 +142,9 @@ def report(run: Run, splits: Sequence[str], num_examples: int, batch_size: int =
   for column, (split, retrieved) in columns(splits, retrieve).items():
     results[column] = evaluate(run, split, num_examples, batch_size, seed, memory=memory,
                                retrieve=retrieved, reranker=reranker)
-  reports.write(run.workdir, REPORT_FILES, results, table(results))
-  defaults.record_sampling_defaults(run.workdir, REPORT_FILES[0], sampling_defaults(results))
+  reports.write(run.workdir, report_files(run.quantize), results, table(results))
+  if run.quantize == "none":
+    defaults.record_sampling_defaults(run.workdir, REPORT_FILES[0], sampling_defaults(results))
   return results
 
 
@@ -173,7 +185,8 @@ def table(results: dict) -> list[str]:
   rows = list(dict.fromkeys(name for r in results.values() for name, value in r.items()
                             if isinstance(value, float)))
   first = next(iter(results.values()))
-  lines = [f"eval_shapes of step {first['step']}, {first['examples']} examples per split",
+  weights = f", {first['quantize']} weights" if first.get("quantize", "none") != "none" else ""
+  lines = [f"eval_shapes of step {first['step']}{weights}, {first['examples']} examples per split",
            "", "| task, sampling | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
   lines += [f"| {name} | " + " | ".join(f"{r[name]:.1%}" if name in r else "-"
                                           for r in results.values()) + " |" for name in rows]

@@ -1,5 +1,8 @@
-"""On-device sampling (docs/design.md, "Decoding"): a prefill, then one jitted `lax.scan` with a
-static trip count over a KV cache that is sharded like the model and donated.
+"""On-device sampling (docs/design.md, "Decoding"): a prefill, then jitted `lax.scan`s with
+static trip counts over a KV cache that is sharded like the model and donated. The steps run in
+phases of `Sampler.phase_steps`, each a scan whose attention reads only the cache prefix filled
+by the phase's end (a static length), not all of it: after a 16-token prompt, the 1,024 steps
+of an image in phases of 256 read 63% of the slots that full-length reads would.
 
 Requests are rows. Prompts of different lengths are left-padded into one prefill, so every row
 writes the same cache slot at each step, and positions count real tokens only. Each step turns
@@ -28,6 +31,14 @@ from cm3jax.core.vocab import EOS, PAD, Vocab
 from cm3jax.data import html
 
 MODES = ("image", "text")
+# How the sampler stores the weights it decodes with: in the model's compute dtype, or weight-only
+# int8 (cm3jax/sampling/quantize.py).
+QUANTIZE = ("none", "int8")
+
+
+def check_quantize(quantize: str):
+  if quantize not in QUANTIZE:
+    raise ConfigError(f"quantize={quantize!r} is not one of {list(QUANTIZE)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,10 +193,19 @@ class Request:
 class Sampler:
   """A token model's parameters, in its compute dtype (bf16 weights are read once per step, not
   cast from float32 every step) and placed on a mesh, with jitted generation. It decodes with
-  the layers unrolled, so that each layer's cache is its own buffer, updated in place."""
+  the layers unrolled, so that each layer's cache is its own buffer, updated in place, in phases
+  of `phase_steps` steps, each reading the cache up to its last step's slot (0: one phase).
+  `quantize="int8"`: weight-only int8 (cm3jax/sampling/quantize.py); `set_params` quantizes, and
+  generation and scoring use the int8 weights."""
 
-  def __init__(self, model_cfg: model_lib.ModelConfig, params, vocab: Vocab, mesh=None):
+  def __init__(self, model_cfg: model_lib.ModelConfig, params, vocab: Vocab, mesh=None,
+               phase_steps: int = 256, quantize: str = "none"):
     vocab.check_fits(model_cfg.vocab_size)
+    if not isinstance(phase_steps, int) or phase_steps < 0:
+      raise ConfigError(f"phase_steps must be an integer >= 0 (0: one phase), got {phase_steps!r}")
+    check_quantize(quantize)
+    self.phase_steps = phase_steps
+    self.quantize = quantize
     self.vocab = vocab
     self.mesh = mesh or default_mesh()
     self.batch_devices = sharding.batch_devices(self.mesh)
@@ -193,6 +213,11 @@ class Sampler:
     self.shardings = sharding.shardings_of(abstract_params(model_cfg, self.mesh))
     self.cfg = dataclasses.replace(model_cfg, scan_layers=False, remat_policy="none")
     self.model = model_lib.Decoder(self.cfg)
+    self._quantize_params = None
+    if quantize == "int8":
+      from cm3jax.sampling import quantize as quantize_lib  # imports qwix
+      self.model, self._quantize_params = quantize_lib.int8_model(
+          self.model, jnp.zeros((1, 1), jnp.int32))
     self.set_params(params)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self._init_cache = jax.jit(functools.partial(model_lib.init_cache, self.cfg))
@@ -202,12 +227,22 @@ class Sampler:
     self._log_likelihood = jax.jit(self._log_likelihood_impl)
 
   def set_params(self, params):
-    """Samples from now on with `params` (trained ones, of this model's config): no recompile."""
+    """Samples from now on with `params` (trained ones, of this model's config): no recompile.
+    With quantize="int8" they are quantized here (the scales placed as XLA's propagation of
+    the weights' shardings leaves them)."""
     params = jax.device_put(nn.unbox(params), self.shardings)
     params = jax.tree.map(lambda p: p.astype(self.trained_cfg.compute_dtype), params)
     if self.trained_cfg.scan_layers:
       params = model_lib.unstack_layers(params, self.trained_cfg.num_layers)
+    if self._quantize_params is not None:
+      params = self._quantize_params(params)
     self.params = params
+
+  @property
+  def weight_bytes(self) -> int:
+    """The bytes of the parameters as stored for decoding: in the compute dtype, or with
+    quantize="int8" the int8 weights and their scales (and what stays in the compute dtype)."""
+    return sum(x.nbytes for x in jax.tree.leaves(self.params))
 
   def generate(self, requests: Sequence[Request], num_new: int, mode: str,
                sampling: SamplingConfig = SamplingConfig()) -> np.ndarray:
@@ -240,6 +275,8 @@ class Sampler:
     if longest + num_new > self.cfg.max_seq_len:
       raise ConfigError(f"a prompt of {longest} tokens and {num_new} new tokens exceed the "
                         f"model's context of {self.cfg.max_seq_len}")
+    if num_new == 0:  # no decoding phase to run
+      return np.zeros((rows, 0), np.int32)
     # Left padding takes cache slots but no positions, so it may go past the context.
     tokens, valid = _left_pad([p for stream in by_stream for p in stream + [dummy] * pad_rows],
                               _bucket(longest))
@@ -306,13 +343,13 @@ class Sampler:
     valid_RxP = cache.valid_BxT[:, :P]
     lengths_R = valid_RxP.sum(-1)
     positions_RxP = jnp.maximum(jnp.cumsum(valid_RxP, -1) - 1, 0)
-    decode = lambda tok, pos, c: self.model.apply({"params": params}, tok, pos, c,
-                                                  method="decode")
-    logits_RxV, cache = decode(tokens_RxP, positions_RxP, cache)
+    decode = lambda tok, pos, c, slots: self.model.apply({"params": params}, tok, pos, c, slots,
+                                                         method="decode")
+    logits_RxV, cache = decode(tokens_RxP, positions_RxP, cache, P)
     allowed_V = jnp.asarray(allowed_tokens(self.vocab, mode, self.cfg.vocab_size))
     stops = jnp.array([EOS, self.vocab.eoss_id])
 
-    def step(carry, i):
+    def step(read_slots, carry, i):
       logits_RxV, cache, done_B = carry
       scores_BxV = next_token_scores(logits_RxV, scales_Bx2, allowed_V, sampling, streams)
       if sampling.greedy:
@@ -325,13 +362,20 @@ class Sampler:
         done_B = done_B | jnp.isin(token_B, stops)
       token_R = jnp.tile(token_B, R // B)  # the same token goes to every stream
       position_R = lengths_R + i
-      logits_RxV, cache = decode(token_R[:, None], position_R[:, None], cache)
+      logits_RxV, cache = decode(token_R[:, None], position_R[:, None], cache, read_slots)
       return (logits_RxV, cache, done_B), token_B
 
-    done_B = jnp.zeros((B,), bool)
-    (_, cache, _), tokens_NxB = jax.lax.scan(step, (logits_RxV, cache, done_B),
-                                             jnp.arange(num_new))
-    return tokens_NxB.T, cache  # the cache is returned so that its donated buffers alias it
+    carry = (logits_RxV, cache, jnp.zeros((B,), bool))
+    phase = self.phase_steps or num_new
+    tokens = []  # [steps of the phase, B] each
+    for start in range(0, num_new, phase):
+      end = min(start + phase, num_new)
+      # Step i writes slot P + i, so the phase's steps read the first P + end slots.
+      carry, tokens_SxB = jax.lax.scan(functools.partial(step, P + end), carry,
+                                       jnp.arange(start, end))
+      tokens.append(tokens_SxB)
+    # The cache is returned so that its donated buffers alias it.
+    return jnp.concatenate(tokens).T, carry[1]
 
 
 def _streams(r: Request) -> int:
@@ -352,16 +396,17 @@ def abstract_params(model_cfg: model_lib.ModelConfig, mesh):
       jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"], mesh)
 
 
-def load(workdir: str, mesh=None) -> tuple[Sampler, dict, int]:
-  """A sampler of the latest checkpoint in a `cm3jax.train` workdir (its parameters only), the
-  run config saved with it, and its step."""
+def load(workdir: str, mesh=None, quantize: str = "none") -> tuple[Sampler, dict, int]:
+  """A sampler of the latest checkpoint in a `cm3jax.train` workdir (its parameters only, as
+  `quantize` says: "none" or "int8"), the run config saved with it, and its step."""
+  check_quantize(quantize)  # before reading the checkpoint
   step = checkpoint.latest_step(workdir)
   config = checkpoint.saved_config(workdir, step)
   vocab = checkpoint.load_vocab(workdir, step)
   model_cfg = model_lib.ModelConfig.from_dict(config["model"])
   mesh = mesh or default_mesh()
   params = checkpoint.restore_params(workdir, step, abstract_params(model_cfg, mesh))
-  return Sampler(model_cfg, params, vocab, mesh), config, step
+  return Sampler(model_cfg, params, vocab, mesh, quantize=quantize), config, step
 
 
 def _bucket(length: int) -> int:
@@ -407,12 +452,28 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
                   key: jax.Array, guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig(),
                   context: Optional[Sequence[np.ndarray]] = None,
                   context_in_uncond: bool = True, form: str = "break") -> np.ndarray:
-  """Codes [len(captions), num_images, tokens_per_image]; guidance != 1 (or CD-K) runs the
-  unconditional stream beside each request. `context`: per caption, tokens placed before its
-  prompt (retrieved documents, `augment.Memory.context`); the unconditional stream keeps them
-  with `context_in_uncond`, else it is the caption-free prompt alone. `form`: the document form
-  the model was trained on (cm3.document_form); "html" prompts `</s> <img alt="caption" src="`,
-  its unconditional stream with an empty alt."""
+  """Codes [len(captions), num_images, tokens_per_image], drawn by `draw_images` with the keys
+  of `key` split in len(captions) * num_images, caption by caption."""
+  if context is not None and len(context) != len(captions):
+    raise ConfigError(f"{len(context)} contexts for {len(captions)} captions")
+  rows = [c for c in captions for _ in range(num_images)]
+  context = None if context is None else [x for x in context for _ in range(num_images)]
+  codes = draw_images(sampler, rows, jax.random.split(key, len(rows)), tokens_per_image,
+                      guidance, sampling, context, context_in_uncond, form)
+  return codes.reshape(len(captions), num_images, tokens_per_image)
+
+
+def draw_images(sampler: Sampler, captions: Sequence[str], keys: jax.Array, tokens_per_image: int,
+                guidance: float = 1.0, sampling: SamplingConfig = SamplingConfig(),
+                context: Optional[Sequence[np.ndarray]] = None,
+                context_in_uncond: bool = True, form: str = "break") -> np.ndarray:
+  """Codes [len(captions), tokens_per_image]: one image of each caption, drawn with its key of
+  `keys` [len(captions), 2], so a row's image does not depend on the rows beside it. guidance
+  != 1 (or CD-K) runs the unconditional stream beside each row. `context`: per caption, tokens
+  placed before its prompt (retrieved documents, `augment.Memory.context`); the unconditional
+  stream keeps them with `context_in_uncond`, else it is the caption-free prompt alone. `form`:
+  the document form the model was trained on (cm3.document_form); "html" prompts
+  `</s> <img alt="caption" src="`, its unconditional stream with an empty alt."""
   vocab = sampler.vocab
   if form not in IMAGE_PROMPTS:
     raise ConfigError(f"form={form!r} is not one of {list(IMAGE_PROMPTS)}")
@@ -420,6 +481,8 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
   guided = guidance != 1.0 or sampling.cd_k > 0
   if context is not None and len(context) != len(captions):
     raise ConfigError(f"{len(context)} contexts for {len(captions)} captions")
+  if len(keys) != len(captions):
+    raise ConfigError(f"{len(keys)} keys for {len(captions)} captions")
   none = np.zeros(0, np.int32)
   before = lambda i: none if context is None else np.asarray(context[i], np.int32)
 
@@ -429,12 +492,10 @@ def text_to_image(sampler: Sampler, captions: Sequence[str], num_images: int, to
     return np.concatenate([before(i) if context_in_uncond else none,
                            unconditional(vocab)]).astype(np.int32)
 
-  keys = jax.random.split(key, len(captions) * num_images)
-  requests = [Request(np.concatenate([before(i), prompt(vocab, c)]).astype(np.int32),
-                      keys[i * num_images + j], uncond(i), guidance)
-              for i, c in enumerate(captions) for j in range(num_images)]
-  tokens = sampler.generate(requests, tokens_per_image, "image", sampling)
-  return vocab.image_codes(tokens).reshape(len(captions), num_images, tokens_per_image)
+  requests = [Request(np.concatenate([before(i), prompt(vocab, c)]).astype(np.int32), keys[i],
+                      uncond(i), guidance)
+              for i, c in enumerate(captions)]
+  return vocab.image_codes(sampler.generate(requests, tokens_per_image, "image", sampling))
 
 
 def infill_text(sampler: Sampler, pages: Sequence[str], key: jax.Array, max_tokens: int = 32,
@@ -458,25 +519,33 @@ def caption_log_likelihood(sampler: Sampler, codes: np.ndarray, captions: Sequen
 
 
 def text_to_image_reranked(sampler: Sampler, captions: Sequence[str], candidates: int,
-                           tokens_per_image: int, key: jax.Array, guidance: float = 1.0,
+                           tokens_per_image: int, keys: jax.Array, guidance: float = 1.0,
                            sampling: SamplingConfig = SamplingConfig(),
                            context: Optional[Sequence[np.ndarray]] = None,
                            context_in_uncond: bool = True,
                            score: Optional[Callable[[np.ndarray, Sequence[str]], np.ndarray]] = None
                            ) -> np.ndarray:
-  """Codes [len(captions), tokens_per_image]: of `candidates` images drawn per caption (as
-  `text_to_image` draws them), the one that `score(codes [N, T], their N captions)` rates highest;
-  by default the model's own likelihood of the caption given the image (self-reranking: the
-  model captions), else e.g. the retriever's (`augment.retriever_score`)."""
-  drawn = text_to_image(sampler, captions, candidates, tokens_per_image, key, guidance, sampling,
-                        context, context_in_uncond)
+  """Codes [len(captions), tokens_per_image]: of `candidates` images drawn per caption (by
+  `draw_images`, with the keys of its key of `keys` [len(captions), 2] split in `candidates`; one
+  candidate is drawn with the key itself), the one that `score(codes [N, T], their N captions)`
+  rates highest; by default the model's own likelihood of the caption given the image
+  (self-reranking: the model captions), else e.g. the retriever's (`augment.retriever_score`)."""
+  if len(keys) != len(captions):
+    raise ConfigError(f"{len(keys)} keys for {len(captions)} captions")
   if candidates == 1:
-    return drawn[:, 0]
+    return draw_images(sampler, captions, keys, tokens_per_image, guidance, sampling, context,
+                       context_in_uncond)
+  if context is not None and len(context) != len(captions):
+    raise ConfigError(f"{len(context)} contexts for {len(captions)} captions")
+  rows = [c for c in captions for _ in range(candidates)]
+  row_keys = jax.vmap(lambda k: jax.random.split(k, candidates))(jnp.asarray(keys))
+  drawn = draw_images(sampler, rows, row_keys.reshape(len(rows), -1), tokens_per_image,
+                      guidance, sampling,
+                      None if context is None else [x for x in context for _ in range(candidates)],
+                      context_in_uncond)
   score = score or functools.partial(caption_log_likelihood, sampler)
-  flat = drawn.reshape(-1, tokens_per_image)
-  scores = np.asarray(score(flat, [c for c in captions for _ in range(candidates)]))
-  best = scores.reshape(len(captions), candidates).argmax(-1)
-  return drawn[np.arange(len(captions)), best]
+  scores = np.asarray(score(drawn, rows)).reshape(len(captions), candidates)
+  return drawn.reshape(len(captions), candidates, -1)[np.arange(len(captions)), scores.argmax(-1)]
 
 
 def decode_text(vocab: Vocab, tokens: np.ndarray) -> str:

@@ -32,11 +32,16 @@ def grid(images: np.ndarray, scale: int = 1) -> np.ndarray:
   return out.repeat(scale, 0).repeat(scale, 1)
 
 
-def save_png(image: np.ndarray, path: str):
+def png_bytes(image: np.ndarray) -> bytes:
+  """uint8 [H, W, 3] -> the bytes of a PNG file."""
   from PIL import Image
   png = io.BytesIO()
   Image.fromarray(image).save(png, format="PNG")
-  files.write_atomic(path, png.getvalue())
+  return png.getvalue()
+
+
+def save_png(image: np.ndarray, path: str):
+  files.write_atomic(path, png_bytes(image))
 
 
 def write_samples(sampler: engine.Sampler, vqgan: ImageTokenizer, codes_dir: str, out_dir: str,

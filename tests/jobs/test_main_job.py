@@ -212,7 +212,8 @@ def test_the_library_api_draws_and_captions_with_the_measured_setting(main_job):
   setting = run.setting(cfg=2.0, rerank=1)
   codes = engine.text_to_image_reranked(
       run.sampler, [captions[0], captions[0], captions[1], captions[1]], 1,
-      run.vqgan.cfg.tokens_per_image, jax.random.PRNGKey(3), 2.0, setting.config)
+      run.vqgan.cfg.tokens_per_image, jax.random.split(jax.random.PRNGKey(3), 4), 2.0,
+      setting.config)
   np.testing.assert_array_equal(images.reshape(4, resolution, resolution, 3),
                                 run.vqgan.decode(codes))
   assert run.caption(images[0]) == engine.caption_images(

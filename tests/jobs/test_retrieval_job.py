@@ -85,10 +85,23 @@ def test_the_pipeline_with_retrieval_runs_its_three_stages_and_trains_on_neighbo
    score), = asked
   assert (captions, candidates, guidance, sampling, uncond_retrieved) == (
       [prompt, prompt], 3, setting.guidance, setting.config, setting.uncond_retrieved)
-  assert (key == jax.random.PRNGKey(1)).all()
+  assert (key == jax.random.split(jax.random.PRNGKey(1), 2)).all()
   for got, want in zip(context, memory.context(run.vocab, [prompt, prompt], 2), strict=True):
     np.testing.assert_array_equal(got, want)
   codes = run.vqgan.encode(drawn[0])
   np.testing.assert_allclose(score(codes, captions), augment.retriever_score(
       memory.retriever, run.vqgan)(codes, captions))
   np.testing.assert_array_equal(drawn[0], run.vqgan.decode(draw(*asked[0])))
+
+  # The server draws with the documents and returns them, reranked as the library reranks.
+  from tests.test_serve import pixels, post_all, serve
+  service = serve(run)
+  assert service.health()["memory"] is True
+  response = post_all(service, "/v1/text_to_image", [
+      {"captions": [prompt], "num_images": 2, "rerank": 3, "retrieve": 2, "seed": 1}])[0]
+  assert response.status_code == 200, response.text
+  body = response.json()
+  np.testing.assert_array_equal(np.stack([pixels(x) for x in body["images"][0]]), drawn[0])
+  assert [d["caption"] for d in body["retrieved"][0]] == [c.decode() for c in bank_captions]
+  np.testing.assert_array_equal(np.stack([pixels(d["image"]) for d in body["retrieved"][0]]),
+                                images[0])

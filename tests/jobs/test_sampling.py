@@ -83,9 +83,9 @@ def test_tasks_of_a_model_that_memorised_its_documents(vocab):
   np.testing.assert_array_equal(scores_IxC.argmax(1), np.arange(8))
   shuffled = np.stack([codes[np.random.default_rng(i).permutation(8)] for i in range(8)])
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(engine, "text_to_image", lambda *a, **k: shuffled)
-    np.testing.assert_array_equal(
-        engine.text_to_image_reranked(sampler, captions, 8, 16, key), codes)
+    patch.setattr(engine, "draw_images", lambda *a, **k: shuffled.reshape(64, 16))
+    np.testing.assert_array_equal(engine.text_to_image_reranked(
+        sampler, captions, 8, 16, jax.random.split(key, 8)), codes)
   for caption, image in zip(captions[:3], codes):
     damaged = image.copy()
     damaged[5:11] = (damaged[5:11] + 1) % CODES

@@ -126,3 +126,39 @@ def test_sample_does_each_task(sft_job, tmp_path):
                         "--task=edit needs --instruction")
   assert_one_line_error(sample("--task=grounded", "--prompt=a", "--objects=red circle:1 2"),
                         "cm3jax.sample", "--objects item 'red circle:1 2' is not NAME:X0 Y0 X1 Y1")
+
+
+def test_the_server_does_the_instruction_tuned_tasks(sft_job):
+  import io
+
+  import numpy as np
+  from PIL import Image
+
+  import cm3jax
+  from cm3jax.data import shapes
+  from tests.test_serve import pixels, serve, talk
+  workdir, _ = sft_job
+  run = cm3jax.load(str(workdir))
+  service = serve(run)
+  assert service.health()["tasks"][3:] == ["edit", "vqa", "image2seg", "seg2image", "grounded"]
+  image = shapes.example("validation", 0)["image"]
+  upload = io.BytesIO()
+  Image.fromarray(image).save(upload, format="PNG")
+  files = {"image": upload.getvalue()}
+
+  async def ask(client):
+    return [await client.post("/v1/tasks/edit", files=files,
+                              data={"text": "make the circle blue", "seed": "2"}),
+            await client.post("/v1/tasks/vqa", files=files, data={"text": "what colour?"}),
+            await client.post("/v1/tasks/grounded", data={"text": "a red circle",
+                                                          "objects": "red circle:2 2 14 14"}),
+            await client.post("/v1/tasks/grounded", data={"text": "a red circle",
+                                                          "objects": "red circle:2 2"})]
+  edit, vqa, grounded, bad = talk(service, ask)
+  assert edit.status_code == vqa.status_code == grounded.status_code == 200
+  np.testing.assert_array_equal(pixels(edit.json()["image"]),
+                                run.edit(image, ["make the circle blue"], seed=2)[0])
+  assert vqa.json()["answer"] == run.vqa(image, ["what colour?"])[0]
+  np.testing.assert_array_equal(pixels(grounded.json()["image"]), run.grounded(
+      ["a red circle"], [[("red circle", (2, 2, 14, 14))]])[0])
+  assert bad.status_code == 400 and "is not NAME:X0 Y0 X1 Y1" in bad.json()["error"]
