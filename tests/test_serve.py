@@ -318,8 +318,11 @@ def test_closing_drains_the_queue_then_refuses():
 # The command.
 
 def start_server(workdir, *flags):
+  """The command, listening; it compiles on the first requests (start-up's compiling is
+  test_start_up_compiles_every_shape_a_request_meets's)."""
   server = subprocess.Popen(
-      [sys.executable, "-m", "cm3jax.serve", f"--workdir={workdir}", "--port=0", *flags],
+      [sys.executable, "-m", "cm3jax.serve", f"--workdir={workdir}", "--port=0", "--nowarm_up",
+       *flags],
       cwd=helpers.REPO, env=helpers.command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True)
   for line in server.stdout:
