@@ -322,13 +322,13 @@ def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
 
 
 def test_decoding_phases_change_no_token(vocab):
-  """Samplers decoding 13 steps in phases of 3, 5 or 1,000 steps, or in one phase reading the
-  whole cache (0), draw the same tokens for the same requests and keys: images greedy and top-p,
+  """Samplers decoding 13 steps in phases of 3 steps (the last one short), or in one phase
+  reading the whole cache (0), draw the same tokens for the same requests and keys: images greedy and top-p,
   with guidance and prompts of different lengths, and text at temperature 2 and top-p, where rows
   stop early (one at step 2, the last of a 3-step phase, one at step 8)."""
   cfg = model_config(vocab)
   params = random_params(cfg)
-  samplers = {k: engine.Sampler(cfg, params, vocab, phase_steps=k) for k in (0, 3, 5, 1000)}
+  samplers = {k: engine.Sampler(cfg, params, vocab, phase_steps=k) for k in (0, 3)}
   keys = jax.random.split(jax.random.PRNGKey(2), 8)
   images = [engine.Request(engine.image_prompt(vocab, shapes.scene("train", i).caption()), k,
                            engine.unconditional_image_prompt(vocab), 3.0)
@@ -340,9 +340,8 @@ def test_decoding_phases_change_no_token(vocab):
   for requests, mode, sampling in ((images, "image", greedy), (images, "image", top_p),
                                    (texts, "text", hot)):
     want = samplers[0].generate(requests, 13, mode, sampling)
-    for k in (3, 5, 1000):
-      np.testing.assert_array_equal(samplers[k].generate(requests, 13, mode, sampling), want,
-                                    err_msg=f"phase_steps={k}, {mode}, {sampling}")
+    np.testing.assert_array_equal(samplers[3].generate(requests, 13, mode, sampling), want,
+                                  err_msg=f"{mode}, {sampling}")
   assert sorted((want == PAD).sum(1))[-2:] == [4, 10]
 
 
