@@ -29,8 +29,8 @@ import pytest  # noqa: E402
 if importlib.util.find_spec("triton") is not None:
   import triton  # noqa: E402, F401
 
-from tests.helpers import (clip_config, save_untrained, tiny_config,  # noqa: E402
-                           tokenize_shapes, vqgan_config)
+from tests.helpers import (built_once, clip_config, save_untrained, tiny_config,  # noqa: E402
+                           tokenize_shapes, untrained_run, vqgan_config)
 
 
 @pytest.fixture
@@ -42,9 +42,8 @@ def config():
 def shapes_data_dir(tmp_path_factory):
   """A TFDS data_dir holding the `shapes/small` build."""
   from cm3jax.data import shapes_tfds
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  shapes_tfds.builder("shapes/small", data_dir)
-  return data_dir
+  return built_once(tmp_path_factory, "tfds",
+                    lambda data_dir: shapes_tfds.builder("shapes/small", data_dir))
 
 
 @pytest.fixture(scope="session")
@@ -53,10 +52,9 @@ def vqgan_workdir(shapes_data_dir, tmp_path_factory):
   VQGAN (tests/jobs/conftest.py has a trained one)."""
   from cm3jax.training import train_vqgan
   config = vqgan_config(shapes_data_dir)
-  workdir = str(tmp_path_factory.mktemp("vqgan"))
-  save_untrained(workdir, config, {"vqgan": dict.fromkeys(train_vqgan.ARCHITECTURE)},
-                 train_vqgan.setup(config))
-  return workdir
+  return built_once(tmp_path_factory, "vqgan", lambda workdir: save_untrained(
+      workdir, config, {"vqgan": dict.fromkeys(train_vqgan.ARCHITECTURE)},
+      train_vqgan.setup(config)))
 
 
 @pytest.fixture(scope="session")
@@ -69,19 +67,30 @@ def retriever_workdir(shapes_data_dir, tmp_path_factory):
   from cm3jax.retrieval import retriever
   from cm3jax.training import train_retriever
   config = clip_config(shapes_data_dir)
-  workdir = str(tmp_path_factory.mktemp("clip"))
-  captions = train_retriever.load_split(config, "train")["caption"]
-  tokenize = retriever.SentencePieceText(train_retriever.tokenizer(config, workdir, captions))
-  s = train_retriever.setup(config, tokenize.vocab_size)
-  saved_config = config.copy_and_resolve_references()  # as train_retriever saves it
-  with saved_config.unlocked():
-    saved_config.clip = ml_collections.ConfigDict(s.cfg.to_dict())
-  save_untrained(workdir, saved_config, {"clip": dict.fromkeys(train_retriever.ARCHITECTURE)}, s)
-  return workdir
+
+  def build(workdir):
+    captions = train_retriever.load_split(config, "train")["caption"]
+    tokenize = retriever.SentencePieceText(train_retriever.tokenizer(config, workdir, captions))
+    s = train_retriever.setup(config, tokenize.vocab_size)
+    saved_config = config.copy_and_resolve_references()  # as train_retriever saves it
+    with saved_config.unlocked():
+      saved_config.clip = ml_collections.ConfigDict(s.cfg.to_dict())
+    save_untrained(workdir, saved_config, {"clip": dict.fromkeys(train_retriever.ARCHITECTURE)},
+                   s)
+  return built_once(tmp_path_factory, "clip", build)
 
 
 @pytest.fixture(scope="session")
 def small_codes(vqgan_workdir, shapes_data_dir, tmp_path_factory):
   """Code shards of shapes/small's train and validation splits (shards of 100 records) by the
   VQGAN of `vqgan_workdir`."""
-  return tokenize_shapes(vqgan_workdir, shapes_data_dir, str(tmp_path_factory.mktemp("codes")))
+  return built_once(tmp_path_factory, "codes",
+                    lambda out: tokenize_shapes(vqgan_workdir, shapes_data_dir, out))
+
+
+@pytest.fixture(scope="session")
+def untrained_workdir(vqgan_workdir, tmp_path_factory):
+  """A finished tiny CM3 run on shapes captions and `vqgan_workdir`, its weights random
+  (helpers.untrained_run)."""
+  return built_once(tmp_path_factory, "run",
+                    lambda workdir: untrained_run(vqgan_workdir, workdir))

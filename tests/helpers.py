@@ -1,13 +1,15 @@
 """What several test modules share: the repository's configs shrunk for tests, parameters that
-hide no bug, untrained checkpoints, running a command line as a user does, and a sampler that
+hide no bug, untrained checkpoints, fixtures built once for all test workers, running a command line as a user does, and a sampler that
 records its requests."""
 
 import contextlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,25 @@ import numpy as np
 from cm3jax.core.vocab import EOS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def built_once(tmp_path_factory, name: str, build) -> str:
+  """The folder NAME of this test session, filled by `build(folder)` once. Under pytest-xdist the
+  workers share it (the first to ask builds it while the others wait), so a fixture that trains
+  or compiles for seconds does so once per session, not once per worker."""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    folder = str(tmp_path_factory.mktemp(name))
+    build(folder)
+    return folder
+  root = tmp_path_factory.getbasetemp().parent  # this session's, above each worker's own
+  folder, built = root / name, root / f"{name}.built"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not built.exists():
+      shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half way
+      folder.mkdir()
+      build(str(folder))
+      built.touch()
+  return str(folder)
 
 
 def load_config(filename: str):

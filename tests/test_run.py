@@ -8,14 +8,13 @@ import pytest
 
 import cm3jax
 from cm3jax.sampling import engine, instruct
-from tests.helpers import untrained_run
 
 CAPTIONS = ["a red circle above a blue square", "a small green triangle"]
 
 
 @pytest.fixture(scope="module")
-def run(vqgan_workdir, tmp_path_factory):
-  return cm3jax.load(untrained_run(vqgan_workdir, str(tmp_path_factory.mktemp("run"))))
+def run(untrained_workdir):
+  return cm3jax.load(untrained_workdir)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,8 @@ CAPTION = "a red circle above a blue square"
 
 
 @pytest.fixture(scope="module")
-def workdir(vqgan_workdir, tmp_path_factory):
-  return helpers.untrained_run(vqgan_workdir, str(tmp_path_factory.mktemp("run")))
-
-
-@pytest.fixture(scope="module")
-def run(workdir):
-  return cm3jax.load(workdir)
+def run(untrained_workdir):
+  return cm3jax.load(untrained_workdir)
 
 
 def serve(run, **limits) -> app_lib.Service:
@@ -120,12 +115,12 @@ def test_start_up_compiles_every_shape_a_request_meets(run):
   assert run.sampler._generate._cache_size() == compiled
 
 
-def test_health_and_the_demo_page(run, workdir):
+def test_health_and_the_demo_page(run, untrained_workdir):
   service = serve(run)
   health = talk(service, lambda c: c.get("/health"))
   assert health.status_code == 200
   assert health.json() | {"queued": 0} == {
-      "status": "ok", "workdir": workdir, "step": run.step, "memory": False, "quantize": "none",
+      "status": "ok", "workdir": untrained_workdir, "step": run.step, "memory": False, "quantize": "none",
       "tasks": ["text_to_image", "caption", "infill"], "resolution": 32, "max_batch": 8,
       "queued": 0}
   page = talk(service, lambda c: c.get("/"))
@@ -332,9 +327,9 @@ def start_server(workdir, *flags):
 
 
 @pytest.mark.slow
-def test_the_command_binds_localhost_and_drains_on_sigterm(workdir):
+def test_the_command_binds_localhost_and_drains_on_sigterm(untrained_workdir):
   # The request waits 3 s in the queue for company: SIGTERM comes while it is in flight.
-  server, address = start_server(workdir, "--max_batch=4", "--max_wait_ms=3000")
+  server, address = start_server(untrained_workdir, "--max_batch=4", "--max_wait_ms=3000")
   try:
     assert address.startswith("http://127.0.0.1:")
     request = urllib.request.Request(f"{address}/v1/text_to_image", method="POST",
@@ -353,7 +348,7 @@ def test_the_command_binds_localhost_and_drains_on_sigterm(workdir):
   finally:
     server.kill()
   assert len(answers) == 1 and len(answers[0]["images"][0]) == 2
-  images = cm3jax.load(workdir).text_to_image([CAPTION], 2, seed=7)[0]
+  images = cm3jax.load(untrained_workdir).text_to_image([CAPTION], 2, seed=7)[0]
   np.testing.assert_array_equal(np.stack([pixels(x) for x in answers[0]["images"][0]]), images)
 
 
@@ -367,7 +362,7 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # .ci/run
 
 
 @pytest.mark.slow
-def test_the_demo_page_draws_and_captions_in_a_browser(workdir, tmp_path):
+def test_the_demo_page_draws_and_captions_in_a_browser(untrained_workdir, tmp_path):
   from selenium import webdriver
   from selenium.webdriver.common.action_chains import ActionChains
   from selenium.webdriver.common.by import By
@@ -379,7 +374,7 @@ def test_the_demo_page_draws_and_captions_in_a_browser(workdir, tmp_path):
                "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
                "--window-size=1000,1000"):
     options.add_argument(flag)
-  server, address = start_server(workdir, "--max_batch=4")
+  server, address = start_server(untrained_workdir, "--max_batch=4")
   browser = webdriver.Chrome(options=options,
                              service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
   wait = WebDriverWait(browser, 120)
