@@ -149,6 +149,7 @@ def test_set_params_quantizes_new_params_without_recompiling(vocab):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # the fast tier quantizes the common model; this, its other forms
 def test_int8_on_a_one_device_mesh_and_models_with_tied_or_narrow_embeddings(vocab):
   mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.local_devices()[:1])
   requests = [engine.Request(p, jax.random.PRNGKey(i)) for i, p in enumerate(prompts(vocab, 3))]

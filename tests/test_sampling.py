@@ -321,6 +321,7 @@ def test_prompts_of_different_lengths_batch_correctly(sampler, vocab):
     assert len({tuple(row) for row in batched}) == len(prompts)  # the prompts matter
 
 
+@pytest.mark.slow  # the fast tier's equivalence test reads each phase's prefix already
 def test_decoding_phases_change_no_token(vocab):
   """Samplers decoding 13 steps in phases of 3 steps (the last one short), or in one phase
   reading the whole cache (0), draw the same tokens for the same requests and keys: images greedy and top-p,
